@@ -3,7 +3,7 @@
 image->text: a hit at K when any of the image's captions is in its top K.
 text->image: a hit at K when the caption's own image is in its top K.
 Ties are broken pessimistically (a tied wrong item ranks ahead of the right one), so a constant
-model never scores above chance.
+model never scores above chance; NaN scores count as wrong.
 """
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ KS = (1, 5, 10)
 
 def _rank_of_first_hit(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """For each row: 0-based rank of the best-scoring positive, counting every non-positive that
-    scores >= it (pessimistic ties). sim, positive: [R, C]."""
-    best_pos = torch.where(positive, sim, torch.full_like(sim, -torch.inf)).amax(dim=1, keepdim=True)
-    return ((sim >= best_pos) & ~positive).sum(dim=1)
+    scores >= it (pessimistic ties). sim, positive: [R, C].
+
+    NaN is the worst case on both sides: a NaN positive never hits, a NaN non-positive ranks ahead
+    (otherwise a diverged model with all-NaN scores would get R@1 = 100)."""
+    nan = torch.isnan(sim)
+    best_pos = torch.where(positive & ~nan, sim, torch.full_like(sim, -torch.inf)).amax(dim=1, keepdim=True)
+    return (((sim >= best_pos) | nan) & ~positive).sum(dim=1)
 
 
 def ranks(sim, caption_to_image, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:

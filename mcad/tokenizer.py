@@ -41,8 +41,11 @@ class Tokenizer:
         texts = list(texts)
         L = self.context_length
         out = np.full((len(texts), L), self.pad_id, dtype=np.int64)
+        # Special tokens typed in the text ("<eot>", "<|endoftext|>") are matched by the tokenizer;
+        # drop them so each row has exactly one sot and one eot (eot pooling depends on it).
+        drop = {self.sot_id, self.eot_id} | ({self.pad_id} if self.kind == "bpe" else set())
         for i, enc in enumerate(self.tok.encode_batch(texts, add_special_tokens=False)):
-            body = enc.ids[: L - 2]
+            body = [t for t in enc.ids if t not in drop][: L - 2]
             out[i, 0] = self.sot_id
             out[i, 1 : 1 + len(body)] = body
             out[i, 1 + len(body)] = self.eot_id

@@ -169,6 +169,8 @@ def confuser_groups(n_groups: int, rng: random.Random, exclude: set[str]) -> lis
     candidates = [s for s in all_scenes() if s.c1 != s.c2 and s.s1 != s.s2]
     rng.shuffle(candidates)
     groups: list[list[Scene]] = []
+    if n_groups <= 0:
+        return groups
     used = set(exclude)
     for base in candidates:
         g = [base, base.relation_swap(), base.colour_swap(), base.colour_swap().relation_swap()]

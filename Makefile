@@ -1,0 +1,63 @@
+# mcad: distill -> quantize -> export -> bench. Every target calls the `mcad` CLI in .venv.
+# key=value overrides pass through ARGS, e.g. `make student ARGS="steps=200 seed=1"`.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+MCAD  := .venv/bin/mcad
+DATA  := data/synth
+TEACHERS := runs/teachers
+CONFIG ?= student
+RUN   ?=
+TARGET ?= cpu
+DEVICE ?= local
+NPROC ?= 1
+ARGS  ?=
+
+.PHONY: install data teachers student ablation export bench search-bench report test lint clean help
+
+help:
+	@echo "make install | data | teachers | student [CONFIG=... ARGS='k=v ...' NPROC=2] | ablation"
+	@echo "make export TARGET=cpu|snapdragon|dimensity [RUN=runs/<name>] [STRICT=1] [HUB=1]"
+	@echo "make bench DEVICE=local|<adb-serial>|qaihub:<name> [RUN=...] | report | test"
+
+# Idempotent: the venv is made once; pip re-checks the pinned set against requirements.lock.
+.venv/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0          # CPU build first: anything else pulls CUDA torch
+	$(PY) -m pip install -q -c requirements.lock -e ".[test]"
+	$(PY) -m pip check
+	touch $@
+install: .venv/.installed
+
+$(DATA)/dataset_synth.json: | .venv/.installed
+	$(MCAD) data out=$(DATA)
+data: $(DATA)/dataset_synth.json
+
+$(TEACHERS)/metrics.json: $(DATA)/dataset_synth.json
+	$(MCAD) teachers data=$(DATA) out=$(TEACHERS) $(ARGS)
+teachers: $(TEACHERS)/metrics.json
+
+student: $(TEACHERS)/metrics.json
+ifeq ($(NPROC),1)
+	$(MCAD) student $(CONFIG) $(ARGS)
+else
+	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mcad.cli student $(CONFIG) $(ARGS)
+endif
+
+ablation: $(TEACHERS)/metrics.json
+	$(MCAD) ablation $(ARGS)
+
+export: | .venv/.installed
+	$(MCAD) export target=$(TARGET) $(if $(RUN),run=$(RUN)) $(if $(STRICT),strict=$(STRICT)) $(if $(HUB),hub=$(HUB)) $(ARGS)
+
+bench: | .venv/.installed
+	$(MCAD) bench device=$(DEVICE) $(if $(RUN),run=$(RUN)) $(ARGS)
+
+report: | .venv/.installed
+	$(MCAD) report $(RUN) $(ARGS)
+
+test: .venv/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs data .pytest_cache

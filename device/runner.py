@@ -1,0 +1,493 @@
+"""On-device runner: times one search job in its real runtime and reports timings and memory as JSON.
+
+Standalone on purpose: it imports only the standard library, numpy, the runtime it runs
+(onnxruntime, ai_edge_litert / tflite_runtime, executorch) and, when asked, faiss and tokenizers.
+It is pushed as a single file to a phone/board with Python, and runs here as
+`python -m mcad.device.runner --spec spec.json` in a fresh process per job.
+
+Modes (spec["mode"]):
+- `search`: token ids of one text query -> ids of the top-k gallery images, split into
+  tokenize (text -> ids), encode (ids -> embedding) and score_topk (embedding -> top-k ids over
+  N precomputed gallery embeddings; faiss flat inner product or numpy). `search` = encode +
+  score_topk (the method's search latency), `end_to_end` adds tokenize. With a search program
+  artifact (spec["program"] == "search"), encode + score + top-k is one call (`search`).
+- `image`: one image [1,3,S,S] -> embedding (gallery indexing cost per image).
+- `bare`: import the same runtime and libraries, load nothing: the baseline that the model and
+  gallery are measured against.
+
+Memory: VmHWM (peak resident set) and VmRSS from /proc/self/status at the end (ru_maxrss where
+/proc is missing). Output: one line `MCAD_RESULT {...json...}` on stdout (and --out FILE).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+RESULT_TAG = "MCAD_RESULT"
+RUNNER_VERSION = 1
+FAISS_THREADS = 1  # single-query flat search is fastest on one thread (and leaves cores to the encoder)
+
+
+class RunnerError(RuntimeError):
+    pass
+
+
+# -- memory -----------------------------------------------------------------------------------
+def memory_status() -> dict:
+    """{'peak_mb', 'rss_mb', 'source'} of this process."""
+    out: dict = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    out[key] = int(rest.split()[0]) / 1024.0  # kB -> MB
+    except OSError:
+        pass
+    if "VmHWM" in out:
+        return {"peak_mb": round(out["VmHWM"], 2), "rss_mb": round(out.get("VmRSS", 0.0), 2),
+                "source": "/proc/self/status VmHWM"}
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+    return {"peak_mb": round(peak_mb, 2), "rss_mb": None, "source": "getrusage ru_maxrss"}
+
+
+# -- statistics -------------------------------------------------------------------------------
+def percentile(sorted_vals: list, q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of an ascending list."""
+    if not sorted_vals:
+        return float("nan")
+    pos = (len(sorted_vals) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def summarize_ms(values_ms: list) -> dict:
+    v = sorted(values_ms)
+    if not v:
+        return {"n": 0}
+    return {"n": len(v), "p50": round(percentile(v, 50), 4), "p90": round(percentile(v, 90), 4),
+            "p99": round(percentile(v, 99), 4), "mean": round(sum(v) / len(v), 4),
+            "min": round(v[0], 4), "max": round(v[-1], 4)}
+
+
+# -- tokenizer (a copy of mcad.tokenizer's encode, so the runner stands alone) -------------------
+class MiniTokenizer:
+    def __init__(self, path: str, context_length: int | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        meta = data.pop("mcad", None)
+        self.tok = HFTokenizer.from_str(json.dumps(data))
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        if meta is not None:
+            self.context_length = int(context_length or meta["context_length"])
+            self.sot_id, self.eot_id, self.pad_id = int(meta["sot_id"]), int(meta["eot_id"]), int(meta["pad_id"])
+            kind = meta.get("kind", "bpe")
+        else:  # a plain CLIP tokenizer.json
+            vocab = self.tok.get_vocab()
+            self.context_length = int(context_length or 77)
+            self.sot_id, self.eot_id, self.pad_id = vocab["<|startoftext|>"], vocab["<|endoftext|>"], 0
+            kind = "clip"
+        self.drop = {self.sot_id, self.eot_id} | ({self.pad_id} if kind == "bpe" else set())
+
+    def encode(self, text: str):
+        import numpy as np
+
+        L = self.context_length
+        out = np.full((1, L), self.pad_id, dtype=np.int64)
+        body = [t for t in self.tok.encode(text, add_special_tokens=False).ids if t not in self.drop][: L - 2]
+        out[0, 0] = self.sot_id
+        out[0, 1:1 + len(body)] = body
+        out[0, 1 + len(body)] = self.eot_id
+        return out
+
+
+# -- runtimes ---------------------------------------------------------------------------------
+def import_runtime(runtime: str):
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return onnxruntime
+    if runtime == "litert":
+        try:
+            from ai_edge_litert import interpreter
+        except ImportError:
+            try:
+                from tflite_runtime import interpreter  # older name of the same interpreter
+            except ImportError:
+                raise RunnerError("litert: neither ai_edge_litert nor tflite_runtime is installed") from None
+        return interpreter
+    if runtime == "executorch":
+        from executorch.runtime import Runtime  # imports torch (~350-400 MB resident)
+
+        return Runtime
+    raise RunnerError(f"unknown runtime {runtime!r} (onnxruntime, litert, executorch)")
+
+
+class Model:
+    """One artifact in its runtime: `run(list of numpy arrays) -> list of numpy arrays`."""
+
+    def __init__(self, runtime: str, path: str, threads: int):
+        import numpy as np
+
+        self.np = np
+        self.runtime = runtime
+        mod = import_runtime(runtime)
+        if not os.path.exists(path):
+            raise RunnerError(f"{path}: no such model file")
+        if runtime == "onnxruntime":
+            so = mod.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.execution_mode = mod.ExecutionMode.ORT_SEQUENTIAL
+            self.sess = mod.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            self.in_names = [i.name for i in self.sess.get_inputs()]
+            tmap = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+                    "tensor(float16)": np.float16, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+            self.in_dtypes = [tmap.get(i.type, np.float32) for i in self.sess.get_inputs()]
+            self.in_shapes = [list(i.shape) for i in self.sess.get_inputs()]
+        elif runtime == "litert":
+            self.it = mod.Interpreter(model_path=path, num_threads=threads)
+            self.it.allocate_tensors()
+            self.ins = self.it.get_input_details()
+            self.outs = self.it.get_output_details()
+            self.in_dtypes = [d["dtype"] for d in self.ins]
+            self.in_shapes = [list(d["shape_signature"]) for d in self.ins]
+            self._shapes = [tuple(d["shape"]) for d in self.ins]
+        else:
+            try:  # XNNPACK's threadpool (the Python runtime has no per-program thread option)
+                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+                _unsafe_reset_threadpool(threads)
+            except Exception:  # pragma: no cover - older wheels
+                pass
+            import torch
+
+            torch.set_num_threads(threads)
+            self.torch = torch
+            program = mod.get().load_program(path)
+            self.method = program.load_method("forward")
+            if self.method is None:
+                raise RunnerError(f"{path}: program has no 'forward' method")
+            self.in_dtypes, self.in_shapes = [], []
+            try:
+                meta = self.method.metadata
+                for i in range(meta.num_inputs()):
+                    tm = meta.input_tensor_meta(i)
+                    self.in_shapes.append(list(tm.sizes()))
+                    self.in_dtypes.append({4: np.int64, 3: np.int32, 6: np.float32}.get(int(tm.dtype()), None))
+            except Exception:
+                pass
+
+    def cast(self, i: int, x):
+        dt = self.in_dtypes[i] if i < len(self.in_dtypes) else None
+        return x if dt is None or x.dtype == dt else x.astype(dt)
+
+    def run(self, inputs: list):
+        np = self.np
+        inputs = [self.cast(i, x) for i, x in enumerate(inputs)]
+        if self.runtime == "onnxruntime":
+            return self.sess.run(None, dict(zip(self.in_names, inputs)))
+        if self.runtime == "litert":
+            for d, x, shp in zip(self.ins, inputs, self._shapes):
+                if tuple(x.shape) != shp:
+                    self.it.resize_tensor_input(d["index"], list(x.shape))
+                    self.it.allocate_tensors()
+                    self._shapes = [tuple(dd["shape"]) for dd in self.it.get_input_details()]
+                self.it.set_tensor(d["index"], x)
+            self.it.invoke()
+            outs = []
+            for d in self.outs:
+                y = self.it.get_tensor(d["index"])
+                scale, zero = d.get("quantization", (0.0, 0))
+                if y.dtype in (np.int8, np.uint8) and scale:
+                    y = (y.astype(np.float32) - zero) * scale
+                outs.append(y)
+            return outs
+        res = self.method.execute([self.torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+        return [r.numpy() if hasattr(r, "numpy") else np.asarray(r) for r in res]
+
+
+# -- gallery and scoring ----------------------------------------------------------------------
+def _npy_chunks(path: str, chunk_rows: int):
+    """Rows of a 2-D float32 .npy in chunks, read with plain file reads (no mmap: mapped pages
+    would count towards the resident set and blur the memory figure)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        if len(shape) != 2 or fortran:
+            raise RunnerError(f"{path}: gallery must be a C-ordered 2-D array, got shape {shape}")
+        n, d = shape
+        for start in range(0, n, chunk_rows):
+            rows = min(chunk_rows, n - start)
+            buf = np.frombuffer(f.read(rows * d * dtype.itemsize), dtype=dtype).reshape(rows, d)
+            yield buf.astype(np.float32, copy=False)
+
+
+def _random_chunks(n: int, d: int, seed: int, chunk_rows: int):
+    """Unit vectors, float32 throughout (a float64 temporary would inflate the peak)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, chunk_rows):
+        rows = min(chunk_rows, n - start)
+        x = rng.standard_normal((rows, d), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        yield x
+
+
+class Scorer:
+    def __init__(self, kind: str, gallery: dict, k: int, dim: int):
+        import numpy as np
+
+        self.np, self.kind, self.k = np, kind, k
+        n = int(gallery["n"])
+        chunk = 8192
+        chunks = (_npy_chunks(gallery["file"], chunk) if gallery.get("file")
+                  else _random_chunks(n, dim, int(gallery.get("seed", 0)), chunk))
+        if kind == "faiss":
+            import faiss
+
+            faiss.omp_set_num_threads(FAISS_THREADS)
+            self.index = faiss.IndexFlatIP(dim)
+            try:
+                # Size the flat codes once and fill them in place: add() in chunks grows a
+                # std::vector by doubling (a transient copy that would inflate the peak).
+                self.index.codes.resize(n * dim * 4)
+                xb = faiss.rev_swig_ptr(self.index.get_xb(), n * dim).reshape(n, dim)
+                pos = 0
+                for c in chunks:
+                    xb[pos:pos + len(c)] = c
+                    pos += len(c)
+                self.index.ntotal = pos
+            except AttributeError:  # older faiss: plain add
+                self.index.reset()
+                for c in chunks:
+                    self.index.add(np.ascontiguousarray(c))
+            self.n = self.index.ntotal
+        elif kind == "numpy":
+            self.g = np.empty((n, dim), dtype=np.float32)
+            pos = 0
+            for c in chunks:
+                self.g[pos:pos + len(c)] = c
+                pos += len(c)
+            self.g = self.g[:pos]
+            self.n = pos
+        elif kind == "none":
+            self.n = 0
+        else:
+            raise RunnerError(f"unknown scorer {kind!r} (faiss, numpy)")
+        self.matrix = None
+
+    def as_matrix(self):
+        """The gallery as one [N,D] float32 array (what a search program takes as input)."""
+        if self.kind == "numpy":
+            return self.g
+        if self.matrix is None:
+            self.matrix = self.index.reconstruct_n(0, self.n)
+        return self.matrix
+
+    def search(self, q):
+        np = self.np
+        q = np.ascontiguousarray(q.reshape(1, -1), dtype=np.float32)
+        if self.kind == "faiss":
+            _, idx = self.index.search(q, self.k)
+            return idx[0]
+        scores = self.g @ q[0]
+        k = min(self.k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        return top[np.argsort(-scores[top])]
+
+
+# -- the job ----------------------------------------------------------------------------------
+def _pin(spec: dict) -> list | None:
+    cpus = spec.get("cpus")
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, set(int(c) for c in cpus))
+        except OSError as e:
+            raise RunnerError(f"cannot pin to cpus {cpus}: {e}") from None
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return None
+
+
+def _loop(spec: dict, step) -> tuple[dict, float]:
+    """Warm-up, then runs until both min_runs and min_time_s are reached (or a max is hit)."""
+    for i in range(int(spec.get("warmup", 10))):
+        step(i, None)
+    min_runs, max_runs = int(spec.get("min_runs", 100)), int(spec.get("max_runs", 2000))
+    min_t, max_t = float(spec.get("min_time_s", 1.0)), float(spec.get("max_time_s", 30.0))
+    times: dict = {}
+    t0 = time.perf_counter()
+    i = 0
+    while True:
+        step(i, times)
+        i += 1
+        el = time.perf_counter() - t0
+        if i >= max_runs or el >= max_t or (i >= min_runs and el >= min_t):
+            break
+    return times, time.perf_counter() - t0
+
+
+def run_job(spec: dict) -> dict:
+    mode = spec.get("mode", "search")
+    runtime = spec["runtime"]
+    threads = int(spec.get("threads", 1))
+    cpus = _pin(spec)
+    t_start = time.perf_counter()
+    import numpy as np
+
+    scorer_kind = spec.get("scorer", "faiss") if mode in ("search", "bare") else "none"
+    program = spec.get("program", "encoder")
+    # Import everything a full job imports, so a bare process is the same process minus model and gallery.
+    import_runtime(runtime)
+    if scorer_kind == "faiss" and program != "search":
+        import faiss  # noqa: F401
+    if spec.get("tokenizer") and mode in ("search", "bare"):
+        import tokenizers  # noqa: F401
+    result: dict = {"mode": mode, "runtime": runtime, "threads": threads, "cpus": cpus,
+                    "runner": "python", "runner_version": RUNNER_VERSION,
+                    "python": platform.python_version(), "machine": platform.machine()}
+    if mode == "bare":
+        result["import_s"] = round(time.perf_counter() - t_start, 3)
+        result["memory"] = memory_status()
+        return result
+
+    t = time.perf_counter()
+    model = Model(runtime, spec["model"], threads)
+    result["load_model_s"] = round(time.perf_counter() - t, 3)
+    stages: dict = {}
+
+    if mode == "image":
+        size = int(spec.get("image_size", 224))
+        rng = np.random.default_rng(0)
+        pix = rng.standard_normal((1, 3, size, size), dtype=np.float32)
+        emb = model.run([pix])[0]
+        result["embed_dim"] = int(emb.shape[-1])
+
+        def step(i, times):
+            t0 = time.perf_counter()
+            model.run([pix])
+            if times is not None:
+                times.setdefault("encode", []).append((time.perf_counter() - t0) * 1e3)
+
+        times, elapsed = _loop(spec, step)
+    elif mode == "search":
+        k = int(spec.get("k", 10))
+        ids_all = np.load(spec["ids"]) if spec.get("ids") else None
+        tok = MiniTokenizer(spec["tokenizer"], spec.get("context_length")) if spec.get("tokenizer") else None
+        texts = list(spec.get("texts") or ["a photo of a dog"])
+        if ids_all is None and tok is None:
+            raise RunnerError("search job needs token ids (spec.ids) or a tokenizer (spec.tokenizer)")
+        # When the tokenizer is the model's own, its ids feed the encoder; otherwise (a peer with
+        # another vocabulary) tokenize is timed on its own and the encoder gets the given ids.
+        use_tok_ids = tok is not None and bool(spec.get("tokenizer_is_model_tokenizer", ids_all is None))
+        if ids_all is None:
+            ids_all = np.concatenate([tok.encode(t) for t in texts])
+        ids_all = ids_all.astype(np.int64, copy=False)
+        dim = int(spec.get("embed_dim") or model.run([ids_all[:1]])[0].shape[-1])
+        t = time.perf_counter()
+        gal_kind = "numpy" if program == "search" else scorer_kind
+        scorer = Scorer(gal_kind, spec["gallery"], k, dim)
+        result["build_gallery_s"] = round(time.perf_counter() - t, 3)
+        result["gallery"] = {"n": scorer.n, "dim": dim, "source": "file" if spec["gallery"].get("file") else "random unit vectors"}
+        result["scorer"] = "search program" if program == "search" else scorer_kind
+        gmat = scorer.as_matrix() if program == "search" else None
+        last: dict = {}
+
+        def step(i, times):
+            t0 = time.perf_counter()
+            ids = tok.encode(texts[i % len(texts)]) if tok is not None else None
+            t1 = time.perf_counter()
+            if not use_tok_ids or ids is None:
+                ids = ids_all[i % len(ids_all)][None]
+            if program == "search":
+                outs = model.run([ids, gmat])
+                top = outs[-1][0]
+                t2 = t3 = time.perf_counter()
+            else:
+                emb = model.run([ids])[0]
+                t2 = time.perf_counter()
+                top = scorer.search(emb)
+                t3 = time.perf_counter()
+            last["top"] = top
+            if times is not None:
+                if tok is not None:
+                    times.setdefault("tokenize", []).append((t1 - t0) * 1e3)
+                if program == "search":
+                    times.setdefault("search", []).append((t3 - t1) * 1e3)
+                else:
+                    times.setdefault("encode", []).append((t2 - t1) * 1e3)
+                    times.setdefault("score_topk", []).append((t3 - t2) * 1e3)
+                    times.setdefault("search", []).append((t3 - t1) * 1e3)
+                if tok is not None:
+                    times.setdefault("end_to_end", []).append((t3 - t0) * 1e3)
+
+        times, elapsed = _loop(spec, step)
+        result["top_ids_last"] = [int(x) for x in np.asarray(last["top"]).ravel()[:k]]
+        result["tokenizer_feeds_encoder"] = use_tok_ids
+    else:
+        raise RunnerError(f"unknown mode {mode!r} (search, image, bare)")
+
+    for name, vals in times.items():
+        stages[name] = summarize_ms(vals)
+    result["stages"] = stages
+    result["runs"] = max((s["n"] for s in stages.values()), default=0)
+    result["elapsed_s"] = round(elapsed, 3)
+    if spec.get("keep_samples"):
+        result["samples_ms"] = {k: [round(v, 4) for v in vals] for k, vals in times.items()}
+    result["memory"] = memory_status()
+    return result
+
+
+def main(argv: list | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mcad.device.runner", description=__doc__.split("\n")[0])
+    ap.add_argument("--spec", required=True, help="job spec JSON file (or '-' for stdin)")
+    ap.add_argument("--out", help="also write the result JSON here")
+    args = ap.parse_args(argv)
+    try:
+        spec = json.load(sys.stdin) if args.spec == "-" else json.load(open(args.spec))
+        base = os.path.dirname(os.path.abspath(args.spec)) if args.spec != "-" else os.getcwd()
+        for key in ("model", "ids", "tokenizer"):
+            if spec.get(key) and not os.path.isabs(spec[key]):
+                spec[key] = os.path.join(base, spec[key])
+        if spec.get("gallery", {}).get("file") and not os.path.isabs(spec["gallery"]["file"]):
+            spec["gallery"]["file"] = os.path.join(base, spec["gallery"]["file"])
+        result = run_job(spec)
+        result["ok"] = True
+    except (RunnerError, OSError, ValueError, KeyError, ImportError) as e:
+        msg = f"{type(e).__name__}: {e}".splitlines()[0]
+        result = {"ok": False, "error": msg}
+        if os.environ.get("MCAD_DEBUG"):
+            traceback.print_exc()
+    except Exception as e:  # a runtime failing inside: still one line back to the harness
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+        if os.environ.get("MCAD_DEBUG"):
+            traceback.print_exc()
+    text = json.dumps(result)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.out)
+    sys.stdout.write(f"\n{RESULT_TAG} {text}\n")
+    sys.stdout.flush()
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""`make teachers`: train the dual-stream and the single-stream teacher on the embedded benchmark.
+
+1. a BPE tokenizer on the training captions;
+2. the dual teacher D (CLIP loss);
+3. the fusion teacher F: cross-attention layers on D's frozen towers, trained with ITM on hard
+   negatives mined with D (ALBEF-style), in batches of D's nearest neighbours so the confusers meet;
+4. test retrieval of D, and of F re-ranking D's top-k; `metrics.json` + a table.
+Every step resumes from its checkpoint; finished models are not retrained.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mcad.config import load_config
+from mcad.data.images import load_images, normalize
+from mcad.data.karpathy import load_karpathy
+from mcad.evaluate import encode_images, evaluate_dual, evaluate_rerank, image_keys
+from mcad.io import write_json
+from mcad.losses import clip_loss, sample_hard_negatives
+from mcad.models.checkpoint import load_model, save_model
+from mcad.models.registry import count_params, create_model, with_tokenizer
+from mcad.retrieval import recall_table
+from mcad.sampling import ConfuserBatches, RandomBatches, caption_choice, nearest_neighbours
+from mcad.tokenizer import Tokenizer, train_bpe
+from mcad.trainer import Trainer
+
+log = logging.getLogger("mcad.teachers")
+
+
+def add_file_log(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(h)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def load_split(data: Path, split: str, size: int):
+    corpus = load_karpathy(data / "dataset_synth.json", split=split)
+    pixels, corpus = load_images(corpus, size, cache_dir=data)
+    return pixels, corpus
+
+
+def train_dual(cfg: dict, tok: Tokenizer, pixels, ids, corpus, out: Path, seed: int):
+    torch.manual_seed(seed)
+    model = create_model(cfg["model"], **with_tokenizer({}, tok))
+    keys = torch.as_tensor(image_keys(corpus))
+    caps = corpus.image_captions()
+    batches = RandomBatches(len(pixels), int(cfg["batch_size"]), seed)
+    trainer = Trainer({"model": model}, cfg, out / "dual.ckpt.pt", desc="dual teacher")
+    trainer.resume()
+
+    def loss_fn(step: int):
+        idx = batches(step)
+        cap = caption_choice(len(pixels), caps, seed, step, idx)
+        img, txt, scale = model(normalize(pixels[idx], model.image_mean, model.image_std), torch.as_tensor(ids[cap]))
+        return clip_loss(img, txt, scale, keys[idx]), {"scale": float(scale.detach())}
+
+    t0 = time.time()
+    trainer.fit(loss_fn)
+    return model, time.time() - t0
+
+
+def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int):
+    torch.manual_seed(seed + 1)
+    fcfg = create_model(cfg["model"]).config
+    fcfg["dual"] = dual.config
+    from mcad.models.registry import build_model
+
+    fusion = build_model(fcfg)
+    fusion.dual.load_state_dict(dual.state_dict())
+    fusion.dual.requires_grad_(False)
+    keys = torch.as_tensor(image_keys(corpus))
+    caps = corpus.image_captions()
+    log.info("fusion: nearest neighbours of %d training images under the dual teacher", len(pixels))
+    emb = encode_images(dual, pixels)
+    nb = nearest_neighbours(emb, int(cfg.get("neighbours", 3)))
+    batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg.get("neighbours", 3)) + 1)
+    trainer = Trainer({"fusion": fusion}, cfg, out / "fusion.ckpt.pt", desc="fusion teacher")
+    trainer.resume()
+    gen = torch.Generator()
+
+    def loss_fn(step: int):
+        gen.manual_seed(seed * 100003 + step)
+        idx = batches(step)
+        cap = caption_choice(len(pixels), caps, seed, step, idx)
+        px = normalize(pixels[idx], dual.image_mean, dual.image_std)
+        ids_b = torch.as_tensor(ids[cap])
+        with torch.no_grad():
+            img_tok, txt_tok = fusion.image_tokens(px), fusion.text_tokens(ids_b)
+            v, t = dual.encode_image(px), dual.encode_text(ids_b)
+            sim = v @ t.T
+        kb = keys[idx]
+        neg_t = sample_hard_negatives(sim, kb, gen)        # a hard caption for each image
+        neg_i = sample_hard_negatives(sim.T, kb, gen)      # a hard image for each caption
+        B = len(idx)
+        ar = torch.arange(B)
+        i_idx = torch.cat([ar, ar, neg_i])
+        t_idx = torch.cat([ar, neg_t, ar])
+        _, m = fusion.fuse(img_tok[i_idx], txt_tok[t_idx], ids_b[t_idx])
+        target = torch.cat([torch.ones(B), torch.zeros(2 * B)])
+        # positives weigh as much as both negatives together
+        weight = torch.cat([torch.full((B,), 2.0), torch.ones(2 * B)])
+        loss = F.binary_cross_entropy_with_logits(m, target, weight=weight) / 1.333
+        acc = ((m > 0).float() == target).float().mean()
+        return loss, {"itm_acc": float(acc)}
+
+    t0 = time.time()
+    trainer.fit(loss_fn)
+    return fusion, time.time() - t0
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_config(next((a for a in argv if "=" not in a), "teachers"), [a for a in argv if "=" in a])
+    torch.set_num_threads(int(cfg.get("threads", 2)))
+    data, out, seed = Path(cfg["data"]), Path(cfg["out"]), int(cfg["seed"])
+    out.mkdir(parents=True, exist_ok=True)
+    add_file_log(out / "train.log")
+    timings: dict[str, float] = {}
+
+    t0 = time.time()
+    dual_cfg = create_model(cfg["dual"]["model"]).config
+    size = int(dual_cfg["image"]["image_size"])
+    train_px, train_c = load_split(data, "train", size)
+    test_px, test_c = load_split(data, "test", size)
+    timings["load_data_s"] = time.time() - t0
+
+    tok_path = out / "tokenizer.json"
+    if tok_path.exists():
+        tok = Tokenizer.load(tok_path)
+    else:
+        tc = cfg["tokenizer"]
+        tok = train_bpe(train_c.captions, int(tc["vocab_size"]), int(tc["context_length"]))
+        tok.save(tok_path)
+    train_ids, test_ids = tok.encode_batch(train_c.captions), tok.encode_batch(test_c.captions)
+
+    dual_path = out / "dual.safetensors"
+    if dual_path.exists():
+        dual = load_model(dual_path)
+    else:
+        dual, timings["dual_train_s"] = train_dual(cfg["dual"], tok, train_px, train_ids, train_c, out, seed)
+        save_model(dual, dual_path)
+    fusion_path = out / "fusion.safetensors"
+    if fusion_path.exists():
+        fusion = load_model(fusion_path)
+    else:
+        fusion, timings["fusion_train_s"] = train_fusion(cfg["fusion"], dual, train_px, train_ids, train_c, out, seed)
+        save_model(fusion, fusion_path)
+
+    t0 = time.time()
+    d_metrics, sim = evaluate_dual(dual, test_px, test_ids, test_c.caption_to_image)
+    k = int(cfg["eval"]["rerank_k"])
+    f_metrics = evaluate_rerank(fusion, test_px, test_ids, test_c.caption_to_image, sim, k)
+    timings["eval_s"] = time.time() - t0
+    rows = {"dual teacher": d_metrics, f"fusion teacher (re-rank dual top-{k})": f_metrics}
+    table = recall_table(rows)
+    print(table)
+    metrics = {"test": rows, "params": {"dual": count_params(dual), "fusion": count_params(fusion)},
+               "timings_s": timings, "config": cfg,
+               "fusion_beats_dual_r1": bool(f_metrics["t2i_r1"] > d_metrics["t2i_r1"] and f_metrics["i2t_r1"] > d_metrics["i2t_r1"])}
+    write_json(out / "metrics.json", metrics)
+    (out / "metrics.md").write_text(table + "\n")
+    log.info("teachers: %s", {k: round(v, 1) for k, v in timings.items()})
+    return 0

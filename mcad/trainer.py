@@ -1,0 +1,125 @@
+"""A small training loop shared by the teacher and student recipes.
+
+AdamW + linear warm-up + cosine decay, gradient clipping, optional bf16 autocast, and a resumable
+checkpoint written atomically every N steps. Batches must be a pure function of the step (see
+`mcad.sampling`), so a resumed run sees exactly the batches the uninterrupted one would have:
+together with the saved optimizer/scheduler/RNG states, resume is bit-exact.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mcad.io import atomic_path
+
+log = logging.getLogger("mcad.train")
+
+
+def param_groups(modules: Iterable[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings' position tables and temperatures."""
+    decay, no_decay, seen = [], [], set()
+    for m in modules:
+        for name, p in m.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim < 2 or "pos" in name or "logit_scale" in name or "cls" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_lambda(warmup: int, total: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+class Trainer:
+    def __init__(self, modules: dict[str, torch.nn.Module], cfg: dict, ckpt_path: str | Path | None = None,
+                 desc: str = "train"):
+        self.modules = modules
+        self.steps = int(cfg["steps"])
+        self.grad_clip = float(cfg.get("grad_clip", 1.0))
+        self.bf16 = bool(cfg.get("bf16", False))
+        self.ckpt_every = int(cfg.get("ckpt_every", 0) or 0)
+        self.ckpt_path = Path(ckpt_path) if ckpt_path else None
+        self.desc = desc
+        self.params = [p for g in param_groups(modules.values(), float(cfg.get("weight_decay", 0.1)))
+                       for p in g["params"]]
+        self.opt = torch.optim.AdamW(param_groups(modules.values(), float(cfg.get("weight_decay", 0.1))),
+                                     lr=float(cfg["lr"]), betas=(0.9, 0.98), eps=1e-6)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, cosine_lambda(int(cfg.get("warmup", 0)), self.steps, float(cfg.get("min_lr_ratio", 0.0))))
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "modules": {k: m.state_dict() for k, m in self.modules.items()},
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "history": self.history,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.ckpt_path)
+        with atomic_path(path) as tmp:
+            torch.save(self.state(), tmp)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        path = Path(path or self.ckpt_path) if (path or self.ckpt_path) else None
+        if path is None or not path.exists():
+            return False
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a torn or foreign file: say which and stop, never train over it
+            raise ValueError(f"{path}: unreadable training checkpoint ({type(e).__name__}: {e}); delete it to start over") from None
+        for k, m in self.modules.items():
+            m.load_state_dict(st["modules"][k])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        self.step, self.history = int(st["step"]), list(st["history"])
+        torch.set_rng_state(st["rng"]["torch"])
+        np.random.set_state(st["rng"]["numpy"])
+        random.setstate(st["rng"]["python"])
+        log.info("%s: resumed from %s at step %d", self.desc, path, self.step)
+        return True
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self, loss_fn: Callable[[int], tuple[torch.Tensor, dict]], stop_at: int | None = None,
+            progress: bool = True) -> list[dict]:
+        """loss_fn(step) -> (loss, logs). Runs until `steps` (or `stop_at`, for tests of resume)."""
+        end = min(self.steps, stop_at) if stop_at is not None else self.steps
+        for m in self.modules.values():
+            m.train()
+        bar = tqdm(total=end, initial=self.step, desc=self.desc, unit="step", disable=not progress, dynamic_ncols=True)
+        while self.step < end:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                loss, logs = loss_fn(self.step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else torch.tensor(0.0)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            rec = {"step": self.step, "loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0],
+                   "grad_norm": float(gnorm), **{k: float(v) for k, v in logs.items()}}
+            self.history.append(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if self.step % 50 == 0 or self.step == end:
+                log.info("%s step %d/%d loss %.4f lr %.2e", self.desc, self.step, self.steps, rec["loss"], rec["lr"])
+            if self.ckpt_path and self.ckpt_every and self.step % self.ckpt_every == 0:
+                self.save()
+        bar.close()
+        for m in self.modules.values():
+            m.eval()
+        return self.history

@@ -1,0 +1,59 @@
+"""Shared fixtures: a small synthetic benchmark and a run folder with a (briefly trained) student."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """data root of a small synthetic benchmark (Karpathy JSON + images)."""
+    from mcad.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, seed=0, n_train=240, n_val=40, n_test=100, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_test(synth_root):
+    """(pixels uint8 [N,3,64,64], Corpus) of the small benchmark's test split."""
+    from mcad.data.images import load_images
+    from mcad.data.karpathy import load_karpathy
+
+    corpus = load_karpathy(synth_root / "dataset_synth.json", split="test")
+    return load_images(corpus, 64, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(synth_root):
+    from mcad.data.karpathy import load_karpathy
+    from mcad.tokenizer import train_bpe
+
+    corpus = load_karpathy(synth_root / "dataset_synth.json", split="train")
+    return train_bpe(corpus.captions, vocab_size=256, context_length=24)
+
+
+def make_run(path, tokenizer, model_name: str = "student-tiny", seed: int = 0):
+    """A run folder as `make student` writes it, with a randomly initialised student."""
+    from mcad.models.checkpoint import save_model
+    from mcad.models.registry import create_model, with_tokenizer
+
+    torch.manual_seed(seed)
+    model = create_model(model_name, **with_tokenizer({}, tokenizer)).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(model, path / "student.safetensors")
+    tokenizer.save(path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tokenizer):
+    """runs/<name>/ with student.safetensors (+config) and tokenizer.json; random weights."""
+    return make_run(tmp_path_factory.mktemp("run") / "tiny", tokenizer)

@@ -1,0 +1,191 @@
+"""mcad.tokenizer.Tokenizer on a CLIP tokenizer.json gives transformers' CLIP ids (pad 0 after the
+single <|endoftext|> instead of HF's <|endoftext|> padding)."""
+from __future__ import annotations
+
+import collections
+import json
+import random
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_vocab_merges(texts, n_merges: int = 150):
+    """A small CLIP-format BPE: 256 byte symbols, the same with `</w>`, learned merges, then
+    <|startoftext|>, <|endoftext|> last (as in CLIP's vocab, so <|endoftext|> has the largest id)."""
+    b2u = bytes_to_unicode()
+    words = collections.Counter()
+    for t in texts:
+        for w in t.lower().split():
+            s = [b2u[b] for b in w.encode("utf-8")]
+            s[-1] += "</w>"
+            words[tuple(s)] += 1
+    merges = []
+    for _ in range(n_merges):
+        pairs = collections.Counter()
+        for w, c in words.items():
+            for a, b in zip(w, w[1:]):
+                pairs[a, b] += c
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        new = collections.Counter()
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new[tuple(out)] += c
+        words = new
+    base = list(b2u.values())
+    vocab = base + [c + "</w>" for c in base]
+    for a, b in merges:
+        if a + b not in vocab:
+            vocab.append(a + b)
+    vocab += [SOT, EOT]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+TRAIN_TEXTS = [
+    "a photo of a cat sitting on the mat", "two dogs are playing in the park near a tree",
+    "the red car is parked next to the white house", "a man riding a bike down the street",
+    "a woman holding an umbrella in the rain", "people walking on the beach at sunset",
+    "a plate of food with rice and vegetables", "the train is arriving at the station",
+] * 3
+
+
+def make_clip_tokenizer_folder(folder, texts=TRAIN_TEXTS, n_merges: int = 150):
+    """vocab.json + merges.txt -> transformers.CLIPTokenizer -> save_pretrained(folder) (tokenizer.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab_merges(texts, n_merges)
+    src = folder / "_src"
+    src.mkdir(exist_ok=True)
+    (src / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+                                    encoding="utf-8")
+    hf = transformers.CLIPTokenizer.from_pretrained(str(src), local_files_only=True)
+    hf.save_pretrained(str(folder))
+    return hf
+
+
+def corpus(n: int = 200, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    fixed = [
+        "", " ", "a", "A", "A photo of a Cat!!", "TWO DOGS", "it's the dog's ball; they're here, we've gone",
+        "I'm sure you'll say he'd do it", "don't stop", "hello,world", "e.g. 3.14159 and 1,000,000 people",
+        "2024-11-24 at 10:30am", "#hashtag @user http://example.com/a?b=c&d=e", "tab\tseparated\nnew  line",
+        "   leading and trailing   ", "café naïve résumé", "cafe\u0301 (combining accent)", "Straße ÆØÅ æøå",
+        "日本語のテキスト", "中文 字符", "한국어 텍스트", "emoji 😀🐱‍👤 👍🏽", "Ω ≈ ç √ ∫ ˜ µ ≤ ≥ ÷",
+        "ﬁ ligature and ｆｕｌｌｗｉｄｔｈ", "quote \"double\" and 'single'", "(parens) [brackets] {braces} <angle>",
+        "...!!!???", "a-b_c/d\\e|f", "$100 €50 £20 ¥1000", "100%", "mr. smith's dog", "the  the  the",
+        "x" * 300, "word " * 120, "a photo of " * 40 + "the end", "supercalifragilisticexpialidocious " * 10,
+        "1 2 3 4 5 6 7 8 9 0 " * 10, "🙂" * 80, "Ünïcödé " * 30, "a\u00a0non-breaking\u2003em-space",
+        "zero\u200bwidth", "caps LOCK MiXeD cAsE", "text with <|endoftext|> inside", "<|startoftext|>hi",
+        "a<|endoftext|>b", "<|endoftext|><|endoftext|>", "two " * 50 + "<|endoftext|> tail",
+    ]
+    words = ("a photo of the cat dog car man woman red two playing sitting street beach train food "
+             "Zebra QUICK brown fox's jumps over lazy 42 3.5 1999 x-ray e-mail naïve café 東京 🚗 ").split()
+    punct = list(",.;:!?'\"()-/&%$#@*+=[]{}<>~`^_|\\")
+    out = list(fixed)
+    while len(out) < n:
+        k = rng.choice([1, 3, 8, 15, 40, 90])
+        toks = []
+        for _ in range(k):
+            r = rng.random()
+            if r < 0.7:
+                w = rng.choice(words)
+                toks.append(w.upper() if rng.random() < 0.1 else w.capitalize() if rng.random() < 0.1 else w)
+            elif r < 0.85:
+                toks.append(rng.choice(punct) * rng.choice([1, 1, 2, 3]))
+            else:
+                toks.append(str(rng.randint(0, 10 ** rng.randint(1, 7))))
+        sep = rng.choice([" ", " ", " ", "", "  ", "\t"])
+        out.append(sep.join(toks))
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cliptok")
+    hf = make_clip_tokenizer_folder(folder)
+    return folder, hf
+
+
+def without_specials(text: str) -> str:
+    """Special tokens typed in a caption are dropped by mcad's Tokenizer (one <eot> per row)."""
+    return text.replace(SOT, " ").replace(EOT, " ")
+
+
+def _check_against_hf(ours: np.ndarray, hf_ids: np.ndarray, texts, full_lens, sot: int, eot: int, L: int):
+    """hf_ids: transformers' ids of `without_specials(texts)`, padding='max_length', truncation."""
+    assert ours.shape == hf_ids.shape == (len(texts), L)
+    for row, ref, text, n in zip(ours, hf_ids, texts, full_lens):
+        assert row[0] == sot == ref[0], text
+        assert (row == eot).sum() == 1 and (row == sot).sum() == 1, f"not one <sot>/<eot> in {text!r}"
+        p = int(np.argmax(row == eot))
+        assert row[: p + 1].tolist() == ref[: p + 1].tolist(), f"ids differ for {text!r}"
+        assert (row[p + 1:] == 0).all(), f"pad after <|endoftext|> is not 0 for {text!r}"
+        assert (ref[p + 1:] == eot).all(), f"HF has more tokens than we do for {text!r}"
+        if n > L:  # truncated: <|endoftext|> survives, last
+            assert p == L - 1, f"truncation must keep <|endoftext|> last for {text!r}"
+
+
+def test_clip_tokenizer_json_matches_transformers(clip_tok):
+    from mcad.tokenizer import Tokenizer
+
+    folder, hf = clip_tok
+    ours = Tokenizer.load(folder / "tokenizer.json")
+    assert ours.kind == "clip" and ours.context_length == 77 and ours.pad_id == 0
+    assert ours.eot_id == hf.eos_token_id == hf.convert_tokens_to_ids(EOT)
+    assert ours.sot_id == hf.bos_token_id and ours.eot_id == ours.vocab_size - 1
+    texts = corpus(200)
+    plain = [without_specials(t) for t in texts]
+    full_lens = [len(ids) for ids in hf(plain)["input_ids"]]  # untruncated, with <sot>/<eot>
+    assert sum(n > 77 for n in full_lens) >= 20  # enough truncation cases
+
+    got = ours.encode_batch(texts)
+    assert got.dtype == np.int64
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    for ref_tok in (hf, reloaded):
+        ref = np.asarray(ref_tok(plain, padding="max_length", truncation=True, max_length=77)["input_ids"])
+        _check_against_hf(got, ref, texts, full_lens, ours.sot_id, ours.eot_id, 77)
+
+    # a shorter context truncates the same way as HF with max_length
+    short = Tokenizer.load(folder / "tokenizer.json", context_length=16).encode_batch(texts)
+    ref = np.asarray(hf(plain, padding="max_length", truncation=True, max_length=16)["input_ids"])
+    _check_against_hf(short, ref, texts, full_lens, ours.sot_id, ours.eot_id, 16)
+
+
+def test_clip_tokenizer_roundtrip_through_mcad_save(clip_tok, tmp_path):
+    from mcad.tokenizer import Tokenizer
+
+    folder, _ = clip_tok
+    ours = Tokenizer.load(folder / "tokenizer.json")
+    ours.save(tmp_path / "tokenizer.json")
+    again = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert (again.kind, again.sot_id, again.eot_id, again.pad_id, again.context_length) == \
+        (ours.kind, ours.sot_id, ours.eot_id, ours.pad_id, ours.context_length)
+    texts = corpus(60, seed=1)
+    assert np.array_equal(again.encode_batch(texts), ours.encode_batch(texts))
