@@ -1,0 +1,228 @@
+"""Artifacts the benchmark makes itself, for models the export stage did not export (the mobile-size
+student, the peers) or while no export exists yet: the same three runtimes, written with an export
+manifest of the docs/interfaces.md format so the harness reads everything one way.
+
+- onnxruntime: `torch.onnx.export(dynamo=True, opset 18)`; int8 = static QDQ, per channel
+  (`quant_pre_process(skip_symbolic_shape=True)` + `quantize_static`), calibrated on the inputs given.
+- executorch: XNNPACK lowering; int8 = PT2E with XNNPACKQuantizer (symmetric, per channel).
+- litert: `litert_torch.convert`; int8 = litert_torch's PT2E quantizer (dynamic-range weights) when it
+  works, else skipped with the reason.
+A variant that fails is listed under `skipped` with a one-line reason, never silently dropped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from mcad.io import atomic_path, read_json, sha256_file, versions, write_json
+
+log = logging.getLogger("mcad.benchmarks")
+EXT = {"onnxruntime": "onnx", "litert": "tflite", "executorch": "pte"}
+BACKEND = {"onnxruntime": "onnx", "litert": "tflite", "executorch": "xnnpack"}
+QUANT_LABEL = {"fp32": "fp32", "int8": {"onnxruntime": "int8 static QDQ per-channel",
+                                        "executorch": "int8 PT2E XNNPACK per-channel",
+                                        "litert": "int8 PT2E dynamic-range weights"}}
+
+
+@contextlib.contextmanager
+def quiet():
+    """Exporters print progress bars and warnings by the screenful; keep the bench output readable."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        prev = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(prev)
+
+
+def cache_key(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    v = versions()
+    h.update(json.dumps({k: v.get(k) for k in ("torch", "executorch", "onnx", "onnxruntime", "litert-torch")},
+                        sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+def _example(spec: dict):
+    import torch
+
+    name, shape, dtype = spec["name"], spec["shape"], spec["dtype"]
+    if dtype == "int64":
+        return torch.zeros(shape, dtype=torch.long)
+    return torch.zeros(shape, dtype=torch.float32)
+
+
+def export_onnx(module, example: tuple, path: Path, in_names: list[str], out_names: list[str]) -> None:
+    import torch
+
+    with quiet(), atomic_path(path) as tmp:
+        try:
+            torch.onnx.export(module, example, str(tmp), dynamo=True, opset_version=18, external_data=False,
+                              input_names=in_names, output_names=out_names)
+        except Exception as e:  # the legacy exporter still works for what dynamo refuses
+            log.info("dynamo ONNX export failed (%s); legacy exporter", str(e).splitlines()[0][:120])
+            torch.onnx.export(module, example, str(tmp), dynamo=False, opset_version=17,
+                              input_names=in_names, output_names=out_names)
+        _ = tmp.stat()
+
+
+def quantize_onnx(fp32: Path, out: Path, calib: list[dict]) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pre = out.with_name(out.stem + ".pre.onnx")
+    with quiet():
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        with atomic_path(out) as tmp:
+            quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    pre.unlink(missing_ok=True)
+
+
+def export_pte(module, example: tuple, path: Path, int8: bool, calib: list[tuple]) -> None:
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with quiet():
+        ep = torch.export.export(module, example)
+        if int8:
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer, get_symmetric_quantization_config)
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            m = prepare_pt2e(ep.module(), q)
+            for c in calib:
+                m(*c)
+            m = convert_pt2e(m)
+            ep = torch.export.export(m, example)
+        prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(prog.buffer)
+
+
+def export_tflite(module, example: tuple, path: Path, int8: bool, calib: list[tuple]) -> None:
+    with quiet():
+        import litert_torch
+
+        if int8:
+            from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+            from litert_torch.quantize.quant_config import QuantConfig
+
+            q = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+            edge = litert_torch.convert(module, example, quant_config=QuantConfig(pt2e_quantizer=q))
+        else:
+            edge = litert_torch.convert(module, example)
+        with atomic_path(path) as tmp:
+            edge.export(str(tmp))
+
+
+def build_artifacts(out_dir: Path, encoders: dict, runtimes: list[str], quants: list[str], meta: dict,
+                    calib: dict[str, list[tuple]]) -> Path:
+    """encoders: {name: (module, role, inputs spec list, outputs spec list)}; writes files + manifest.json.
+    Returns the manifest path. Re-uses a complete manifest already there (the folder name is a hash)."""
+    out_dir = Path(out_dir)
+    man = out_dir / "manifest.json"
+    if man.exists():
+        return man
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    arts, skipped = [], []
+    for name, (module, role, ins, outs) in encoders.items():
+        module = module.eval()
+        example = tuple(_example(s) for s in ins)
+        cal = calib.get(name) or [example]
+        in_names, out_names = [s["name"] for s in ins], [s["name"] for s in outs]
+        fp32_onnx = None
+        for runtime in runtimes:
+            for quant in quants:
+                fname = f"{name}.{BACKEND[runtime]}.{quant}.{EXT[runtime]}"
+                path = out_dir / fname
+                label = f"{name} {runtime} {quant}"
+                try:
+                    with torch.no_grad():
+                        if runtime == "onnxruntime":
+                            if fp32_onnx is None:
+                                fp32_onnx = out_dir / f"{name}.onnx.fp32.onnx"
+                                export_onnx(module, example, fp32_onnx, in_names, out_names)
+                            if quant == "int8":
+                                feeds = [{n: t.numpy() for n, t in zip(in_names, c)} for c in cal]
+                                quantize_onnx(fp32_onnx, path, feeds)
+                        elif runtime == "executorch":
+                            export_pte(module, example, path, quant == "int8", cal)
+                        elif runtime == "litert":
+                            export_tflite(module, example, path, quant == "int8", cal)
+                        else:
+                            raise ValueError(f"unknown runtime {runtime!r}")
+                except Exception as e:  # one line per variant that did not make it
+                    reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+                    log.warning("skipped %s: %s", label, reason)
+                    skipped.append({"artifact": f"{name}.{runtime}.{quant}", "reason": reason})
+                    continue
+                if runtime == "onnxruntime" and quant == "fp32":
+                    path = fp32_onnx
+                a_ins = [dict(s) for s in ins]
+                if runtime == "litert":  # litert_torch narrows int64 model I/O to int32
+                    for s in a_ins:
+                        if s["dtype"] == "int64":
+                            s["dtype"] = "int32"
+                arts.append({"name": name, "role": role, "runtime": runtime, "backend": BACKEND[runtime],
+                             "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                             "quantization": quant if quant == "fp32" else QUANT_LABEL["int8"][runtime],
+                             "inputs": a_ins, "outputs": outs})
+                log.info("built %s (%.1f MB)", label, path.stat().st_size / 1e6)
+    manifest = {"target": meta.get("target", "bench"), **meta, "artifacts": arts, "skipped": skipped,
+                "made_by": "mcad.benchmarks.artifacts (bench-made; not the export stage)", "versions": versions()}
+    write_json(man, manifest)
+    return man
+
+
+def load_or_none(path: Path) -> dict | None:
+    try:
+        return read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def random_ids(n: int, context_length: int, vocab: int, sot: int | None, eot: int, pad: int, seed: int = 0,
+               lengths: list[int] | None = None) -> np.ndarray:
+    """CLIP-style rows: [sot] tokens [eot] pad... (for models whose tokenizer is not available here)."""
+    rng = np.random.default_rng(seed)
+    out = np.full((n, context_length), pad, dtype=np.int64)
+    hi = min(vocab, eot if eot > 0 else vocab) - 1
+    for i in range(n):
+        L = int(lengths[i % len(lengths)]) if lengths else int(rng.integers(6, 16))
+        L = max(1, min(L, context_length - 2))
+        start = 0
+        if sot is not None:
+            out[i, 0] = sot
+            start = 1
+        out[i, start:start + L] = rng.integers(3, max(4, hi), L)
+        out[i, start + L] = eot
+    return out
+
+
+def env_threads() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
