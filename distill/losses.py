@@ -1,0 +1,94 @@
+"""MCAD losses (docs/method.md). Shapes: a batch of N matched pairs; S is [N images, N texts].
+
+Teacher side: dual-teacher similarities S^D, the fusion teacher's ITM logits m over each row's
+top-k candidates C_i (and each column's), and its fused features h for the matched pairs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcad.models.layers import l2_normalize
+
+
+class FusionAdapters(nn.Module):
+    """A_img, A_txt: fused feature h -> the dual teacher's space (trained once, teachers frozen)."""
+
+    def __init__(self, h_dim: int, dim: int):
+        super().__init__()
+        self.img = nn.Linear(h_dim, dim, bias=False)
+        self.txt = nn.Linear(h_dim, dim, bias=False)
+        nn.init.zeros_(self.img.weight)  # start as the plain dual teacher
+        nn.init.zeros_(self.txt.weight)
+
+    def forward(self, v: torch.Tensor, t: torch.Tensor, h: torch.Tensor, lam: float):
+        """ṽ = normalize(v + λ A_img h), t̃ = normalize(t + λ A_txt h)."""
+        return l2_normalize(v + lam * self.img(h)), l2_normalize(t + lam * self.txt(h))
+
+
+def candidates(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's top-k columns under `sim`, with the matched column (the diagonal) always in."""
+    k = min(k, sim.shape[1])
+    cand = sim.topk(k, dim=1).indices
+    diag = torch.arange(sim.shape[0], device=sim.device)
+    has = (cand == diag[:, None]).any(dim=1)
+    cand[~has, -1] = diag[~has]
+    return cand
+
+
+def reassign_by_order(scores: torch.Tensor, order_scores: torch.Tensor) -> torch.Tensor:
+    """Order from one teacher, scale from the other: for each row, the r-th largest of `scores`
+    goes to the element that `order_scores` ranks r-th. [R, k] -> [R, k]."""
+    values = scores.sort(dim=1, descending=True).values
+    rank_pos = order_scores.argsort(dim=1, descending=True, stable=True)
+    return torch.empty_like(scores).scatter_(1, rank_pos, values)
+
+
+def modified_similarity(s_dual: torch.Tensor, cand: torch.Tensor, m: torch.Tensor, mu: float,
+                        feat_term: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-wise S̃: within each row's candidates C_i, (1-μ)·S^D + μ·(D's scores in F's order);
+    elsewhere S^D. `feat_term` (same shape as s_dual) is added everywhere when given."""
+    out = s_dual.clone()
+    d_c = s_dual.gather(1, cand)
+    out = out.scatter(1, cand, (1 - mu) * d_c + mu * reassign_by_order(d_c, m))
+    if feat_term is not None:
+        out = out + feat_term
+    return out
+
+
+def kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """mean_i KL(softmax(t_i/τ) ‖ softmax(s_i/τ)) · τ²."""
+    p = F.softmax(teacher_logits / tau, dim=1)
+    return tau * tau * (p * (F.log_softmax(teacher_logits / tau, dim=1) - F.log_softmax(student_logits / tau, dim=1))).sum(1).mean()
+
+
+def distribution_loss(s_student: torch.Tensor, target_i2t: torch.Tensor, target_t2i: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ² · ½ [KL(P̃^{i2t} ‖ P^{i2t}) + KL(P̃^{t2i} ‖ P^{t2i})]; t2i distributions run over columns."""
+    return 0.5 * (kl_rows(target_i2t, s_student, tau) + kl_rows(target_t2i.T, s_student.T, tau))
+
+
+def single_teacher_loss(s_student: torch.Tensor, cand_i2t, m_i2t, cand_t2i, m_t2i, tau: float, tau_f: float) -> torch.Tensor:
+    """Distribution distillation from the ITM logits alone, over each row's candidates only."""
+    def part(s, cand, m):
+        p = F.softmax(m / tau_f, dim=1)
+        logq = F.log_softmax(s.gather(1, cand) / tau, dim=1)
+        return (p * (F.log_softmax(m / tau_f, dim=1) - logq)).sum(1).mean()
+    return tau * tau * 0.5 * (part(s_student, cand_i2t, m_i2t) + part(s_student.T, cand_t2i, m_t2i))
+
+
+def feature_loss(u_proj: torch.Tensor, w_proj: torch.Tensor, v_t: torch.Tensor, t_t: torch.Tensor) -> torch.Tensor:
+    """‖B_img u − ṽ‖² + ‖B_txt w − t̃‖², mean over the batch."""
+    return ((u_proj - v_t) ** 2).sum(1).mean() + ((w_proj - t_t) ** 2).sum(1).mean()
+
+
+def mcad_targets(v: torch.Tensor, t: torch.Tensor, v_mod: torch.Tensor | None, t_mod: torch.Tensor | None,
+                 cand_i2t, m_i2t, cand_t2i, m_t2i, mu: float):
+    """(S̃ for image->text rows, S̃ for text->image columns) from the teachers' outputs."""
+    s_d = v @ t.T
+    feat = None
+    if v_mod is not None and t_mod is not None:
+        feat = 0.5 * (v_mod @ t.T + v @ t_mod.T) - s_d
+    s_i2t = modified_similarity(s_d, cand_i2t, m_i2t, mu, feat)
+    s_t2i = modified_similarity(s_d.T, cand_t2i, m_t2i, mu, None if feat is None else feat.T).T
+    return s_i2t, s_t2i
