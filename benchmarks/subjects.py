@@ -13,4 +13,305 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks_unused import *  # noqa
+from mcad.device.manifest import Artifact, ExportManifest, find_manifests, golden_ids, load_manifest
+from mcad.io import sha256_file
+
+log = logging.getLogger("mcad.benchmarks")
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = REPO / "build" / "bench-cache"
+CLIP_SOT, CLIP_EOT = 49406, 49407
+
+# CLIP ViT-B/32's text tower (openai/clip-vit-base-patch32): 63.4M parameters with the projection.
+CLIP_B32_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                     num_attention_heads=8, max_position_embeddings=77, projection_dim=512,
+                     hidden_act="quick_gelu", bos_token_id=CLIP_SOT, eos_token_id=CLIP_EOT, pad_token_id=0)
+# apple/mobilevit-small's image tower (MobileViTConfig defaults), 256 px.
+MOBILEVIT_SMALL = dict(image_size=256)
+# Toy sizes, for tests only (peers=tiny): same code path, seconds instead of minutes.
+CLIP_TINY_TEXT = dict(CLIP_B32_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, projection_dim=64, vocab_size=49408)
+MOBILEVIT_TINY = dict(image_size=64, hidden_sizes=[32, 40, 48], neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 96])
+
+
+@dataclass
+class Subject:
+    name: str                        # student | student-mobile | clip-vit-b32-text | mobilevit-small
+    kind: str                        # ours | peer
+    artifacts: list[Artifact]
+    ids: Path | None = None          # int64 [Q, L]: the text encoder's inputs
+    tokenizer: Path | None = None    # timed as `tokenize`
+    tokenizer_feeds_encoder: bool = False
+    context_length: int | None = None
+    embed_dim: int | None = None
+    image_size: int | None = None
+    params: dict = field(default_factory=dict)
+    source: str = ""                 # where the artifacts come from
+    notes: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "params": self.params, "source": self.source,
+                "embed_dim": self.embed_dim, "context_length": self.context_length, "image_size": self.image_size,
+                "tokenizer": str(self.tokenizer) if self.tokenizer else None,
+                "tokenizer_feeds_encoder": self.tokenizer_feeds_encoder, "notes": self.notes,
+                "skipped": self.skipped,
+                "artifacts": [{"name": a.name, "role": a.role, "runtime": a.runtime, "backend": a.backend,
+                               "quantization": a.quantization, "file": str(a.path), "bytes": a.bytes}
+                              for a in self.artifacts]}
+
+
+def default_queries(n: int = 16, seed: int = 0) -> list[str]:
+    """Captions in the synthetic benchmark's style (fixed seed)."""
+    from mcad.data.synthetic import all_scenes, captions_for
+
+    rng = random.Random(seed)
+    scenes = all_scenes()
+    rng.shuffle(scenes)
+    out: list[str] = []
+    for sc in scenes:
+        out.extend(captions_for(sc, rng, 1))
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def _select(arts: list[Artifact], runtimes: list[str], quants: list[str] | None) -> list[Artifact]:
+    keep = [a for a in arts if a.runtime in runtimes]
+    if quants:
+        keep = [a for a in keep if quant_family(a.quantization) in quants]
+    return keep
+
+
+def quant_family(q: str) -> str:
+    """'int8 static QDQ per-channel' -> 'int8'; 'fp32'/'float32'/'' -> 'fp32'; others as given."""
+    q = (q or "").lower()
+    for fam in ("int8", "int4", "int16", "fp16", "w8a8", "w8a16", "w4a8"):
+        if fam in q:
+            return "int8" if fam == "w8a8" else fam
+    if not q or any(s in q for s in ("fp32", "float32", "float", "none")):
+        return "fp32"
+    return q
+
+
+def _text_io(L: int, D: int) -> tuple[list, list]:
+    return [{"name": "ids", "shape": [1, L], "dtype": "int64"}], [{"name": "emb", "shape": [1, D], "dtype": "float32"}]
+
+
+def _image_io(S: int, D: int) -> tuple[list, list]:
+    return ([{"name": "pixels", "shape": [1, 3, S, S], "dtype": "float32"}],
+            [{"name": "emb", "shape": [1, D], "dtype": "float32"}])
+
+
+def _pixels_calib(S: int, n: int = 4, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, 3, S, S, generator=g),) for _ in range(n)]
+
+
+def _save_ids(path: Path, ids: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, ids.astype(np.int64))
+    return path
+
+
+# -- the run's student -------------------------------------------------------------------------
+def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str], texts: list[str],
+                    target: str | None = None, cache: Path | None = None) -> Subject:
+    """The trained student: its export manifests when `make export` ran, else artifacts made here."""
+    from mcad.runs import resolve_run
+    from mcad.tokenizer import Tokenizer
+
+    run = resolve_run(run)
+    manifests = find_manifests(run, target)
+    tok_path = run / "tokenizer.json"
+    if manifests:
+        arts, skipped, notes = [], [], []
+        ids = None
+        first: ExportManifest | None = None
+        for mp in manifests:
+            m = load_manifest(mp)
+            first = first or m
+            arts += _select(m.artifacts, runtimes, quants)
+            skipped += [dict(s, target=m.target) for s in m.skipped]
+            if ids is None:
+                ids = golden_ids(m)
+            if m.tokenizer is not None:
+                tok_path = m.tokenizer
+        tok = Tokenizer.load(tok_path, context_length=first.context_length)
+        if ids is None or ids.shape[-1] != first.context_length:
+            ids = tok.encode_batch(texts)
+            notes.append("encoder ids: the queries tokenized with the run's tokenizer")
+        else:
+            notes.append("encoder ids: golden ids from the export")
+        src = ", ".join(str(p.relative_to(run)) for p in manifests)
+        if not arts:
+            log.warning("student: the export manifests (%s) list no artifact for runtimes %s / quantization %s",
+                        src, runtimes, quants)
+        return Subject("student", "ours", arts, ids=_save_ids(work / "ids_student.npy", ids), tokenizer=tok_path,
+                       tokenizer_feeds_encoder=True, context_length=first.context_length,
+                       embed_dim=first.embed_dim, image_size=first.image_size or None,
+                       params=_params_from_run(run), source=f"export: {src}", notes=notes, skipped=skipped)
+
+    from benchmarks.artifacts import build_artifacts, cache_key
+    from mcad.runs import load_student
+
+    model, tok = load_student(run)
+    L, D, S = model.context_length, model.embed_dim, model.image_size
+    key = cache_key("student", sha256_file(run / "student.safetensors"), runtimes, quants)
+    out = (cache or run / "bench" / "artifacts") / f"student-{key}"
+    import torch
+
+    calib_ids = [(torch.from_numpy(r[None]),) for r in tok.encode_batch(texts[:8])]
+    man = build_artifacts(out, {"text_encoder": (model.text_encoder(), "text", *_text_io(L, D)),
+                                "image_encoder": (model.image_encoder(), "image", *_image_io(S, D))},
+                          runtimes, quants, _meta(L, D, S, model, target="bench-made"),
+                          {"text_encoder": calib_ids, "image_encoder": _pixels_calib(S)})
+    m = load_manifest(man)
+    ids = tok.encode_batch(texts)
+    return Subject("student", "ours", _select(m.artifacts, runtimes, quants), ids=_save_ids(work / "ids_student.npy", ids),
+                   tokenizer=tok_path, tokenizer_feeds_encoder=True, context_length=L, embed_dim=D, image_size=S,
+                   params=_params(model), source=f"bench-made from {run.name}/student.safetensors (no export found)",
+                   notes=["no runs/<name>/export/*/manifest.json: artifacts made by the bench (fp32/int8 as listed)"],
+                   skipped=m.skipped)
+
+
+def _params(model) -> dict:
+    return {"text": sum(p.numel() for p in model.text.parameters()) + model.text_proj.weight.numel(),
+            "image": sum(p.numel() for p in model.visual.parameters()) + model.image_proj.weight.numel()}
+
+
+def _params_from_run(run: Path) -> dict:
+    try:
+        from mcad.runs import load_student
+
+        model, _ = load_student(run)
+        return _params(model)
+    except Exception:  # params are informative only
+        return {}
+
+
+def _meta(L, D, S, model=None, target="bench-made") -> dict:
+    meta = {"target": target, "embed_dim": D, "context_length": L, "image_size": S}
+    if model is not None:
+        meta.update({"image_mean": list(model.image_mean), "image_std": list(model.image_std)})
+    return meta
+
+
+# -- the mobile-size student (random weights) --------------------------------------------------
+def mobile_subject(work: Path, runtimes: list[str], quants: list[str], tokenizer: Path | None, texts: list[str],
+                   cache: Path = DEFAULT_CACHE, seed: int = 0) -> Subject:
+    import torch
+
+    from benchmarks.artifacts import build_artifacts, cache_key, random_ids
+    from mcad.models.registry import create_model, model_config
+
+    cfg = model_config("student-mobile")
+    key = cache_key("student-mobile", cfg, seed, runtimes, quants)
+    torch.manual_seed(seed)
+    model = create_model("student-mobile").eval()
+    L, D, S = model.context_length, model.embed_dim, model.image_size
+    t = cfg["text"]
+    ids = random_ids(len(texts), L, t["vocab_size"], CLIP_SOT, t.get("eot_id", CLIP_EOT), t.get("pad_id", 0), seed)
+    calib = [(torch.from_numpy(r[None]),) for r in ids[:8]]
+    man = build_artifacts(cache / f"student-mobile-{key}",
+                          {"text_encoder": (model.text_encoder(), "text", *_text_io(L, D)),
+                           "image_encoder": (model.image_encoder(), "image", *_image_io(S, D))},
+                          runtimes, quants, _meta(L, D, S, model, target="bench-made"),
+                          {"text_encoder": calib, "image_encoder": _pixels_calib(S)})
+    m = load_manifest(man)
+    return Subject("student-mobile", "ours", _select(m.artifacts, runtimes, quants),
+                   ids=_save_ids(work / "ids_student_mobile.npy", ids), tokenizer=tokenizer,
+                   tokenizer_feeds_encoder=False, context_length=L, embed_dim=D, image_size=S, params=_params(model),
+                   source="student-mobile config, random weights, bench-made artifacts",
+                   notes=["random CLIP-vocabulary ids (no CLIP BPE offline); tokenize timed with the run's tokenizer"],
+                   skipped=m.skipped)
+
+
+# -- peers ---------------------------------------------------------------------------------------
+class _ClipText:
+    """ids [1,77] -> unit text_embeds [1,512] (HF pools at the eos token, then projects)."""
+
+    @staticmethod
+    def build(cfg: dict):
+        import torch
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        class Wrap(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, ids):
+                e = self.m(input_ids=ids).text_embeds
+                return e / e.norm(dim=-1, keepdim=True)
+
+        return Wrap(CLIPTextModelWithProjection(CLIPTextConfig(**cfg)).eval()).eval()
+
+
+class _MobileViT:
+    @staticmethod
+    def build(cfg: dict):
+        import torch
+        from transformers import MobileViTConfig, MobileViTModel
+
+        class Wrap(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, pixels):
+                e = self.m(pixel_values=pixels).pooler_output
+                return e / e.norm(dim=-1, keepdim=True)
+
+        return Wrap(MobileViTModel(MobileViTConfig(**cfg)).eval()).eval()
+
+
+def clip_text_subject(work: Path, runtimes: list[str], quants: list[str], tokenizer: Path | None, texts: list[str],
+                      cache: Path = DEFAULT_CACHE, seed: int = 0, tiny: bool = False) -> Subject:
+    import torch
+
+    from benchmarks.artifacts import build_artifacts, cache_key, random_ids
+
+    cfg = CLIP_TINY_TEXT if tiny else CLIP_B32_TEXT
+    name = "clip-tiny-text" if tiny else "clip-vit-b32-text"
+    L, D = cfg["max_position_embeddings"], cfg["projection_dim"]
+    ids = random_ids(len(texts), L, cfg["vocab_size"], CLIP_SOT, CLIP_EOT, 0, seed)
+    key = cache_key(name, cfg, seed, runtimes, quants)
+    out = cache / f"{name}-{key}"
+    torch.manual_seed(seed)
+    module = _ClipText.build(cfg)
+    n_params = sum(p.numel() for p in module.parameters())
+    man = build_artifacts(out, {"text_encoder": (module, "text", *_text_io(L, D))}, runtimes, quants,
+                          _meta(L, D, 0, target="bench-made"),
+                          {"text_encoder": [(torch.from_numpy(r[None]),) for r in ids[:8]]})
+    m = load_manifest(man)
+    return Subject(name, "peer", _select(m.artifacts, runtimes, quants), ids=_save_ids(work / f"ids_{name}.npy", ids),
+                   tokenizer=tokenizer, tokenizer_feeds_encoder=False, context_length=L, embed_dim=D,
+                   params={"text": n_params}, source="transformers CLIPTextModelWithProjection, random weights",
+                   notes=["random CLIP-vocabulary ids; tokenize timed with the run's tokenizer (no CLIP BPE offline)"],
+                   skipped=m.skipped)
+
+
+def mobilevit_subject(runtimes: list[str], quants: list[str], cache: Path = DEFAULT_CACHE, seed: int = 0,
+                      tiny: bool = False) -> Subject:
+    import torch
+
+    from benchmarks.artifacts import build_artifacts, cache_key
+
+    cfg = MOBILEVIT_TINY if tiny else MOBILEVIT_SMALL
+    name = "mobilevit-tiny" if tiny else "mobilevit-small"
+    torch.manual_seed(seed)
+    module = _MobileViT.build(cfg)
+    S = cfg["image_size"]
+    with torch.no_grad():
+        D = int(module(torch.zeros(1, 3, S, S)).shape[-1])
+    key = cache_key(name, cfg, seed, runtimes, quants)
+    man = build_artifacts(cache / f"{name}-{key}", {"image_encoder": (module, "image", *_image_io(S, D))},
+                          runtimes, quants, _meta(0, D, S, target="bench-made"),
+                          {"image_encoder": _pixels_calib(S)})
+    m = load_manifest(man)
+    return Subject(name, "peer", _select(m.artifacts, runtimes, quants), embed_dim=D, image_size=S,
+                   params={"image": sum(p.numel() for p in module.parameters())},
+                   source="transformers MobileViTModel, random weights (pooled 640-d, no projection)",
+                   skipped=m.skipped)

@@ -25,7 +25,7 @@ import numpy as np
 
 from mcad.device import native
 from mcad.device.base import RUNNER_FILE, Device, Job, log, memory_summary, parse_runner_output
-from mcad.device.errors import DeviceError, one_line
+from mcad.device.errors import DeviceError, DeviceGone, one_line
 from mcad.device.local import parse_cpus
 
 SOC_PROPS = ("ro.soc.model", "ro.soc.manufacturer", "ro.board.platform", "ro.hardware", "ro.product.model",
@@ -113,9 +113,9 @@ class AdbDevice(Device):
         if proc.returncode != 0:
             m = ADB_ERROR.search(proc.stderr or "")  # adb's own messages, not the remote command's
             if m and m.group("what") in ("not found", "no devices/emulators found"):
-                raise DeviceError(f"adb: device {self.serial!r} not found (disconnected?)")
+                raise DeviceGone(f"adb: device {self.serial!r} not found (disconnected?)")
             if m:
-                raise DeviceError(f"adb: device {self.serial!r} is {STATE_HELP.get(m.group('what'), m.group('what'))}")
+                raise DeviceGone(f"adb: device {self.serial!r} is {STATE_HELP.get(m.group('what'), m.group('what'))}")
         return proc
 
     def shell(self, cmd: str, timeout: float | None = None, check: bool = True, what: str = "") -> str:

@@ -13,3 +13,7 @@ def one_line(text: str, limit: int = 400) -> str:
         if line:
             return line[:limit]
     return str(text).strip()[:limit]
+
+
+class DeviceGone(DeviceError):
+    """The device itself is unusable (not found, unauthorized, offline): stop, do not try more jobs."""

@@ -1,0 +1,92 @@
+"""Budgets (benchmarks/budgets.yaml): per device, per subject, per gallery size: search latency p50
+and p90 (ms) and running memory (MB). A broken budget is one line naming it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+BUDGETS_FILE = Path(__file__).with_name("budgets.yaml")
+METRICS = ("p50_ms", "p90_ms", "memory_mb")
+
+
+def load_budgets(path: str | Path | None = None) -> dict:
+    path = Path(path) if path else BUDGETS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no budgets file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    devices = data.get("devices")
+    if not isinstance(devices, dict):
+        raise ValueError(f"{path}: expected a top-level 'devices:' mapping")
+    for name, entry in devices.items():
+        subj = (entry or {}).get("budgets")
+        if not isinstance(subj, dict):
+            raise ValueError(f"{path}: devices.{name}: expected a 'budgets:' mapping of subject -> gallery -> limits")
+        for s, per in subj.items():
+            for g, lim in (per or {}).items():
+                try:
+                    int(g)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}: devices.{name}.budgets.{s}: gallery size {g!r} is not an integer") from None
+                bad = set(lim or {}) - set(METRICS)
+                if bad:
+                    raise ValueError(f"{path}: devices.{name}.budgets.{s}.{g}: unknown metric(s) {sorted(bad)} "
+                                     f"(known: {', '.join(METRICS)})")
+    data["_path"] = str(path)
+    return data
+
+
+def match_device(budgets: dict, names: list[str], override: str | None = None) -> tuple[str | None, dict | None]:
+    """The budgets entry for a device: `override` by name, else the first entry whose name or `match`
+    list contains one of `names` (case-insensitive)."""
+    devices = budgets["devices"]
+    if override:
+        if override not in devices:
+            raise KeyError(f"budget={override!r}: not in {budgets.get('_path')} (known: {', '.join(devices)})")
+        return override, devices[override]
+    low = [n.lower() for n in names if n]
+    for key, entry in devices.items():
+        keys = [key.lower()] + [str(m).lower() for m in (entry or {}).get("match", [])]
+        if any(n in keys for n in low):
+            return key, entry
+    return None, None
+
+
+def check(rows: list[dict], entry: dict, budget_name: str) -> list[dict]:
+    """One check per (row, metric) that a budget covers; rows with errors are broken outright."""
+    out = []
+    subjects = entry.get("budgets", {})
+    for r in rows:
+        per = subjects.get(r.get("subject"))
+        if not per or r.get("mode") != "search":
+            continue
+        lim = per.get(r.get("gallery")) or per.get(str(r.get("gallery")))
+        if not lim:
+            continue
+        where = (f"{budget_name}/{r['subject']}/N={r['gallery']}/{r['runtime']}"
+                 f"/{r.get('quantization') or '?'}/t{r['threads']}")
+        if r.get("error"):
+            out.append({"budget": where, "metric": "run", "measured": None, "limit": None, "ok": False,
+                        "line": f"BROKEN {where}: job failed ({r['error']})"})
+            continue
+        search = (r.get("stages") or {}).get("search") or {}
+        measured = {"p50_ms": search.get("p50"), "p90_ms": search.get("p90"),
+                    "memory_mb": (r.get("memory") or {}).get("headline_mb")}
+        for metric in METRICS:
+            if metric not in lim:
+                continue
+            val, limit = measured[metric], float(lim[metric])
+            if val is None:
+                out.append({"budget": where, "metric": metric, "measured": None, "limit": limit, "ok": True,
+                            "line": f"n/a    {where} {metric}: not measured by this runner"})
+                continue
+            ok = float(val) <= limit
+            unit = "MB" if metric == "memory_mb" else "ms"
+            name = {"p50_ms": "search latency p50", "p90_ms": "search latency p90", "memory_mb": "running memory"}[metric]
+            out.append({"budget": where, "metric": metric, "measured": round(float(val), 3), "limit": limit, "ok": ok,
+                        "line": f"{'ok    ' if ok else 'BROKEN'} {where} {name}: {val:.2f} {unit} "
+                                f"{'<=' if ok else '>'} budget {limit:g} {unit}"})
+    return out

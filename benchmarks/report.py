@@ -1,0 +1,159 @@
+"""Bench results -> markdown table, PNG plot (latency vs gallery size per runtime), console lines."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mcad.io import atomic_path, atomic_write_text
+
+
+def _f(x, nd=2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _stage(r: dict, name: str, q: str = "p50"):
+    return ((r.get("stages") or {}).get(name) or {}).get(q)
+
+
+def _q(r: dict) -> str:
+    from benchmarks.subjects import quant_family
+
+    return quant_family(r.get("quantization", ""))
+
+
+def search_table(rows: list[dict]) -> list[str]:
+    lines = ["| subject | runtime | quant | thr | gallery | tokenize p50 | encode p50 | score+top-k p50 | "
+             "search p50 | p90 | p99 | memory MB | peak | bare | added | runner |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for r in rows:
+        if r.get("mode") != "search":
+            continue
+        if r.get("error"):
+            lines.append(f"| {r['subject']} | {r['runtime']} | {_q(r)} | {r['threads']} | {r.get('gallery')} | "
+                         f"failed: {r['error'][:80]} |||||||||||")
+            continue
+        m = r.get("memory") or {}
+        mem = _f(m.get("headline_mb"), 1) + (" (added)" if (m.get("headline") or "").startswith("added") else "")
+        lines.append(f"| {r['subject']} | {r['runtime']} | {_q(r)} | {r['threads']} | {r.get('gallery')} | "
+                     f"{_f(_stage(r, 'tokenize'), 3)} | {_f(_stage(r, 'encode'), 3)} | {_f(_stage(r, 'score_topk'), 3)} | "
+                     f"{_f(_stage(r, 'search'), 3)} | {_f(_stage(r, 'search', 'p90'), 3)} | {_f(_stage(r, 'search', 'p99'), 3)} | "
+                     f"{mem} | {_f(m.get('peak_mb'), 1)} | {_f(m.get('bare_mb'), 1)} | {_f(m.get('added_mb'), 1)} | "
+                     f"{r.get('runner', '')} |")
+    return lines
+
+
+def image_table(rows: list[dict]) -> list[str]:
+    sel = [r for r in rows if r.get("mode") == "image"]
+    if not sel:
+        return []
+    lines = ["| subject | runtime | quant | thr | image px | encode p50 | p90 | p99 | memory MB | peak | bare | added |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in sel:
+        if r.get("error"):
+            lines.append(f"| {r['subject']} | {r['runtime']} | {_q(r)} | {r['threads']} | | failed: {r['error'][:80]} |||||||")
+            continue
+        m = r.get("memory") or {}
+        mem = _f(m.get("headline_mb"), 1) + (" (added)" if (m.get("headline") or "").startswith("added") else "")
+        lines.append(f"| {r['subject']} | {r['runtime']} | {_q(r)} | {r['threads']} | {r.get('image_size') or ''} | "
+                     f"{_f(_stage(r, 'encode'), 3)} | {_f(_stage(r, 'encode', 'p90'), 3)} | {_f(_stage(r, 'encode', 'p99'), 3)} | "
+                     f"{mem} | {_f(m.get('peak_mb'), 1)} | {_f(m.get('bare_mb'), 1)} | {_f(m.get('added_mb'), 1)} |")
+    return lines
+
+
+def ratio_table(ratios: list[dict]) -> list[str]:
+    if not ratios:
+        return []
+    lines = ["| ours | peer | what | runtime | quant | thr | gallery | latency ours / peer (p50 ms) | ratio | "
+             "memory ours / peer (MB) | ratio |",
+             "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    for x in ratios:
+        lines.append(f"| {x['ours']} | {x['peer']} | {x['what']} | {x['runtime']} | {x['quant']} | {x['threads']} | "
+                     f"{x.get('gallery') or ''} | {_f(x['latency_ours'], 3)} / {_f(x['latency_peer'], 3)} | "
+                     f"{_f(x['latency_ratio'], 3)} | {_f(x['memory_ours'], 1)} / {_f(x['memory_peer'], 1)} | "
+                     f"{_f(x['memory_ratio'], 3)} |")
+    return lines
+
+
+def markdown(res: dict) -> str:
+    dev = res.get("device", {})
+    lines = [f"# Search latency and running memory: {res.get('run_name', '')} on {dev.get('device', '?')}", "",
+             f"- command: `{res['command']}`", f"- date: {res['date']}", f"- machine: {res['machine']}",
+             f"- device: {dev.get('device')} ({dev.get('kind')}), SoC: {dev.get('soc') or '-'}, "
+             f"CPU: {dev.get('cpu') or '-'}",
+             f"- score + top-k: {res['scorer_note']}",
+             f"- gallery: {res['gallery_note']}",
+             "- search = encode + score + top-k (from token ids to the top-10 ids); tokenize is timed beside it; "
+             "times in ms (p50/p90/p99 over the runs after warm-up)",
+             "- memory: " + res["memory_note"], ""]
+    if res.get("quick"):
+        lines += ["*quick mode: small gallery, few runs (CI gate), not a figure to quote*", ""]
+    lines += ["## Subjects", ""]
+    for s in res.get("subjects", []):
+        p = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in (s.get("params") or {}).items())
+        lines.append(f"- **{s['name']}** ({s['kind']}): {s['source']}; params {p or '-'}; "
+                     f"{len(s.get('artifacts', []))} artifacts" + (f"; skipped: {len(s['skipped'])}" if s.get("skipped") else ""))
+        for n in s.get("notes", []):
+            lines.append(f"  - {n}")
+        for sk in s.get("skipped", []):
+            lines.append(f"  - skipped {sk.get('artifact')}: {sk.get('reason')}")
+    lines += ["", "## Search (text query -> top-10 gallery ids)", ""] + search_table(res["rows"])
+    img = image_table(res["rows"])
+    if img:
+        lines += ["", "## Image tower (one image -> embedding; gallery indexing cost)", ""] + img
+    rat = ratio_table(res.get("ratios", []))
+    if rat:
+        lines += ["", "## Ours vs peers (ratio < 1: ours is faster / smaller)", ""] + rat
+    b = res.get("budget") or {}
+    lines += ["", "## Budgets", ""]
+    if not b.get("device"):
+        lines.append(f"No budget entry for this device in {b.get('file', 'budgets.yaml')}: reported only.")
+    else:
+        lines.append(f"Budget entry `{b['device']}` ({b.get('file')}): {b.get('broken', 0)} broken of "
+                     f"{len(b.get('checks', []))} checks.")
+        lines += ["", "```"] + [c["line"] for c in b.get("checks", [])] + ["```"]
+    if res.get("errors"):
+        lines += ["", "## Failed jobs", ""] + [f"- {e}" for e in res["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> Path | None:
+    """Search latency p50 vs gallery size, one line per subject/runtime/quant, one panel per thread count."""
+    rows = [r for r in res["rows"] if r.get("mode") == "search" and not r.get("error") and _stage(r, "search")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads = sorted({r["threads"] for r in rows})
+    fig, axes = plt.subplots(1, len(threads), figsize=(6.5 * len(threads), 4.6), squeeze=False)
+    for ax, t in zip(axes[0], threads):
+        series: dict[str, list] = {}
+        for r in rows:
+            if r["threads"] == t:
+                series.setdefault(f"{r['subject']} {r['runtime']} {_q(r)}", []).append((r["gallery"], _stage(r, "search")))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            style = "--" if not label.startswith(("student ", "student-mobile ")) else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+        budget = (res.get("budget") or {}).get("limits", {}).get("student", {})
+        if budget:
+            g = sorted(int(k) for k in budget)
+            ax.plot(g, [budget[k].get("p50_ms") if k in budget else budget[str(k)].get("p50_ms") for k in g],
+                    ":", color="red", label="budget p50 (student)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("gallery size (images)")
+        ax.set_ylabel("search latency p50 (ms)")
+        ax.set_title(f"{res['device'].get('device')}: {t} thread{'s' if t > 1 else ''}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_markdown(res: dict, path: Path) -> Path:
+    return atomic_write_text(path, markdown(res))

@@ -1,0 +1,264 @@
+"""The search benchmark: subjects x artifacts x threads x gallery sizes on one device, then ratios to
+the peers, budgets, and the JSON / markdown / PNG outputs (docs in device/README.md)."""
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcad.device import get_device
+from mcad.device.base import Job, Timing
+from mcad.device.errors import DeviceError, DeviceGone
+from mcad.io import machine, now_iso, versions, write_json
+
+log = logging.getLogger("mcad.benchmarks")
+RESULTS_DIR = Path(__file__).with_name("results")
+ALL_RUNTIMES = ["onnxruntime", "litert", "executorch"]
+OURS = ("student", "student-mobile")
+SCORER_NOTE = {"faiss": "faiss IndexFlatIP (exact inner product), faiss.omp_set_num_threads(1)",
+               "numpy": "numpy: gallery @ query, argpartition + sort of the top 10"}
+
+
+@dataclass
+class BenchOptions:
+    device: str = "local"
+    run: Path | None = None
+    threads: list = field(default_factory=lambda: [1, 2])
+    galleries: list = field(default_factory=lambda: [1000, 10000, 100000])
+    runtimes: list = field(default_factory=lambda: list(ALL_RUNTIMES))
+    quant: list | None = None            # filter by quantization family (fp32, int8); None = all listed
+    make_quant: list = field(default_factory=lambda: ["fp32", "int8"])  # variants the bench makes itself
+    scorer: str = "faiss"
+    k: int = 10
+    quick: bool = False
+    peers: str = "full"                  # full | tiny | none
+    mobile: bool = True
+    image: bool = True
+    budgets: Path | None = None
+    budget: str | None = None
+    out: Path | None = None
+    results: Path | None = RESULTS_DIR   # committed summary folder (None: don't write one)
+    name: str | None = None
+    target: str | None = None
+    cache: Path | None = None
+    timing: Timing = field(default_factory=Timing)
+    device_options: dict = field(default_factory=dict)
+    command: str = ""
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "device"
+
+
+def plan_jobs(subjects, opts: BenchOptions, texts: list[str]) -> tuple[list[Job], list[str]]:
+    jobs, notes = [], []
+    for s in subjects:
+        for a in s.artifacts:
+            if a.role in ("text", "search"):
+                for t in opts.threads:
+                    for g in opts.galleries:
+                        if a.role == "search":
+                            shp = a.input_shape(1)
+                            n_fixed = shp[0] if shp and isinstance(shp[0], int) and shp[0] > 0 else None
+                            if n_fixed is not None and n_fixed != g:
+                                notes.append(f"{s.name}/{a.label}: search program fixed to N={n_fixed}; N={g} not run")
+                                continue
+                        jobs.append(Job(subject=s.name, artifact=a, threads=t, mode="search", gallery=g,
+                                        scorer=opts.scorer, k=opts.k, ids=s.ids, tokenizer=s.tokenizer,
+                                        tokenizer_feeds_encoder=s.tokenizer_feeds_encoder,
+                                        context_length=s.context_length if s.tokenizer_feeds_encoder else None,
+                                        texts=texts, embed_dim=s.embed_dim, timing=opts.timing))
+            elif a.role == "image" and opts.image:
+                for t in opts.threads:
+                    jobs.append(Job(subject=s.name, artifact=a, threads=t, mode="image",
+                                    image_size=s.image_size or (a.input_shape(0) or [1, 3, 224, 224])[-1],
+                                    timing=opts.timing))
+    return jobs, notes
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Ours / peer for the same runtime, quantization family, threads (and gallery size)."""
+    from benchmarks.subjects import quant_family
+
+    ok = [r for r in rows if not r.get("error")]
+
+    def key(r):
+        return (r["mode"], r["runtime"], quant_family(r.get("quantization", "")), r["threads"], r.get("gallery"))
+
+    def lat(r):
+        st = (r.get("stages") or {})
+        return (st.get("search") if r["mode"] == "search" else st.get("encode") or {}).get("p50")
+
+    peers = {}
+    for r in ok:
+        if r["subject"] not in OURS:
+            peers.setdefault(key(r), []).append(r)
+    out = []
+    for r in ok:
+        if r["subject"] not in OURS:
+            continue
+        for p in peers.get(key(r), []):
+            lo, lp = lat(r), lat(p)
+            mo, mp = (r.get("memory") or {}).get("headline_mb"), (p.get("memory") or {}).get("headline_mb")
+            out.append({"ours": r["subject"], "peer": p["subject"], "what": "search" if r["mode"] == "search" else "image encode",
+                        "runtime": r["runtime"], "quant": key(r)[2], "threads": r["threads"], "gallery": r.get("gallery"),
+                        "latency_ours": lo, "latency_peer": lp,
+                        "latency_ratio": round(lo / lp, 4) if lo and lp else None,
+                        "encode_ratio": _ratio((r.get("stages") or {}).get("encode", {}).get("p50"),
+                                               (p.get("stages") or {}).get("encode", {}).get("p50")),
+                        "memory_ours": mo, "memory_peer": mp,
+                        "memory_ratio": round(mo / mp, 4) if mo and mp else None})
+    return out
+
+
+def _ratio(a, b):
+    return round(a / b, 4) if a and b else None
+
+
+def build_subjects(opts: BenchOptions, run: Path, work: Path, texts: list[str]):
+    from benchmarks.subjects import (DEFAULT_CACHE, clip_text_subject, mobile_subject, mobilevit_subject,
+                                     student_subject)
+
+    cache = opts.cache or DEFAULT_CACHE
+    subjects = [student_subject(run, work, opts.runtimes, opts.quant or opts.make_quant, texts, target=opts.target,
+                                cache=opts.cache)]
+    if opts.quant is None and not subjects[0].source.startswith("export"):
+        pass
+    tok = subjects[0].tokenizer
+    mq = opts.quant or opts.make_quant
+    if opts.mobile:
+        log.info("preparing student-mobile artifacts (cached in %s)", cache)
+        subjects.append(mobile_subject(work, opts.runtimes, mq, tok, texts, cache=cache))
+    if opts.peers in ("full", "tiny"):
+        tiny = opts.peers == "tiny"
+        log.info("preparing peer artifacts (%s; cached in %s)", "tiny" if tiny else "CLIP ViT-B/32 text, MobileViT-small", cache)
+        subjects.append(clip_text_subject(work, opts.runtimes, mq, tok, texts, cache=cache, tiny=tiny))
+        if opts.image:
+            subjects.append(mobilevit_subject(opts.runtimes, mq, cache=cache, tiny=tiny))
+    return subjects
+
+
+def run_bench(opts: BenchOptions) -> tuple[dict, int]:
+    from tqdm import tqdm
+
+    from benchmarks.budgets import check, load_budgets, match_device
+    from benchmarks.report import plot, write_markdown
+    from benchmarks.subjects import default_queries
+    from mcad.runs import latest_run, resolve_run
+
+    budgets = load_budgets(opts.budgets)  # bad budgets file: fail before any work
+    run = resolve_run(opts.run) if opts.run else latest_run("runs")
+    device = get_device(opts.device, **opts.device_options)
+    info = device.connect()  # missing/unauthorized device: one line, before any export work
+    try:
+        budget_name, budget_entry = match_device(budgets, device.budget_names(), opts.budget)
+        texts = default_queries(16)
+        out = Path(opts.out) if opts.out else run / "bench"
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="mcad-bench-inputs-") as work:
+            subjects = build_subjects(opts, run, Path(work), texts)
+            jobs, notes = plan_jobs(subjects, opts, texts)
+            if not jobs:
+                raise ValueError(f"{run}: nothing to benchmark for runtimes {opts.runtimes} "
+                                 f"(no artifacts; see the subjects' skipped lists)")
+            log.info("%d jobs on %s (%s)", len(jobs), device.name, info.get("soc") or info.get("cpu") or "")
+            rows, errors = [], []
+            for job in tqdm(jobs, desc=f"bench {device.name}", unit="job", file=sys.stderr,
+                            disable=not sys.stderr.isatty()):
+                try:
+                    row = device.run(job)
+                except DeviceGone:
+                    raise
+                except DeviceError as e:
+                    row = dict(job.describe(), device=device.name, error=str(e))
+                    errors.append(str(e))
+                    log.warning("%s", e)
+                if job.mode == "image":
+                    row["image_size"] = job.image_size
+                rows.append(row)
+    finally:
+        device.close()
+
+    checks = check(rows, budget_entry, budget_name) if budget_entry else []
+    broken = [c for c in checks if not c["ok"]]
+    res = {"command": opts.command, "date": now_iso(), "machine": machine(), "device": info,
+           "run": str(run), "run_name": run.name, "quick": opts.quick,
+           "options": {"threads": opts.threads, "galleries": opts.galleries, "runtimes": opts.runtimes,
+                       "quant": opts.quant, "scorer": opts.scorer, "k": opts.k, "peers": opts.peers,
+                       "mobile": opts.mobile, "image": opts.image, "timing": opts.timing.__dict__},
+           "scorer_note": SCORER_NOTE.get(opts.scorer, opts.scorer),
+           "gallery_note": "N random unit vectors (float32) built in the measured process; exact flat search cost "
+                           "does not depend on the values",
+           "memory_note": "peak resident memory (VmHWM) of the process doing the search; `bare` = a fresh process "
+                          "that imported the same runtime and libraries and loaded nothing; `added` = peak - bare. "
+                          "The memory column is the added part for ExecuTorch's Python runtime (it imports torch) "
+                          "and the whole-process peak for LiteRT, ONNX Runtime and native runners.",
+           "subjects": [s.describe() for s in subjects], "plan_notes": notes, "rows": rows,
+           "ratios": ratios(rows), "errors": errors,
+           "budget": {"file": budgets.get("_path"), "device": budget_name, "checks": checks, "broken": len(broken),
+                      "limits": (budget_entry or {}).get("budgets", {})},
+           "versions": versions()}
+    name = opts.name or f"{run.name}-{slug(device.name)}" + ("-quick" if opts.quick else "")
+    write_json(out / "bench.json", res)
+    write_markdown(res, out / "bench.md")
+    png = plot(res, out / "bench_latency.png")
+    res["files"] = {"json": str(out / "bench.json"), "markdown": str(out / "bench.md"), "plot": str(png) if png else None}
+    if opts.results is not None:
+        rdir = Path(opts.results)
+        write_json(rdir / f"{name}.json", res)
+        write_markdown(res, rdir / f"{name}.md")
+        if png:
+            plot(res, rdir / f"{name}.png")
+        res["files"]["summary"] = str(rdir / f"{name}.md")
+    code = 1 if (broken or errors) else 0
+    return res, code
+
+
+def console_summary(res: dict) -> list[str]:
+    """Measured vs budget, one line each, and the last line saying what broke (if anything)."""
+    lines = []
+    for r in res["rows"]:
+        if r.get("error"):
+            lines.append(f"FAILED {r['subject']}/{r['runtime']}/t{r['threads']}/N={r.get('gallery')}: {r['error']}")
+            continue
+        st, m = r.get("stages") or {}, r.get("memory") or {}
+        if r["mode"] == "search":
+            s = st.get("search") or {}
+            lines.append(f"{r['subject']:<18} {r['runtime']:<11} {r.get('quantization', '')[:12]:<12} t{r['threads']} "
+                         f"N={r['gallery']:<7} search p50 {_n(s.get('p50'))} p90 {_n(s.get('p90'))} ms  "
+                         f"(enc {_n((st.get('encode') or {}).get('p50'))}, score+top-k {_n((st.get('score_topk') or {}).get('p50'))}, "
+                         f"tok {_n((st.get('tokenize') or {}).get('p50'))})  mem {_n(m.get('headline_mb'), 1)} MB"
+                         + (" added" if (m.get("headline") or "").startswith("added") else ""))
+        else:
+            e = st.get("encode") or {}
+            lines.append(f"{r['subject']:<18} {r['runtime']:<11} {r.get('quantization', '')[:12]:<12} t{r['threads']} "
+                         f"image encode p50 {_n(e.get('p50'))} p90 {_n(e.get('p90'))} ms  mem {_n(m.get('headline_mb'), 1)} MB")
+    for x in res.get("ratios", []):
+        if x["threads"] == 1 and x["what"] == "search" and x.get("gallery") not in (None,):
+            lines.append(f"ratio {x['ours']}/{x['peer']} {x['runtime']} {x['quant']} t1 N={x['gallery']}: "
+                         f"latency {_n(x['latency_ratio'], 3)}  memory {_n(x['memory_ratio'], 3)}")
+    b = res["budget"]
+    if b.get("device"):
+        lines += [c["line"] for c in b["checks"]]
+    else:
+        lines.append(f"no budget entry for {res['device'].get('device')} in {b.get('file')}: measured only")
+    lines.append(f"wrote {res['files']['markdown']}, {res['files']['json']}" +
+                 (f", {res['files']['plot']}" if res["files"].get("plot") else ""))
+    broken = [c for c in b.get("checks", []) if not c["ok"]]
+    if broken:
+        lines.append(f"bench: {len(broken)} budget(s) broken; first: {broken[0]['line'][7:]}")
+    if res.get("errors"):
+        lines.append(f"bench: {len(res['errors'])} job(s) failed; first: {res['errors'][0]}")
+    return lines
+
+
+def _n(x, nd=2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def command_line(argv: list[str]) -> str:
+    return "mcad bench " + " ".join(shlex.quote(a) for a in argv)

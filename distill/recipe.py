@@ -1,0 +1,183 @@
+"""`make student`: the MCAD recipe. One readable file + mcad/configs/student.yaml.
+
+1. load the teachers (`runs/teachers`), the tokenizer and the data;
+2. fit the fusion adapters A_img, A_txt (teachers frozen);
+3. distill the student with L_clip + α L_dist + β L_feat on confuser batches;
+4. evaluate, and write the run folder (student.safetensors + config, tokenizer.json,
+   metrics.json, train.log, report.md, manifest.json).
+Teachers run online here (forward only, no gradient)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcad.config import load_config
+from mcad.data.images import normalize
+from mcad.distill.losses import (FusionAdapters, candidates, distribution_loss, feature_loss, kl_rows, mcad_targets,
+                                 single_teacher_loss)
+from mcad.evaluate import encode_images, evaluate_dual, image_keys
+from mcad.io import write_json, write_manifest
+from mcad.losses import clip_loss
+from mcad.models.checkpoint import load_model, save_model
+from mcad.models.registry import count_params, create_model, with_tokenizer
+from mcad.retrieval import recall_table
+from mcad.sampling import ConfuserBatches, caption_choice, nearest_neighbours
+from mcad.teachers import add_file_log, load_split
+from mcad.tokenizer import Tokenizer
+from mcad.trainer import Trainer
+
+log = logging.getLogger("mcad.distill")
+VARIANTS = ("none", "dual", "single", "mcad")
+
+
+class TeacherBatch:
+    """Everything the teachers say about one batch (no gradient)."""
+
+    def __init__(self, dual, fusion, px, ids, k: int):
+        with torch.no_grad():
+            self.v, self.t = dual.encode_image(px), dual.encode_text(ids)
+            s_d = self.v @ self.t.T
+            self.cand_i2t, self.cand_t2i = candidates(s_d, k), candidates(s_d.T, k)
+            img_tok, txt_tok = fusion.image_tokens(px), fusion.text_tokens(ids)
+            n, kk = self.cand_i2t.shape
+            rows = torch.arange(n)[:, None].expand(n, kk).reshape(-1)
+            _, m = fusion.score_pairs(img_tok, txt_tok, ids, rows, self.cand_i2t.reshape(-1))
+            self.m_i2t = m.view(n, kk)
+            _, m = fusion.score_pairs(img_tok, txt_tok, ids, self.cand_t2i.reshape(-1), rows)
+            self.m_t2i = m.view(n, kk)
+            self.h, _ = fusion.score_pairs(img_tok, txt_tok, ids, torch.arange(n), torch.arange(n))
+
+
+def fit_adapters(cfg, dual, fusion, pixels, ids, caps, batches, seed, progress=True) -> FusionAdapters:
+    """A_img/A_txt such that ṽ_i·t_j over D's top-k follows F's ITM judgement (and symmetrically)."""
+    torch.manual_seed(seed + 5)
+    ad = FusionAdapters(fusion.width, dual.embed_dim)
+    acfg = {"steps": int(cfg["adapters"]["steps"]), "lr": float(cfg["adapters"]["lr"]), "warmup": 10, "weight_decay": 0.0}
+    tr = Trainer({"adapters": ad}, acfg, desc="fusion adapters")
+    bs, tau, tau_f, k = int(cfg["adapters"]["batch_size"]), float(cfg["adapters"]["tau"]), float(cfg["loss"]["tau_f"]), int(cfg["loss"]["k"])
+
+    def loss_fn(step):
+        idx = batches(step)[:bs]
+        cap = caption_choice(len(pixels), caps, seed, step, idx)
+        tb = TeacherBatch(dual, fusion, normalize(pixels[idx], dual.image_mean, dual.image_std), torch.as_tensor(ids[cap]), k)
+        v_m, t_m = ad(tb.v, tb.t, tb.h, 1.0)
+        s_half_i = (v_m @ tb.t.T).gather(1, tb.cand_i2t)   # only the image side modified
+        s_half_t = (t_m @ tb.v.T).gather(1, tb.cand_t2i)   # only the text side modified
+        loss = 0.5 * (kl_rows(tb.m_i2t / tau_f * tau, s_half_i, tau) + kl_rows(tb.m_t2i / tau_f * tau, s_half_t, tau))
+        return loss, {}
+
+    tr.fit(loss_fn, progress=progress)
+    ad.requires_grad_(False)
+    return ad
+
+
+def distill(cfg: dict, progress: bool = True) -> dict:
+    variant = cfg["variant"]
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    torch.set_num_threads(int(cfg.get("threads", 2)))
+    seed = int(cfg["seed"])
+    teachers, data = Path(cfg["teachers"]), Path(cfg["data"])
+    run = Path(cfg["out"]) / cfg["name"]
+    run.mkdir(parents=True, exist_ok=True)
+    add_file_log(run / "train.log")
+    for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json"):
+        if not (teachers / f).exists():
+            raise FileNotFoundError(f"{teachers / f}: missing teacher file (run `make teachers` first)")
+    dual, fusion = load_model(teachers / "dual.safetensors"), load_model(teachers / "fusion.safetensors")
+    dual.requires_grad_(False)
+    fusion.requires_grad_(False)
+    tok = Tokenizer.load(teachers / "tokenizer.json")
+    pixels, corpus = load_split(data, "train", dual.image_size)
+    test_px, test_c = load_split(data, cfg["eval"]["split"], dual.image_size)
+    ids, test_ids = tok.encode_batch(corpus.captions), tok.encode_batch(test_c.captions)
+    caps, keys = corpus.image_captions(), torch.as_tensor(image_keys(corpus))
+
+    nb = nearest_neighbours(encode_images(dual, pixels), int(cfg["neighbours"]))
+    batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg["neighbours"]) + 1)
+    L = cfg["loss"]
+    alpha, beta = float(L["alpha"]), float(L["beta"])
+    mu, lam = float(L["mu"]), float(L["lam"])
+    if variant == "none":
+        alpha = beta = 0.0
+    if variant == "dual":
+        mu = lam = 0.0
+    if variant == "single":
+        beta = 0.0
+    adapters = fit_adapters(cfg, dual, fusion, pixels, ids, caps, batches, seed, progress) \
+        if variant == "mcad" and lam > 0 else None
+
+    torch.manual_seed(seed)  # same student initialisation for every variant
+    student = create_model(cfg["model"], **with_tokenizer({}, tok))
+    proj = nn.ModuleDict({"img": nn.Linear(student.embed_dim, dual.embed_dim, bias=False),
+                          "txt": nn.Linear(student.embed_dim, dual.embed_dim, bias=False)})
+    tr = Trainer({"student": student, "proj": proj}, cfg, run / "student.ckpt.pt", desc=f"student ({variant})")
+    tr.resume()
+    tau, tau_f, k = float(L["tau_kd"]), float(L["tau_f"]), int(L["k"])
+
+    def loss_fn(step):
+        idx = batches(step)
+        cap = caption_choice(len(pixels), caps, seed, step, idx)
+        px, ids_b = normalize(pixels[idx], student.image_mean, student.image_std), torch.as_tensor(ids[cap])
+        u, w, scale = student(px, ids_b)
+        loss = clip_loss(u, w, scale, keys[idx])
+        logs = {"clip": float(loss.detach())}
+        if alpha > 0 or beta > 0:
+            tb = TeacherBatch(dual, fusion, normalize(pixels[idx], dual.image_mean, dual.image_std), ids_b, k)
+            v_m, t_m = adapters(tb.v, tb.t, tb.h, lam) if adapters is not None else (tb.v, tb.t)
+            s = u @ w.T
+            if variant == "single":
+                l_dist = single_teacher_loss(s, tb.cand_i2t, tb.m_i2t, tb.cand_t2i, tb.m_t2i, tau, tau_f)
+            else:
+                mod = adapters is not None and lam > 0
+                tgt_i, tgt_t = mcad_targets(tb.v, tb.t, v_m if mod else None, t_m if mod else None,
+                                            tb.cand_i2t, tb.m_i2t, tb.cand_t2i, tb.m_t2i, mu)
+                l_dist = distribution_loss(s, tgt_i, tgt_t, tau)
+            l_feat = feature_loss(proj["img"](u), proj["txt"](w), v_m, t_m) if beta > 0 else torch.zeros(())
+            loss = loss + alpha * l_dist + beta * l_feat
+            logs.update(dist=float(l_dist.detach()), feat=float(l_feat.detach()))
+        return loss, logs
+
+    t0 = time.time()
+    tr.fit(loss_fn, progress=progress)
+    train_s = time.time() - t0
+
+    rows = {}
+    rows["student"], _ = evaluate_dual(student, test_px, test_ids, test_c.caption_to_image)
+    rows["dual teacher"], _ = evaluate_dual(dual, test_px, test_ids, test_c.caption_to_image)
+    tm = teachers / "metrics.json"
+    if tm.exists():
+        import json
+
+        for name, r in json.loads(tm.read_text())["test"].items():
+            if name.startswith("fusion"):
+                rows[name] = r
+    save_model(student, run / "student.safetensors", extra={"variant": variant, "seed": seed})
+    tok.save(run / "tokenizer.json")
+    metrics = {"variant": variant, "seed": seed, "test": rows,
+               "params": {"student": count_params(student), "dual_teacher": count_params(dual),
+                          "fusion_teacher": count_params(fusion)},
+               "train_s": train_s, "step_s": train_s / max(1, tr.steps - (tr.history[0]["step"] - 1 if tr.history else 0)),
+               "share_of_teacher_r1": {n: {d: rows["student"][f"{d}_r1"] / max(1e-9, r[f"{d}_r1"]) for d in ("i2t", "t2i")}
+                                       for n, r in rows.items() if n != "student"},
+               "config": cfg}
+    write_json(run / "metrics.json", metrics)
+    table = recall_table(rows)
+    (run / "report.md").write_text(f"# {cfg['name']} ({variant}, seed {seed})\n\n{table}\n\n"
+                                   f"student {count_params(student):,} params; dual teacher {count_params(dual):,}\n")
+    write_manifest(run / "manifest.json", kind="student-run", config=cfg,
+                   files=[run / "student.safetensors", run / "tokenizer.json", run / "metrics.json"])
+    print(table)
+    return metrics
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_config(next((a for a in argv if "=" not in a), "student"), [a for a in argv if "=" in a])
+    distill(cfg)
+    return 0
