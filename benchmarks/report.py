@@ -15,7 +15,7 @@ def _stage(r: dict, name: str, q: str = "p50"):
 
 
 def _q(r: dict) -> str:
-    from benchmarks.subjects import quant_family
+    from mcad.benchmarks.subjects import quant_family
 
     return quant_family(r.get("quantization", ""))
 

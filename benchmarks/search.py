@@ -82,7 +82,7 @@ def plan_jobs(subjects, opts: BenchOptions, texts: list[str]) -> tuple[list[Job]
 
 def ratios(rows: list[dict]) -> list[dict]:
     """Ours / peer for the same runtime, quantization family, threads (and gallery size)."""
-    from benchmarks.subjects import quant_family
+    from mcad.benchmarks.subjects import quant_family
 
     ok = [r for r in rows if not r.get("error")]
 
@@ -120,14 +120,12 @@ def _ratio(a, b):
 
 
 def build_subjects(opts: BenchOptions, run: Path, work: Path, texts: list[str]):
-    from benchmarks.subjects import (DEFAULT_CACHE, clip_text_subject, mobile_subject, mobilevit_subject,
+    from mcad.benchmarks.subjects import (DEFAULT_CACHE, clip_text_subject, mobile_subject, mobilevit_subject,
                                      student_subject)
 
     cache = opts.cache or DEFAULT_CACHE
-    subjects = [student_subject(run, work, opts.runtimes, opts.quant or opts.make_quant, texts, target=opts.target,
-                                cache=opts.cache)]
-    if opts.quant is None and not subjects[0].source.startswith("export"):
-        pass
+    subjects = [student_subject(run, work, opts.runtimes, opts.quant, texts, target=opts.target,
+                                cache=opts.cache, make_quants=opts.quant or opts.make_quant)]
     tok = subjects[0].tokenizer
     mq = opts.quant or opts.make_quant
     if opts.mobile:
@@ -145,9 +143,9 @@ def build_subjects(opts: BenchOptions, run: Path, work: Path, texts: list[str]):
 def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     from tqdm import tqdm
 
-    from benchmarks.budgets import check, load_budgets, match_device
-    from benchmarks.report import plot, write_markdown
-    from benchmarks.subjects import default_queries
+    from mcad.benchmarks.budgets import check, load_budgets, match_device
+    from mcad.benchmarks.report import plot, write_markdown
+    from mcad.benchmarks.subjects import default_queries
     from mcad.runs import latest_run, resolve_run
 
     budgets = load_budgets(opts.budgets)  # bad budgets file: fail before any work

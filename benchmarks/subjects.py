@@ -116,9 +116,11 @@ def _save_ids(path: Path, ids: np.ndarray) -> Path:
 
 
 # -- the run's student -------------------------------------------------------------------------
-def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str], texts: list[str],
-                    target: str | None = None, cache: Path | None = None) -> Subject:
-    """The trained student: its export manifests when `make export` ran, else artifacts made here."""
+def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str] | None, texts: list[str],
+                    target: str | None = None, cache: Path | None = None,
+                    make_quants: list[str] = ("fp32", "int8")) -> Subject:
+    """The trained student: its export manifests when `make export` ran (filtered by `quants` when
+    given), else artifacts made here (`make_quants`)."""
     from mcad.runs import resolve_run
     from mcad.tokenizer import Tokenizer
 
@@ -153,11 +155,12 @@ def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str
                        embed_dim=first.embed_dim, image_size=first.image_size or None,
                        params=_params_from_run(run), source=f"export: {src}", notes=notes, skipped=skipped)
 
-    from benchmarks.artifacts import build_artifacts, cache_key
+    from mcad.benchmarks.artifacts import build_artifacts, cache_key
     from mcad.runs import load_student
 
     model, tok = load_student(run)
     L, D, S = model.context_length, model.embed_dim, model.image_size
+    quants = list(quants or make_quants)
     key = cache_key("student", sha256_file(run / "student.safetensors"), runtimes, quants)
     out = (cache or run / "bench" / "artifacts") / f"student-{key}"
     import torch
@@ -203,7 +206,7 @@ def mobile_subject(work: Path, runtimes: list[str], quants: list[str], tokenizer
                    cache: Path = DEFAULT_CACHE, seed: int = 0) -> Subject:
     import torch
 
-    from benchmarks.artifacts import build_artifacts, cache_key, random_ids
+    from mcad.benchmarks.artifacts import build_artifacts, cache_key, random_ids
     from mcad.models.registry import create_model, model_config
 
     cfg = model_config("student-mobile")
@@ -271,7 +274,7 @@ def clip_text_subject(work: Path, runtimes: list[str], quants: list[str], tokeni
                       cache: Path = DEFAULT_CACHE, seed: int = 0, tiny: bool = False) -> Subject:
     import torch
 
-    from benchmarks.artifacts import build_artifacts, cache_key, random_ids
+    from mcad.benchmarks.artifacts import build_artifacts, cache_key, random_ids
 
     cfg = CLIP_TINY_TEXT if tiny else CLIP_B32_TEXT
     name = "clip-tiny-text" if tiny else "clip-vit-b32-text"
@@ -297,7 +300,7 @@ def mobilevit_subject(runtimes: list[str], quants: list[str], cache: Path = DEFA
                       tiny: bool = False) -> Subject:
     import torch
 
-    from benchmarks.artifacts import build_artifacts, cache_key
+    from mcad.benchmarks.artifacts import build_artifacts, cache_key
 
     cfg = MOBILEVIT_TINY if tiny else MOBILEVIT_SMALL
     name = "mobilevit-tiny" if tiny else "mobilevit-small"

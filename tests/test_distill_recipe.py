@@ -41,3 +41,32 @@ def test_unknown_variant_is_an_error(teachers, synth_root, tmp_path):
 
     with pytest.raises(ValueError, match="variant"):
         main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "variant=bogus"])
+
+
+def test_ablation_summary_paired_differences():
+    from mcad.distill.ablation import markdown, summarize
+
+    def r(rsum):
+        return {c: rsum / 6 for c in ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]} | {"rsum": rsum}
+
+    res = {"none": {0: r(300), 1: r(310), 2: r(290)}, "dual": {0: r(320), 1: r(335), 2: r(305)},
+           "mcad": {0: r(321), 1: r(330), 2: r(320)}}
+    s = summarize(res)
+    p = s["paired"]["dual - none"]
+    assert p["per_seed"] == {"0": 20, "1": 25, "2": 15} and p["mean"] == 20
+    assert abs(p["stderr"] - 5 / 3 ** 0.5) < 1e-9 and p["above_2se"]
+    q = s["paired"]["mcad - dual"]
+    assert q["per_seed"] == {"0": 1, "1": -5, "2": 15} and not q["above_2se"]
+    md = markdown(s, {"seeds": [0, 1, 2], "command": "x", "date": "d", "machine": "m"})
+    assert "| dual - none |" in md
+
+
+def test_ablation_runs_two_variants(teachers, synth_root, tmp_path):
+    from mcad.distill.ablation import main
+
+    rc = main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "seeds=0,1", "variants=none,dual",
+               "steps=1", "batch_size=8", "threads=1", "loss.k=4", "warmup=1", f"results={tmp_path / 'res'}"])
+    assert rc == 0
+    j = json.loads((tmp_path / "res" / "ablation.json").read_text())
+    assert set(j["results"]) == {"none", "dual"} and set(j["results"]["none"]) == {"0", "1"}
+    assert (tmp_path / "res" / "ablation.png").stat().st_size > 1000

@@ -1,0 +1,101 @@
+"""`make ablation`: the four variants of docs/method.md with identical budgets, seeds, batch order
+and student initialisation; mean ± std per variant and the paired per-seed RSUM differences."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mcad.config import load_config
+from mcad.io import machine, now_iso, write_json
+
+log = logging.getLogger("mcad.ablation")
+VARIANTS = ["none", "dual", "single", "mcad"]
+COLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+PAIRS = [("mcad", "dual"), ("dual", "none"), ("mcad", "none"), ("single", "none")]
+
+
+def summarize(results: dict[str, dict[int, dict]]) -> dict:
+    out = {"variants": {}, "paired": {}}
+    for v, per_seed in results.items():
+        out["variants"][v] = {c: {"mean": float(np.mean([r[c] for r in per_seed.values()])),
+                                  "std": float(np.std([r[c] for r in per_seed.values()], ddof=1)) if len(per_seed) > 1 else 0.0}
+                              for c in COLS}
+    for a, b in PAIRS:
+        if a in results and b in results:
+            seeds = sorted(set(results[a]) & set(results[b]))
+            d = np.array([results[a][s]["rsum"] - results[b][s]["rsum"] for s in seeds])
+            se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+            out["paired"][f"{a} - {b}"] = {"per_seed": dict(zip(map(str, seeds), d.tolist())), "mean": float(d.mean()),
+                                           "stderr": se, "above_2se": bool(len(d) > 1 and d.mean() > 2 * se)}
+    return out
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    lines = [f"# Ablation (test split, mean ± std over seeds {meta['seeds']})", "",
+             f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ", f"Machine: {meta['machine']}", "",
+             "| variant | " + " | ".join(c.replace("_r", " R@") for c in COLS) + " |", "|---|" + "---:|" * len(COLS)]
+    for v, row in summary["variants"].items():
+        lines.append(f"| {v} | " + " | ".join(f"{row[c]['mean']:.1f} ± {row[c]['std']:.1f}" for c in COLS) + " |")
+    lines += ["", "Paired RSUM differences (same seed, same batches, same initialisation):", "",
+              "| pair | per seed | mean | std. error | mean > 2 SE |", "|---|---|---:|---:|---|"]
+    for name, p in summary["paired"].items():
+        ps = ", ".join(f"{s}: {d:+.1f}" for s, d in p["per_seed"].items())
+        lines.append(f"| {name} | {ps} | {p['mean']:+.1f} | {p['stderr']:.1f} | {'yes' if p['above_2se'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    vs = list(summary["variants"])
+    x = np.arange(len(vs))
+    for off, col in ((-0.2, "i2t_r1"), (0.2, "t2i_r1")):
+        ax.bar(x + off, [summary["variants"][v][col]["mean"] for v in vs], 0.4,
+               yerr=[summary["variants"][v][col]["std"] for v in vs], label=col.replace("_r", " R@"), capsize=3)
+    ax.set_xticks(x, vs)
+    ax.set_ylabel("R@1 (%)")
+    ax.set_title("Student R@1 per distillation variant")
+    ax.legend()
+    fig.tight_layout()
+    from mcad.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    overrides = [a for a in argv if "=" in a]
+    base = load_config("student", overrides)
+    seeds = [int(s) for s in str(base.get("seeds", "0,1,2")).split(",")]
+    variants = [v for v in str(base.get("variants", ",".join(VARIANTS))).split(",")]
+    results_dir = Path(base.get("results", "benchmarks/results"))
+    from mcad.distill.recipe import distill
+
+    results: dict[str, dict[int, dict]] = {v: {} for v in variants}
+    for seed in seeds:
+        for v in variants:
+            cfg = copy.deepcopy(base)
+            cfg.update(variant=v, seed=seed, name=f"ablation/{v}-s{seed}")
+            results[v][seed] = distill(cfg)["test"]["student"]
+    summary = summarize(results)
+    meta = {"command": "mcad ablation " + " ".join(argv), "date": now_iso(), "machine": machine(), "seeds": seeds,
+            "steps": base["steps"], "model": base["model"]}
+    write_json(results_dir / "ablation.json", {"meta": meta, "results": results, "summary": summary})
+    (results_dir / "ablation.md").write_text(markdown(summary, meta))
+    plot(summary, results_dir / "ablation.png")
+    print(markdown(summary, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
