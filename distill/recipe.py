@@ -81,7 +81,10 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     variant = cfg["variant"]
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
-    torch.set_num_threads(int(cfg.get("threads", 2)))
+    from mcad import distributed
+
+    rank, world = distributed.init()
+    torch.set_num_threads(max(1, int(cfg.get("threads", 2)) // world))
     seed = int(cfg["seed"])
     teachers, data = Path(cfg["teachers"]), Path(cfg["data"])
     run = Path(cfg["out"]) / cfg["name"]
@@ -117,7 +120,13 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     student = create_model(cfg["model"], **with_tokenizer({}, tok))
     proj = nn.ModuleDict({"img": nn.Linear(student.embed_dim, dual.embed_dim, bias=False),
                           "txt": nn.Linear(student.embed_dim, dual.embed_dim, bias=False)})
-    tr = Trainer({"student": student, "proj": proj}, cfg, run / "student.ckpt.pt", desc=f"student ({variant})")
+    if world > 1:
+        student_ddp = torch.nn.parallel.DistributedDataParallel(student)
+        forward = student_ddp
+    else:
+        forward = student
+    tr = Trainer({"student": student, "proj": proj}, cfg, run / "student.ckpt.pt" if rank == 0 else None,
+                 desc=f"student ({variant})" + (f" rank {rank}" if world > 1 else ""))
     tr.resume()
     tau, tau_f, k = float(L["tau_kd"]), float(L["tau_f"]), int(L["k"])
 
@@ -125,7 +134,9 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         idx = batches(step)
         cap = caption_choice(len(pixels), caps, seed, step, idx)
         px, ids_b = normalize(pixels[idx], student.image_mean, student.image_std), torch.as_tensor(ids[cap])
-        u, w, scale = student(px, ids_b)
+        sl = distributed.local_slice(len(idx))  # this process encodes its slice; losses see all
+        u, w, scale = forward(px[sl], ids_b[sl])
+        u, w = distributed.gather(u), distributed.gather(w)
         loss = clip_loss(u, w, scale, keys[idx])
         logs = {"clip": float(loss.detach())}
         if alpha > 0 or beta > 0:
@@ -145,8 +156,11 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         return loss, logs
 
     t0 = time.time()
-    tr.fit(loss_fn, progress=progress)
+    tr.fit(loss_fn, progress=progress and rank == 0)
     train_s = time.time() - t0
+    if not distributed.is_main():
+        distributed.barrier()
+        return {}
 
     rows = {}
     rows["student"], _ = evaluate_dual(student, test_px, test_ids, test_c.caption_to_image)
@@ -174,6 +188,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     write_manifest(run / "manifest.json", kind="student-run", config=cfg,
                    files=[run / "student.safetensors", run / "tokenizer.json", run / "metrics.json"])
     print(table)
+    distributed.barrier()
     return metrics
 
 

@@ -70,3 +70,31 @@ def test_ablation_runs_two_variants(teachers, synth_root, tmp_path):
     j = json.loads((tmp_path / "res" / "ablation.json").read_text())
     assert set(j["results"]) == {"none", "dual"} and set(j["results"]["none"]) == {"0", "1"}
     assert (tmp_path / "res" / "ablation.png").stat().st_size > 1000
+
+
+def test_ddp_two_processes_match_one(teachers, synth_root, tmp_path):
+    """torchrun with 2 gloo processes gives the same student as one process (ViT student: no
+    BatchNorm, whose per-process statistics would legitimately differ)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from mcad.models.checkpoint import load_model
+
+    common = [f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "variant=dual", "steps=3",
+              "batch_size=16", "threads=2", "loss.k=4", "warmup=1", "model=student-tiny-vit"]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "mcad.cli", "student", "name=one", *common], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "mcad.cli", "student", "name=two", *common],
+                   check=True, env=env, capture_output=True)
+    a, b = load_model(tmp_path / "one" / "student.safetensors"), load_model(tmp_path / "two" / "student.safetensors")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-4, rtol=1e-3), k
+    ma = json.loads((tmp_path / "one" / "metrics.json").read_text())["test"]["student"]
+    mb = json.loads((tmp_path / "two" / "metrics.json").read_text())["test"]["student"]
+    assert abs(ma["rsum"] - mb["rsum"]) <= 2.0
