@@ -5,8 +5,8 @@ manifest of the docs/interfaces.md format so the harness reads everything one wa
 - onnxruntime: `torch.onnx.export(dynamo=True, opset 18)`; int8 = static QDQ, per channel
   (`quant_pre_process(skip_symbolic_shape=True)` + `quantize_static`), calibrated on the inputs given.
 - executorch: XNNPACK lowering; int8 = PT2E with XNNPACKQuantizer (symmetric, per channel).
-- litert: `litert_torch.convert`; int8 = litert_torch's PT2E quantizer (dynamic-range weights) when it
-  works, else skipped with the reason.
+- litert: `litert_torch.convert`; int8 = litert_torch's PT2EQuantizer (static, per channel),
+  prepared/calibrated/converted with torchao's PT2E, then lowered with `QuantConfig`.
 A variant that fails is listed under `skipped` with a one-line reason, never silently dropped.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ EXT = {"onnxruntime": "onnx", "litert": "tflite", "executorch": "pte"}
 BACKEND = {"onnxruntime": "onnx", "litert": "tflite", "executorch": "xnnpack"}
 QUANT_LABEL = {"fp32": "fp32", "int8": {"onnxruntime": "int8 static QDQ per-channel",
                                         "executorch": "int8 PT2E XNNPACK per-channel",
-                                        "litert": "int8 PT2E dynamic-range weights"}}
+                                        "litert": "int8 PT2E static per-channel"}}
 
 
 @contextlib.contextmanager
@@ -46,8 +46,12 @@ def quiet():
             logging.disable(prev)
 
 
+ARTIFACTS_VERSION = 2  # bump when what build_artifacts writes changes (invalidates build/bench-cache)
+
+
 def cache_key(*parts) -> str:
     h = hashlib.sha256()
+    h.update(str(ARTIFACTS_VERSION).encode())
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
     v = versions()
@@ -126,63 +130,105 @@ def export_tflite(module, example: tuple, path: Path, int8: bool, calib: list[tu
     with quiet():
         import litert_torch
 
-        if int8:
+        if int8:  # PT2E: prepare, calibrate, convert (no folding), then lower with the quantizer
+            import torch
             from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
             from litert_torch.quantize.quant_config import QuantConfig
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            q = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
-            edge = litert_torch.convert(module, example, quant_config=QuantConfig(pt2e_quantizer=q))
+            q = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+            m = prepare_pt2e(torch.export.export(module, example).module(), q)
+            for c in calib:
+                m(*c)
+            m = convert_pt2e(m, fold_quantize=False)
+            edge = litert_torch.convert(m, example, quant_config=QuantConfig(pt2e_quantizer=q))
         else:
             edge = litert_torch.convert(module, example)
         with atomic_path(path) as tmp:
             edge.export(str(tmp))
 
 
+def build_variant(task: dict) -> None:
+    """Write one artifact (task: module, example, calib, runtime, quant, path, names, fp32_onnx)."""
+    import torch
+
+    module, example, cal = task["module"].eval(), task["example"], task["calib"]
+    runtime, quant, path = task["runtime"], task["quant"], Path(task["path"])
+    with torch.no_grad():
+        if runtime == "onnxruntime":
+            fp32 = Path(task["fp32_onnx"])
+            if not fp32.exists():
+                export_onnx(module, example, fp32, task["in_names"], task["out_names"])
+            if quant == "int8":
+                feeds = [{n: t.numpy() for n, t in zip(task["in_names"], c)} for c in cal]
+                quantize_onnx(fp32, path, feeds)
+        elif runtime == "executorch":
+            export_pte(module, example, path, quant == "int8", cal)
+        elif runtime == "litert":
+            export_tflite(module, example, path, quant == "int8", cal)
+        else:
+            raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def _build_in_subprocess(task: dict, timeout_s: float, work: Path) -> None:
+    """build_variant in a fresh process with a time limit (a lowering pass can run for tens of minutes)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    job = work / f".task-{Path(task['path']).name}.pt"
+    torch.save(task, job)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mcad.benchmarks.artifacts", str(job)], capture_output=True,
+                              text=True, timeout=timeout_s, env=dict(os.environ, OMP_NUM_THREADS=str(env_threads())))
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"building took longer than {timeout_s:.0f} s (build_timeout=)") from None
+    finally:
+        job.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        err = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+        raise RuntimeError(err.strip()[:300] or f"exit {proc.returncode}")
+
+
 def build_artifacts(out_dir: Path, encoders: dict, runtimes: list[str], quants: list[str], meta: dict,
-                    calib: dict[str, list[tuple]]) -> Path:
+                    calib: dict[str, list[tuple]], timeout_s: float | None = 900.0) -> Path:
     """encoders: {name: (module, role, inputs spec list, outputs spec list)}; writes files + manifest.json.
-    Returns the manifest path. Re-uses a complete manifest already there (the folder name is a hash)."""
+    Returns the manifest path. Re-uses a complete manifest already there (the folder name is a hash).
+    With `timeout_s`, each variant is built in its own process and skipped when it runs over."""
     out_dir = Path(out_dir)
     man = out_dir / "manifest.json"
     if man.exists():
         return man
     out_dir.mkdir(parents=True, exist_ok=True)
-    import torch
-
     arts, skipped = [], []
     for name, (module, role, ins, outs) in encoders.items():
         module = module.eval()
         example = tuple(_example(s) for s in ins)
         cal = calib.get(name) or [example]
         in_names, out_names = [s["name"] for s in ins], [s["name"] for s in outs]
-        fp32_onnx = None
+        fp32_onnx = out_dir / f"{name}.onnx.fp32.onnx"
         for runtime in runtimes:
             for quant in quants:
-                fname = f"{name}.{BACKEND[runtime]}.{quant}.{EXT[runtime]}"
-                path = out_dir / fname
+                path = out_dir / f"{name}.{BACKEND[runtime]}.{quant}.{EXT[runtime]}"
+                if runtime == "onnxruntime" and quant == "fp32":
+                    path = fp32_onnx
                 label = f"{name} {runtime} {quant}"
+                task = {"module": module, "example": example, "calib": cal, "runtime": runtime, "quant": quant,
+                        "path": str(path), "in_names": in_names, "out_names": out_names, "fp32_onnx": str(fp32_onnx)}
                 try:
-                    with torch.no_grad():
-                        if runtime == "onnxruntime":
-                            if fp32_onnx is None:
-                                fp32_onnx = out_dir / f"{name}.onnx.fp32.onnx"
-                                export_onnx(module, example, fp32_onnx, in_names, out_names)
-                            if quant == "int8":
-                                feeds = [{n: t.numpy() for n, t in zip(in_names, c)} for c in cal]
-                                quantize_onnx(fp32_onnx, path, feeds)
-                        elif runtime == "executorch":
-                            export_pte(module, example, path, quant == "int8", cal)
-                        elif runtime == "litert":
-                            export_tflite(module, example, path, quant == "int8", cal)
-                        else:
-                            raise ValueError(f"unknown runtime {runtime!r}")
+                    if timeout_s:
+                        _build_in_subprocess(task, timeout_s, out_dir)
+                    else:
+                        build_variant(task)
+                    if not path.exists():
+                        raise RuntimeError("no file written")
                 except Exception as e:  # one line per variant that did not make it
                     reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
                     log.warning("skipped %s: %s", label, reason)
                     skipped.append({"artifact": f"{name}.{runtime}.{quant}", "reason": reason})
                     continue
-                if runtime == "onnxruntime" and quant == "fp32":
-                    path = fp32_onnx
                 a_ins = [dict(s) for s in ins]
                 if runtime == "litert":  # litert_torch narrows int64 model I/O to int32
                     for s in a_ins:
@@ -226,3 +272,12 @@ def random_ids(n: int, context_length: int, vocab: int, sot: int | None, eot: in
 
 def env_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+
+
+if __name__ == "__main__":  # python -m mcad.benchmarks.artifacts TASK.pt (one variant, see _build_in_subprocess)
+    import sys
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    build_variant(torch.load(sys.argv[1], weights_only=False))

@@ -66,8 +66,10 @@ def check(rows: list[dict], entry: dict, budget_name: str) -> list[dict]:
         lim = per.get(r.get("gallery")) or per.get(str(r.get("gallery")))
         if not lim:
             continue
+        from mcad.benchmarks.subjects import quant_family
+
         where = (f"{budget_name}/{r['subject']}/N={r['gallery']}/{r['runtime']}"
-                 f"/{r.get('quantization') or '?'}/t{r['threads']}")
+                 f"/{quant_family(r.get('quantization', ''))}/t{r['threads']}")
         if r.get("error"):
             out.append({"budget": where, "metric": "run", "measured": None, "limit": None, "ok": False,
                         "line": f"BROKEN {where}: job failed ({r['error']})"})

@@ -399,7 +399,15 @@ def run_job(spec: dict) -> dict:
         if ids_all is None:
             ids_all = np.concatenate([tok.encode(t) for t in texts])
         ids_all = ids_all.astype(np.int64, copy=False)
-        dim = int(spec.get("embed_dim") or model.run([ids_all[:1]])[0].shape[-1])
+        if spec.get("embed_dim"):
+            dim = int(spec["embed_dim"])
+        elif program == "search":  # the gallery input's last dimension
+            shp = model.in_shapes[1] if len(model.in_shapes) > 1 else []
+            if not shp or not isinstance(shp[-1], (int, np.integer)) or int(shp[-1]) <= 0:
+                raise RunnerError("search program: embedding size unknown (give spec.embed_dim)")
+            dim = int(shp[-1])
+        else:
+            dim = int(model.run([ids_all[:1]])[0].shape[-1])
         t = time.perf_counter()
         gal_kind = "numpy" if program == "search" else scorer_kind
         scorer = Scorer(gal_kind, spec["gallery"], k, dim)

@@ -1,0 +1,107 @@
+"""Lower one program (an nn.Module / converted PT2E graph + example inputs) to one artifact file.
+Each builder writes to the path it is given (the caller passes an `atomic_path` temp file)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mcad.export")
+
+
+@contextlib.contextmanager
+def quiet():
+    """Exporters print banners and progress to stdout; keep the CLI's output to our own lines."""
+    if os.environ.get("MCAD_DEBUG"):
+        yield
+        return
+    buf_out, buf_err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
+        yield
+
+
+# -- ExecuTorch ------------------------------------------------------------------------------------
+def _to_pte(edge, out_path: Path, alloc_inputs: bool) -> None:
+    from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir.passes import MemoryPlanningPass
+
+    cfg = ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=alloc_inputs))
+    prog = edge.to_executorch(cfg)
+    with open(out_path, "wb") as f:
+        prog.write_to_file(f)
+
+
+def build_xnnpack(module, example, out_path: Path, dynamic_shapes=None, alloc_inputs: bool = True) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with quiet(), torch.no_grad():
+        ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes)
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        _to_pte(edge, out_path, alloc_inputs)
+
+
+def build_qnn(module, example, out_path: Path, soc: str) -> None:
+    """Lower a QNN-quantized program to the HTP of `soc` (needs a QNN SDK at $QNN_SDK_ROOT)."""
+    from mcad.quantize.pt2e import qnn_chipset, qnn_import_guard
+
+    with qnn_import_guard():
+        from executorch.backends.qualcomm.utils.utils import (
+            generate_htp_compiler_spec, generate_qnn_executorch_compiler_spec, to_edge_transform_and_lower_to_qnn)
+    specs = generate_qnn_executorch_compiler_spec(soc_model=qnn_chipset(soc),
+                                                  backend_options=generate_htp_compiler_spec(use_fp16=False))
+    with quiet(), torch.no_grad():
+        edge = to_edge_transform_and_lower_to_qnn(module, example, specs)
+        _to_pte(edge, out_path, True)
+
+
+MEDIATEK_PLATFORMS = ("mt6989", "mt6991", "mt6993")
+
+
+def build_mediatek(module, example, out_path: Path, platform: str = "mt6989") -> None:
+    """Lower a NeuroPilot-quantized program for a Dimensity APU (needs mtk_converter/mtk_neuron)."""
+    from executorch.backends.mediatek import NeuropilotPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.backend.compile_spec_schema import CompileSpec
+
+    with quiet(), torch.no_grad():
+        ep = torch.export.export(module, example)
+        part = NeuropilotPartitioner([CompileSpec("platform-config", platform.encode())])
+        edge = to_edge_transform_and_lower(ep, partitioner=[part])
+        _to_pte(edge, out_path, True)
+
+
+def mediatek_quantizer():
+    from executorch.backends.mediatek import NeuropilotQuantizer, Precision
+
+    q = NeuropilotQuantizer()
+    q.setup_precision(Precision.A8W8)
+    return q
+
+
+# -- ONNX ------------------------------------------------------------------------------------------
+def build_onnx(module, example, out_path: Path, input_names, output_names, dynamic_shapes=None) -> None:
+    with quiet(), torch.no_grad():
+        torch.onnx.export(module, example, str(out_path), dynamo=True, opset_version=18, external_data=False,
+                          input_names=list(input_names), output_names=list(output_names),
+                          dynamic_shapes=dynamic_shapes, verbose=False)
+
+
+# -- TFLite ----------------------------------------------------------------------------------------
+def build_tflite(module, example, out_path: Path, input_names, dynamic_shapes=None, pt2e_quantizer=None) -> None:
+    """Inputs are passed by keyword so the TFLite signature names them (`ids`, `gallery`)."""
+    import litert_torch
+
+    kwargs = {}
+    if pt2e_quantizer is not None:
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        kwargs["quant_config"] = QuantConfig(pt2e_quantizer=pt2e_quantizer)
+    with quiet(), torch.no_grad():
+        edge = litert_torch.convert(module, sample_kwargs=dict(zip(input_names, example)),
+                                    dynamic_shapes=dynamic_shapes, **kwargs)
+        edge.export(str(out_path))

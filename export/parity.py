@@ -1,0 +1,122 @@
+"""Checks of every artifact against the eager fp32 student, on held-out data, with the artifact
+run in its real runtime: cosine of embeddings, retrieval R@1 from the artifact's embeddings, and
+the search program's top-k against brute force."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BARS = {"cos_mean": 0.99, "cos_min": 0.97, "r1_delta": 1.0}
+TIE_TOL = 1e-4  # scores this close count as ties when comparing top-k lists
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def cosine_stats(emb: np.ndarray, ref: np.ndarray) -> dict:
+    c = cosine(emb, ref)
+    mean, lo = float(c.mean()), float(c.min())
+    return {"cos_mean": round(mean, 6), "cos_min": round(lo, 6), "n": int(len(c)),
+            "pass": bool(mean >= BARS["cos_mean"] and lo >= BARS["cos_min"])}
+
+
+def topk_agrees(indices: np.ndarray, ref_scores: np.ndarray, tol: float) -> bool:
+    """True when `indices` (one query's top-k, best first) is a top-k of `ref_scores` [N] up to
+    ties: every returned item scores within `tol` of the reference k-th best or better, every
+    item left out scores within `tol` of it or worse, no item twice, and the order agrees up to tol."""
+    indices = np.asarray(indices).reshape(-1)
+    k = len(indices)
+    if len(set(indices.tolist())) != k or indices.min() < 0 or indices.max() >= len(ref_scores):
+        return False
+    kth = np.sort(ref_scores)[::-1][k - 1]
+    chosen = ref_scores[indices]
+    if (chosen < kth - tol).any():
+        return False
+    rest = np.ones(len(ref_scores), bool)
+    rest[indices] = False
+    if rest.any() and (ref_scores[rest] > kth + tol).any():
+        return False
+    return bool((np.diff(chosen) <= tol).all())  # best first, up to ties
+
+
+def search_check(indices: np.ndarray, scores: np.ndarray, q_same: np.ndarray | None, q_fp32: np.ndarray,
+                 gallery: np.ndarray) -> dict:
+    """indices/scores [Q, k] from the search program; q_same [Q, D]: the same backend's text
+    encoder run in the same runtime (None when it has none); q_fp32: the eager fp32 student."""
+    Q, k = indices.shape
+    exact = ties = ties_fp32 = 0
+    overlap = []
+    max_score_err = 0.0
+    for i in range(Q):
+        ref_fp = gallery @ q_fp32[i]
+        top_fp = np.argsort(-ref_fp, kind="stable")[:k]
+        overlap.append(len(set(top_fp.tolist()) & set(indices[i].tolist())) / k)
+        # the program's query can differ from the fp32 one by |dq|; a score moves by at most that
+        dq = float(np.linalg.norm(q_fp32[i] / max(np.linalg.norm(q_fp32[i]), 1e-12) -
+                                  (q_same[i] / max(np.linalg.norm(q_same[i]), 1e-12) if q_same is not None else q_fp32[i])))
+        ties_fp32 += topk_agrees(indices[i], ref_fp, 2 * dq * math.sqrt(1.0) + TIE_TOL)
+        if q_same is not None:
+            ref = gallery @ q_same[i]
+            top = np.argsort(-ref, kind="stable")[:k]
+            exact += bool((top == indices[i]).all())
+            ok = topk_agrees(indices[i], ref, TIE_TOL)
+            ties += ok
+            max_score_err = max(max_score_err, float(np.abs(np.sort(ref)[::-1][:k] - scores[i]).max()))
+    out = {"queries": int(Q), "k": int(k), "gallery": int(len(gallery)),
+           "overlap_at_k_fp32": round(float(np.mean(overlap)), 4), "agree_fp32_ties_aside": int(ties_fp32)}
+    if q_same is not None:
+        out.update({"exact_vs_brute_force": int(exact), "agree_ties_aside": int(ties),
+                    "max_score_err": round(max_score_err, 6)})
+        out["pass"] = bool(ties == Q and ties_fp32 == Q and max_score_err <= 1e-3)
+    else:
+        out["pass"] = bool(ties_fp32 == Q)
+    return out
+
+
+def retrieval_check(img: np.ndarray, txt: np.ndarray, caption_to_image: np.ndarray, fp32: dict) -> dict:
+    from mcad.retrieval import retrieval_metrics
+
+    m = retrieval_metrics(np.asarray(img, np.float32) @ np.asarray(txt, np.float32).T, caption_to_image)
+    d_i2t, d_t2i = m["i2t_r1"] - fp32["i2t_r1"], m["t2i_r1"] - fp32["t2i_r1"]
+    return {"i2t_r1": round(m["i2t_r1"], 2), "t2i_r1": round(m["t2i_r1"], 2), "rsum": round(m["rsum"], 2),
+            "d_i2t_r1": round(d_i2t, 2), "d_t2i_r1": round(d_t2i, 2),
+            "pass": bool(abs(d_i2t) <= BARS["r1_delta"] + 1e-9 and abs(d_t2i) <= BARS["r1_delta"] + 1e-9)}
+
+
+def table(parity: dict) -> str:
+    """Plain-text table of a manifest's parity section."""
+    fp = parity.get("fp32", {})
+    lines = [f"parity vs eager fp32 student on {parity.get('data', '?')} "
+             f"({parity.get('n_images', '?')} images, {parity.get('n_captions', '?')} captions); "
+             f"fp32 R@1 i2t {fp.get('i2t_r1', float('nan')):.1f} t2i {fp.get('t2i_r1', float('nan')):.1f}; "
+             f"bars: cos mean >= {BARS['cos_mean']}, min >= {BARS['cos_min']}, |dR@1| <= {BARS['r1_delta']}"]
+    head = f"{'artifact':<42} {'cos mean':>8} {'cos min':>8} {'R@1 i2t (d)':>13} {'R@1 t2i (d)':>13} {'top-10':>9}  ok"
+    lines += [head, "-" * len(head)]
+    retr = parity.get("retrieval", {})
+    for name, a in parity.get("artifacts", {}).items():
+        r = retr.get(a.get("group", ""), {})
+        if a.get("role") == "search":
+            s = a.get("search", {})
+            top = f"{s.get('agree_ties_aside', s.get('agree_fp32_ties_aside', 0))}/{s.get('queries', 0)}"
+            cm = cn = ri = rt = ""
+        else:
+            cm, cn = f"{a['cos_mean']:.4f}", f"{a['cos_min']:.4f}"
+            ri = f"{r['i2t_r1']:.1f} ({r['d_i2t_r1']:+.1f})" if r else ""
+            rt = f"{r['t2i_r1']:.1f} ({r['d_t2i_r1']:+.1f})" if r else ""
+            top = ""
+        ok = "yes" if a.get("pass") and (not r or r.get("pass") or a.get("role") == "search") else "NO"
+        lines.append(f"{name:<42} {cm:>8} {cn:>8} {ri:>13} {rt:>13} {top:>9}  {ok}")
+    for name, a in parity.get("simulated", {}).items():
+        r = a.get("retrieval")
+        for role in ("text", "image"):
+            if role not in a:
+                continue
+            ri = f"{r['i2t_r1']:.1f} ({r['d_i2t_r1']:+.1f})" if r else ""
+            rt = f"{r['t2i_r1']:.1f} ({r['d_t2i_r1']:+.1f})" if r else ""
+            lines.append(f"{name + ' ' + role + ' (eager sim.)':<42} {a[role]['cos_mean']:>8.4f} "
+                         f"{a[role]['cos_min']:>8.4f} {ri:>13} {rt:>13} {'':>9}  info")
+    lines.append("all artifacts pass" if parity.get("pass") else "SOME ARTIFACT MISSES A BAR")
+    return "\n".join(lines)

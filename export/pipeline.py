@@ -1,0 +1,586 @@
+"""`make export`: quantize the run's student, lower it for a target, run every artifact in its
+real runtime against the eager fp32 student, and write runs/<name>/export/<target>/ with a
+manifest (docs/interfaces.md), tokenizer.json and golden.npz.
+
+Targets and what they hold (each with text encoder, image encoder and search program):
+  cpu         ExecuTorch XNNPACK int8 .pte, ONNX int8 (QDQ), TFLite int8 (PT2E)
+  snapdragon  ExecuTorch QNN (HTP, soc=SM8650|SM8750|...) .pte when $QNN_SDK_ROOT has a QNN SDK;
+              always XNNPACK .pte + ONNX int8 + TFLite int8 (what Qualcomm AI Hub compiles);
+              hub=1: AI Hub compile jobs for the SoC, compiled assets downloaded
+  dimensity   TFLite full-integer int8 (NeuroPilot / NNAPI delegates), XNNPACK .pte, ExecuTorch
+              MediaTek .pte when the NeuroPilot SDK's mtk_converter/mtk_neuron import
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mcad.export import parity as P
+from mcad.export.programs import INPUT_NAMES, NAMES, OUTPUT_NAMES, ROLES, SEARCH_K, example_inputs, program
+from mcad.io import atomic_path, now_iso, sha256_file, versions, write_json
+
+log = logging.getLogger("mcad.export")
+
+TARGETS = ("cpu", "snapdragon", "dimensity")
+PLAN = {
+    "cpu": ("xnnpack", "onnx", "tflite"),
+    "snapdragon": ("qnn", "xnnpack", "onnx", "tflite", "hub"),
+    "dimensity": ("tflite_full", "xnnpack", "mediatek"),
+}
+BACKEND_RUNTIME = {"xnnpack": "executorch", "qnn": "executorch", "mediatek": "executorch",
+                   "onnx": "onnxruntime", "tflite": "litert", "tflite_full": "litert"}
+ARTIFACT_SUFFIXES = (".pte", ".onnx", ".tflite", ".bin", ".so")
+DEFAULT_SOC = {"snapdragon": "SM8650", "dimensity": "mt6989"}
+
+QNN_SDK_MSG = ("the Qualcomm HTP artifact (ExecuTorch QNN .pte) needs the QNN SDK (Qualcomm AI Engine "
+               "Direct / QAIRT): install it and set QNN_SDK_ROOT=/path/to/qairt/<version> (the folder "
+               "with lib/x86_64-linux-clang/libQnnHtp.so)")
+MTK_SDK_MSG = ("the MediaTek APU artifact (ExecuTorch MediaTek .pte) needs the NeuroPilot SDK's Python "
+               "packages mtk_converter and mtk_neuron: pip install the wheels from the NeuroPilot "
+               "Express SDK into .venv")
+HUB_MSG = ("hub=1 needs Qualcomm AI Hub credentials and network: run `.venv/bin/qai-hub configure "
+           "--api_token <token>` (writes ~/.qai_hub/client.ini)")
+
+
+@dataclass
+class Options:
+    target: str = "cpu"
+    run: str | Path | None = None
+    data: str | Path | None = None
+    out: str | Path | None = None
+    calib: int = 256
+    strict: bool = False
+    hub: bool = False
+    soc: str | None = None
+    keep_fp32: Any = None
+    precision: str = "int8"
+    parity: bool = True
+    parity_images: int = 0          # 0: the whole test split
+    queries: int = 16
+    max_gallery: int = 100_000      # upper bound of the search program's dynamic gallery rows
+    fixed_gallery: int = 1000       # rows the TFLite / QNN search programs are traced with
+    backends: tuple[str, ...] | None = None  # subset of the target's plan (tests)
+    roles: tuple[str, ...] = ROLES            # subset of text, image, search (tests)
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Artifact:
+    role: str
+    backend: str
+    runtime: str
+    path: Path
+    quantization: str
+    notes: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)      # I/O as the runtime reports it
+    outputs: list | None = None                   # runtime outputs on the held-out inputs
+
+    @property
+    def group(self) -> str:
+        return self.backend
+
+
+class SdkMissing(RuntimeError):
+    pass
+
+
+# -- availability ----------------------------------------------------------------------------------
+def mediatek_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("mtk_converter", "mtk_neuron"))
+
+
+def hub_configured() -> bool:
+    return (Path.home() / ".qai_hub" / "client.ini").exists() or bool(os.environ.get("QAIHUB_CLIENT_INI"))
+
+
+def check_sdks(opts: Options) -> list[tuple[str, str]]:
+    """(artifact, reason) for what this target cannot make here; raises under strict."""
+    from mcad.quantize.pt2e import qnn_sdk_root
+
+    plan = effective_plan(opts)
+    missing = []
+    if "qnn" in plan and qnn_sdk_root() is None:
+        missing.append(("qnn", QNN_SDK_MSG))
+    if "mediatek" in plan and not mediatek_available():
+        missing.append(("mediatek", MTK_SDK_MSG))
+    if opts.hub and "hub" in plan and not hub_configured():
+        missing.append(("hub", HUB_MSG))
+    if opts.strict and missing:
+        raise SdkMissing(f"strict=1: {missing[0][1]}")
+    return missing
+
+
+def effective_plan(opts: Options) -> tuple[str, ...]:
+    plan = PLAN[opts.target]
+    if not opts.hub:
+        plan = tuple(b for b in plan if b != "hub")
+    if opts.backends:
+        unknown = set(opts.backends) - set(PLAN[opts.target])
+        if unknown:
+            raise ValueError(f"backends={','.join(sorted(unknown))}: not part of target {opts.target} "
+                             f"({', '.join(PLAN[opts.target])})")
+        plan = tuple(b for b in plan if b in opts.backends)
+    return plan
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _file_name(role: str, backend: str, precision: str, soc: str | None) -> str:
+    base = NAMES[role]
+    if backend == "xnnpack":
+        return f"{base}.xnnpack.{precision}.pte"
+    if backend == "qnn":
+        return f"{base}.qnn.{soc.lower()}.{precision}.pte"
+    if backend == "mediatek":
+        return f"{base}.mediatek.{soc.lower()}.{precision}.pte"
+    if backend == "onnx":
+        return f"{base}.{precision}.onnx"
+    if backend == "tflite":
+        return f"{base}.{precision}.tflite"
+    if backend == "tflite_full":
+        return f"{base}.full_int8.tflite" if precision == "int8" else f"{base}.{precision}.tflite"
+    raise ValueError(backend)
+
+
+def _eager_embed(module, x: torch.Tensor, batch: int = 64) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([module(x[s:s + batch]) for s in range(0, len(x), batch)]).numpy()
+
+
+def _eager_embed_b1(module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([module(x[i:i + 1]) for i in range(len(x))]).numpy()
+
+
+class Exporter:
+    def __init__(self, opts: Options):
+        from mcad.quantize.pt2e import parse_keep
+        from mcad.runs import latest_run, load_student
+
+        if opts.target not in TARGETS:
+            raise ValueError(f"target={opts.target!r}: unknown target (one of {', '.join(TARGETS)})")
+        if opts.precision not in ("int8", "fp32"):
+            raise ValueError(f"precision={opts.precision!r}: expected int8 or fp32")
+        self.opts = opts
+        self.keep = parse_keep(opts.keep_fp32)
+        self.soc = str(opts.soc or DEFAULT_SOC.get(opts.target, "SM8650"))
+        self.run = Path(opts.run) if opts.run is not None else latest_run()
+        self.model, self.tokenizer = load_student(self.run)
+        if getattr(self.model, "kind", None) != "dual":
+            raise ValueError(f"{self.run}: the run's student is not a dual encoder")
+        self.model.eval()
+        self.plan = effective_plan(opts)
+        unknown = set(opts.roles) - set(ROLES)
+        if unknown or not opts.roles:
+            raise ValueError(f"roles={','.join(opts.roles)}: expected a subset of {', '.join(ROLES)}")
+        self.roles = tuple(r for r in ROLES if r in opts.roles)
+        self.missing = check_sdks(opts)
+        self.out = Path(opts.out) if opts.out is not None else self.run / "export" / opts.target
+        self.artifacts: list[Artifact] = []
+        self.skipped: list[dict] = []
+        self.simulated: dict[str, dict] = {}
+        self.encoders = {"text": self.model.text_encoder().eval(), "image": self.model.image_encoder().eval()}
+
+    # -- data ---------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        from mcad.quantize.calib import load_samples
+
+        o = self.opts
+        self.calib = load_samples(self.model, self.tokenizer, o.data, n=o.calib, split="train", seed=o.seed)
+        self.test = load_samples(self.model, self.tokenizer, o.data, n=o.parity_images, split="test",
+                                 seed=o.seed, captions_per_image=0)
+        ids, px = torch.as_tensor(self.test.ids), torch.as_tensor(self.test.pixels)
+        self.ref = {"text": _eager_embed(self.encoders["text"], ids), "image": _eager_embed(self.encoders["image"], px)}
+        # search inputs: queries spread over the captions, gallery = fp32 image embeddings
+        n_q = max(1, min(o.queries, len(ids)))
+        self.q_idx = np.linspace(0, len(ids) - 1, n_q).round().astype(int)
+        self.gallery = self.ref["image"].astype(np.float32)
+        if len(self.gallery) < SEARCH_K:
+            raise ValueError(f"{self.test.source}: {len(self.gallery)} test images, the search program needs "
+                             f">= {SEARCH_K}")
+        # a calibration gallery for quantizers that see the whole search program
+        self.calib_gallery = _eager_embed(self.encoders["image"], torch.as_tensor(self.calib.pixels)).astype(np.float32)
+
+    def inputs(self, role: str) -> list[list[np.ndarray]]:
+        if role == "text":
+            return [[self.test.ids[i:i + 1]] for i in range(len(self.test.ids))]
+        if role == "image":
+            return [[self.test.pixels[i:i + 1]] for i in range(len(self.test.pixels))]
+        return [[self.test.ids[i:i + 1], self.gallery] for i in self.q_idx]
+
+    # -- building -----------------------------------------------------------------------------
+    def _write(self, role: str, backend: str, build, quantization: str, **notes) -> Artifact | None:
+        name = _file_name(role, backend, self.opts.precision, self.soc)
+        path = self.out / name
+        log.info("building %s", name)
+        with atomic_path(path) as tmp:
+            build(tmp)
+        art = Artifact(role, "tflite" if backend == "tflite_full" else backend, BACKEND_RUNTIME[backend], path,
+                       quantization, notes)
+        art.notes.setdefault("group", backend)
+        self.artifacts.append(art)
+        return art
+
+    def _skip(self, artifact: str, reason: str) -> None:
+        self.skipped.append({"artifact": artifact, "reason": reason})
+
+    def _cores(self, backend: str):
+        """{role: (core module, pt2e quantizer or None)} for text/image."""
+        from mcad.quantize.pt2e import Core, quantize_core
+
+        need = [r for r in ("text", "image") if r in self.roles or (r == "text" and "search" in self.roles)]
+        if self.opts.precision == "fp32":
+            return {r: (Core(self.encoders[r]).eval(), None) for r in need}
+        calib = {"text": self.calib.ids, "image": self.calib.pixels}
+        return {r: quantize_core(self.encoders[r], calib[r], backend, self.keep, soc=self.soc,
+                                 progress=self.opts.progress, desc=f"calibrate {backend} {r}")
+                for r in need}
+
+    def _programs(self, cores):
+        text, image = cores.get("text", (None,))[0], cores.get("image", (None,))[0]
+        return {r: program(r, text, image) for r in self.roles}
+
+    def _float_programs(self):
+        from mcad.quantize.pt2e import Core
+
+        return {r: program(r, Core(self.encoders["text"]).eval(), Core(self.encoders["image"]).eval()) for r in ROLES}
+
+    def _scheme(self, kind: str) -> str:
+        from mcad.quantize import onnx_quant, pt2e, tflite_quant
+
+        if self.opts.precision == "fp32":
+            return "fp32 (not quantized)"
+        if kind == "onnx":
+            return onnx_quant.scheme(self.keep)
+        if kind == "tflite_full":
+            return tflite_quant.scheme(self.keep)
+        return pt2e.scheme(kind, self.keep)
+
+    def _dyn(self):
+        from torch.export import Dim
+
+        return ({}, {0: Dim("n", min=SEARCH_K, max=int(self.opts.max_gallery))})
+
+    def build_xnnpack(self) -> None:
+        from mcad.export.builders import build_xnnpack
+
+        cores = self._cores("xnnpack")
+        progs = self._programs(cores)
+        for role in self.roles:
+            ex = example_inputs(self.model, role)
+            dyn = self._dyn() if role == "search" else None
+            self._write(role, "xnnpack", lambda p, m=progs[role], e=ex, d=dyn, r=role:
+                        build_xnnpack(m, e, p, dynamic_shapes=d, alloc_inputs=r != "search"),
+                        self._scheme("xnnpack"), gallery_rows=[SEARCH_K, self.opts.max_gallery] if role == "search" else None)
+
+    def build_qnn(self) -> None:
+        from mcad.export.builders import build_qnn
+        from mcad.quantize.pt2e import qnn_sdk_root
+
+        # The QNN quantizer runs with or without the SDK; its eager (fake-quant) numbers tell what
+        # HTP int8 will do, even where the .pte cannot be made.
+        cores = self._cores("qnn")
+        progs = self._programs(cores)
+        if self.opts.precision == "int8":
+            x = {"text": torch.as_tensor(self.test.ids), "image": torch.as_tensor(self.test.pixels)}
+            self.simulated[f"qnn-{self.soc.lower()}"] = {r: _eager_embed_b1(progs[r], x[r])
+                                                         for r in ("text", "image") if r in progs}
+        if qnn_sdk_root() is None:
+            for role in self.roles:
+                self._skip(_file_name(role, "qnn", self.opts.precision, self.soc), QNN_SDK_MSG)
+            return
+        for role in self.roles:
+            ex = example_inputs(self.model, role, self.opts.fixed_gallery)
+            self._write(role, "qnn", lambda p, m=progs[role], e=ex: build_qnn(m, e, p, self.soc),
+                        self._scheme("qnn"), soc=self.soc,
+                        gallery_rows=self.opts.fixed_gallery if role == "search" else None)
+
+    def build_mediatek(self) -> None:
+        from mcad.export.builders import MEDIATEK_PLATFORMS, build_mediatek, mediatek_quantizer
+
+        if not mediatek_available():
+            for role in self.roles:
+                self._skip(_file_name(role, "mediatek", self.opts.precision, self.soc), MTK_SDK_MSG)
+            return
+        if self.soc.lower() not in MEDIATEK_PLATFORMS:
+            raise ValueError(f"soc={self.soc}: unknown Dimensity platform ({', '.join(MEDIATEK_PLATFORMS)})")
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        from mcad.quantize.pt2e import Core, as_quantizer, batches
+
+        cores = {}
+        for r, x in (("text", self.calib.ids), ("image", self.calib.pixels)):
+            core = Core(self.encoders[r]).eval()
+            gm = torch.export.export(core, (torch.as_tensor(x[:1]),)).module()
+            prepared = prepare_pt2e(gm, as_quantizer(mediatek_quantizer(), self.keep))
+            with torch.no_grad():
+                for b in batches(x):
+                    prepared(b)
+            cores[r] = (convert_pt2e(prepared), None)
+        progs = self._programs(cores)
+        for role in self.roles:
+            ex = example_inputs(self.model, role, self.opts.fixed_gallery)
+            self._write(role, "mediatek", lambda p, m=progs[role], e=ex: build_mediatek(m, e, p, self.soc.lower()),
+                        "int8 PT2E static (NeuroPilot quantizer A8W8)", platform=self.soc.lower(),
+                        gallery_rows=self.opts.fixed_gallery if role == "search" else None)
+
+    def build_onnx(self) -> None:
+        from mcad.export.builders import build_onnx
+        from mcad.quantize.onnx_quant import quantize_onnx
+
+        float_progs = self._float_programs()
+        for role in self.roles:
+            ex = example_inputs(self.model, role)
+            dyn = self._dyn() if role == "search" else None
+
+            def build(p, role=role, ex=ex, dyn=dyn):
+                if self.opts.precision == "fp32":
+                    build_onnx(float_progs[role], ex, p, INPUT_NAMES[role], OUTPUT_NAMES[role], dynamic_shapes=dyn)
+                    return
+                fp = p.with_name(p.name + ".fp32.onnx")
+                try:
+                    build_onnx(float_progs[role], ex, fp, INPUT_NAMES[role], OUTPUT_NAMES[role], dynamic_shapes=dyn)
+                    calib = {"text": {"ids": self.calib.ids}, "image": {"pixels": self.calib.pixels},
+                             "search": {"ids": self.calib.ids, "gallery": self.calib_gallery}}[role]
+                    quantize_onnx(fp, p, calib, self.keep)
+                finally:
+                    if fp.exists():
+                        fp.unlink()
+
+            self._write(role, "onnx", build, self._scheme("onnx"),
+                        gallery_rows=[SEARCH_K, None] if role == "search" else None)
+
+    def build_tflite(self) -> None:
+        from mcad.export.builders import build_tflite
+
+        cores = self._cores("litert")
+        progs = self._programs(cores)
+        for role in self.roles:
+            ex = example_inputs(self.model, role, self.opts.fixed_gallery)
+            self._write(role, "tflite", lambda p, m=progs[role], e=ex, r=role, q=cores["text" if role == "search" else role][1]:
+                        build_tflite(m, e, p, INPUT_NAMES[r], pt2e_quantizer=q),
+                        self._scheme("litert"),
+                        gallery_rows=[SEARCH_K, None] if role == "search" else None,
+                        note="traced with a fixed gallery; resize_tensor_input to any N >= 10" if role == "search" else None)
+
+    def build_tflite_full(self) -> None:
+        from mcad.export.builders import build_tflite
+        from mcad.quantize.tflite_quant import full_integer
+
+        float_progs = self._float_programs()
+        for role in self.roles:
+            ex = example_inputs(self.model, role, self.opts.fixed_gallery)
+
+            def build(p, role=role, ex=ex):
+                if self.opts.precision == "fp32":
+                    build_tflite(float_progs[role], ex, p, INPUT_NAMES[role])
+                    return
+                fp = p.with_name(p.name + ".fp32.tflite")
+                try:
+                    build_tflite(float_progs[role], ex, fp, INPUT_NAMES[role])
+                    ids = self.calib.ids.astype(np.int32)
+                    calib = {"text": {"ids": ids}, "image": {"pixels": self.calib.pixels},
+                             "search": {"ids": ids, "gallery": np.repeat(self.calib_gallery[None], len(ids), 0)}}[role]
+                    if role == "search":  # whole-gallery samples: a few are enough and keep memory small
+                        calib = {k: v[:32] for k, v in calib.items()}
+                    full_integer(fp, p, calib, self.keep, float_outside="Core_core" if role == "search" else None)
+                finally:
+                    if fp.exists():
+                        fp.unlink()
+
+            self._write(role, "tflite_full", build, self._scheme("tflite_full"),
+                        gallery_rows=[SEARCH_K, None] if role == "search" else None,
+                        note="traced with a fixed gallery; resize_tensor_input to any N >= 10" if role == "search" else None)
+
+    def build_hub(self) -> None:
+        from mcad.export.hub import compile_on_hub
+
+        if not hub_configured():
+            self._skip("qai-hub compiled assets", HUB_MSG)
+            return
+        onnx = [a for a in self.artifacts if a.backend == "onnx"]
+        try:
+            for art, path, info in compile_on_hub(onnx, self.out, self.soc):
+                a = Artifact(art.role, "qnn", "qnn", path, art.quantization + "; compiled by Qualcomm AI Hub",
+                             dict(info, group="hub", source=art.path.name))
+                self.artifacts.append(a)
+        except Exception as e:  # network, credentials, quota: say so, keep the local artifacts
+            if self.opts.strict:
+                raise RuntimeError(f"hub=1: Qualcomm AI Hub compile failed ({type(e).__name__}: {e})") from None
+            self._skip("qai-hub compiled assets", f"Qualcomm AI Hub compile failed: {type(e).__name__}: {e}")
+
+    # -- running ------------------------------------------------------------------------------
+    def run_artifacts(self) -> None:
+        from mcad.export.runtimes import run_executorch_many, run_onnx, run_tflite
+
+        runnable = [a for a in self.artifacts if a.runtime in ("executorch", "onnxruntime", "litert")]
+        et = {str(i): (a.path, self.inputs(a.role)) for i, a in enumerate(runnable) if a.runtime == "executorch"}
+        if et:
+            log.info("running %d ExecuTorch programs", len(et))
+            res = run_executorch_many(et)
+            for i, (outs, meta) in res.items():
+                runnable[int(i)].outputs, runnable[int(i)].meta = outs, meta
+        for a in runnable:
+            if a.runtime == "onnxruntime":
+                a.outputs, a.meta = run_onnx(a.path, self.inputs(a.role))
+            elif a.runtime == "litert":
+                a.outputs, a.meta = run_tflite(a.path, self.inputs(a.role), INPUT_NAMES[a.role])
+
+    def check(self) -> dict:
+        from mcad.retrieval import retrieval_metrics
+
+        c2i = self.test.caption_to_image
+        fp = retrieval_metrics(self.ref["image"] @ self.ref["text"].T, c2i)
+        out: dict[str, Any] = {"reference": "eager fp32 student", "data": self.test.source,
+                               "n_images": int(len(self.test.pixels)), "n_captions": int(len(self.test.ids)),
+                               "bars": dict(P.BARS), "fp32": {k: round(v, 2) for k, v in fp.items()},
+                               "artifacts": {}, "retrieval": {}, "simulated": {}}
+        emb: dict[str, dict[str, np.ndarray]] = {}
+        for a in self.artifacts:
+            if a.outputs is None:
+                out["artifacts"][a.path.name] = {"role": a.role, "group": a.notes["group"], "pass": None,
+                                                 "note": "not run here (needs the device)"}
+                continue
+            rec: dict[str, Any] = {"role": a.role, "group": a.notes["group"]}
+            if a.role in ("text", "image"):
+                e = np.concatenate([o[0] for o in a.outputs]).astype(np.float32)
+                emb.setdefault(a.notes["group"], {})[a.role] = e
+                rec.update(P.cosine_stats(e, self.ref[a.role]))
+            out["artifacts"][a.path.name] = rec
+        for a in self.artifacts:  # search needs the group's text embeddings
+            if a.outputs is None or a.role != "search":
+                continue
+            scores = np.concatenate([o[0] for o in a.outputs]).astype(np.float32)
+            idx = np.concatenate([o[1] for o in a.outputs]).astype(np.int64)
+            text = emb.get(a.notes["group"], {}).get("text")
+            q_same = text[self.q_idx] if text is not None else None
+            s = P.search_check(idx, scores, q_same, self.ref["text"][self.q_idx], self.gallery)
+            out["artifacts"][a.path.name].update({"search": s, "pass": s["pass"]})
+        for group, e in emb.items():
+            if "text" in e and "image" in e:
+                out["retrieval"][group] = P.retrieval_check(e["image"], e["text"], c2i, fp)
+        for name, e in self.simulated.items():
+            rec = {r: P.cosine_stats(v, self.ref[r]) for r, v in e.items()}
+            if "text" in e and "image" in e:
+                rec["retrieval"] = P.retrieval_check(e["image"], e["text"], c2i, fp)
+            out["simulated"][name] = rec
+        ok = all(r.get("pass") is not False for r in out["artifacts"].values()) and \
+            all(r["pass"] for r in out["retrieval"].values())
+        for name, rec in out["artifacts"].items():  # an encoder whose retrieval misses fails too
+            r = out["retrieval"].get(rec.get("group", ""))
+            if r is not None and rec.get("role") in ("text", "image") and not r["pass"]:
+                rec["pass"] = False
+        out["pass"] = bool(ok)
+        return out
+
+    # -- files ------------------------------------------------------------------------------------
+    def write_golden(self, n: int = 4, gallery: int = 100) -> Path:
+        from mcad.export.programs import brute_force_topk
+
+        ids = self.test.ids[:n]
+        px = self.test.pixels[:n]
+        te = self.ref["text"][:n]
+        ie = _eager_embed(self.encoders["image"], torch.as_tensor(px))
+        g = self.gallery[:max(gallery, SEARCH_K)]
+        _, v, i = brute_force_topk(torch.as_tensor(te), torch.as_tensor(g), SEARCH_K)
+        caps = self.tokenizer.decode  # noqa: F841 (ids are what a device feeds; texts for humans)
+        texts = np.array([self.tokenizer.decode(r) for r in ids])
+        path = self.out / "golden.npz"
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=ids.astype(np.int64), captions=texts, pixels=px.astype(np.float32),
+                         text_emb=te.astype(np.float32), image_emb=ie.astype(np.float32),
+                         gallery=g.astype(np.float32), topk_scores=v.numpy().astype(np.float32),
+                         topk_indices=i.numpy().astype(np.int64))
+        return path
+
+    def io_spec(self, a: Artifact) -> tuple[list, list]:
+        """Inputs/outputs as the runtime reports them, named after the program's arguments."""
+        ins, outs = a.meta.get("inputs"), a.meta.get("outputs")
+        if not ins:  # not run here: what the program was traced with
+            ex = example_inputs(self.model, a.role)
+            ins = [{"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} for x in ex]
+            outs = [{"shape": [1, self.model.embed_dim], "dtype": "float32"}] if a.role != "search" else \
+                [{"shape": [1, SEARCH_K], "dtype": "float32"}, {"shape": [1, SEARCH_K], "dtype": "int64"}]
+        ins = [dict(x, name=n) for x, n in zip(ins, INPUT_NAMES[a.role])]
+        outs = [dict(x, name=n) for x, n in zip(outs, OUTPUT_NAMES[a.role])]
+        if a.role == "search":
+            ins[1]["shape"] = ["N", self.model.embed_dim]
+        return ins, outs
+
+    def manifest(self, parity: dict | None) -> dict:
+        arts = []
+        for a in self.artifacts:
+            ins, outs = self.io_spec(a)
+            entry = {"name": NAMES[a.role], "role": a.role, "runtime": a.runtime, "backend": a.backend,
+                     "file": a.path.name, "bytes": a.path.stat().st_size, "sha256": sha256_file(a.path),
+                     "quantization": a.quantization, "inputs": ins, "outputs": outs}
+            if a.role == "search":
+                entry["k"] = SEARCH_K
+            extra = {k: v for k, v in a.notes.items() if v is not None and k != "group"}
+            if extra:
+                entry["notes"] = extra
+            if parity is not None and a.path.name in parity["artifacts"]:
+                entry["parity_pass"] = parity["artifacts"][a.path.name].get("pass")
+            arts.append(entry)
+        m = self.model
+        return {"target": self.opts.target, "run": str(self.run), "created": now_iso(),
+                "model": m.config.get("name", "?"), "embed_dim": m.embed_dim, "context_length": m.context_length,
+                "image_size": m.image_size, "image_mean": list(m.image_mean), "image_std": list(m.image_std),
+                "tokenizer": "tokenizer.json", "golden": "golden.npz", "soc": self.soc if self.opts.target != "cpu" else None,
+                "precision": self.opts.precision, "keep_fp32": ["l2-normalize", *self.keep],
+                "calibration": {"source": self.calib.source, "images": int(len(self.calib)),
+                                "captions": int(len(self.calib.ids)), "seed": self.opts.seed},
+                "artifacts": arts, "skipped": self.skipped, "parity": parity, "versions": versions()}
+
+    def clean_stale(self, keep: set[str]) -> None:
+        if not self.out.exists():
+            return
+        for p in self.out.iterdir():
+            if p.is_file() and p.suffix in ARTIFACT_SUFFIXES and p.name not in keep:
+                p.unlink()
+
+    # -- all --------------------------------------------------------------------------------------
+    def export(self) -> dict:
+        o = self.opts
+        self.out.mkdir(parents=True, exist_ok=True)
+        for backend, reason in self.missing:
+            log.info("%s: skipping %s: %s", o.target, backend, reason)
+        self.load_data()
+        builders = {"xnnpack": self.build_xnnpack, "qnn": self.build_qnn, "mediatek": self.build_mediatek,
+                    "onnx": self.build_onnx, "tflite": self.build_tflite, "tflite_full": self.build_tflite_full,
+                    "hub": self.build_hub}
+        from tqdm import tqdm
+
+        import time
+
+        for backend in tqdm(self.plan, desc=f"export {o.target}", unit="backend", disable=not o.progress):
+            t0 = time.perf_counter()
+            builders[backend]()
+            log.info("%s: %s built in %.1f s", o.target, backend, time.perf_counter() - t0)
+        tok = self.out / "tokenizer.json"
+        with atomic_path(tok) as tmp:
+            shutil.copyfile(self.run / "tokenizer.json", tmp)
+        self.write_golden()
+        parity = None
+        if o.parity:
+            t0 = time.perf_counter()
+            self.run_artifacts()
+            parity = self.check()
+            log.info("%s: parity checks in %.1f s", o.target, time.perf_counter() - t0)
+        manifest = self.manifest(parity)
+        self.clean_stale({a.path.name for a in self.artifacts})
+        write_json(self.out / "manifest.json", manifest)
+        return manifest
+
+
+def export(opts: Options) -> dict:
+    return Exporter(opts).export()

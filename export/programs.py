@@ -1,0 +1,81 @@
+"""The three programs that ship: text encoder, image encoder, and the search program (text
+encoder + gallery scoring + top-k in one graph, so a stock runner on the phone runs a whole query)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mcad.models.layers import l2_normalize
+
+SEARCH_K = 10
+ROLES = ("text", "image", "search")
+NAMES = {"text": "text_encoder", "image": "image_encoder", "search": "search"}
+INPUT_NAMES = {"text": ["ids"], "image": ["pixels"], "search": ["ids", "gallery"]}
+OUTPUT_NAMES = {"text": ["emb"], "image": ["emb"], "search": ["scores", "indices"]}
+
+
+class TextProgram(nn.Module):
+    """ids int64 [1, L] -> unit embedding float32 [1, D] (core: the text tower + projection)."""
+
+    def __init__(self, core: nn.Module):
+        super().__init__()
+        self.core = core
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.core(ids))
+
+
+class ImageProgram(nn.Module):
+    """pixels float32 [1, 3, S, S] (normalised) -> unit embedding float32 [1, D]."""
+
+    def __init__(self, core: nn.Module):
+        super().__init__()
+        self.core = core
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.core(pixels))
+
+
+class Search(nn.Module):
+    """ids int64 [1, L], gallery float32 [N, D] (unit rows) -> scores float32 [1, k], indices
+    int64 [1, k]: the k best gallery rows by cosine to the query, best first."""
+
+    def __init__(self, text_core: nn.Module, k: int = SEARCH_K):
+        super().__init__()
+        self.core = text_core
+        self.k = int(k)
+
+    def forward(self, ids: torch.Tensor, gallery: torch.Tensor):
+        q = l2_normalize(self.core(ids))
+        scores = q @ gallery.transpose(0, 1)
+        values, indices = torch.topk(scores, self.k, dim=-1)
+        return values, indices
+
+
+def program(role: str, text_core: nn.Module | None = None, image_core: nn.Module | None = None) -> nn.Module:
+    if role == "text":
+        return TextProgram(text_core)
+    if role == "image":
+        return ImageProgram(image_core)
+    return Search(text_core)
+
+
+def example_inputs(model, role: str, gallery_size: int = 64):
+    """Batch-1 example inputs (what is traced; the gallery's row count is a dynamic dim where the
+    backend allows it)."""
+    L, S, D = model.context_length, model.image_size, model.embed_dim
+    ids = torch.zeros(1, L, dtype=torch.long)
+    ids[0, 0], ids[0, 1] = 1, model.text.eot_id
+    if role == "text":
+        return (ids,)
+    if role == "image":
+        return (torch.zeros(1, 3, S, S),)
+    g = l2_normalize(torch.randn(max(gallery_size, SEARCH_K), D, generator=torch.Generator().manual_seed(0)))
+    return (ids, g)
+
+
+def brute_force_topk(query: torch.Tensor, gallery: torch.Tensor, k: int = SEARCH_K):
+    """Reference search: exact scores [Q, N] and top-k (values, indices) of unit queries."""
+    scores = query.float() @ gallery.float().T
+    v, i = torch.topk(scores, min(k, gallery.shape[0]), dim=-1)
+    return scores, v, i

@@ -1,0 +1,445 @@
+"""`mcad report RUN`: one static HTML page, `runs/<name>/report.html`, with everything a run has.
+
+Reads whatever exists (and lists what it did not find): metrics.json, report.md (teachers vs
+student), benchmarks/results/*.md (ablation, search, device benches), export/*/manifest.json
+(artifacts, parity, skipped), bench/*.md|json, the PNG plots of the run folder and of
+benchmarks/results; then runs the student on a handful of synthetic test-split captions and shows
+each one's top-5 images as thumbnails, hits marked. No server, no network: images are embedded as
+base64 (`embed=false`: relative paths instead).
+
+  mcad report runs/<name> [data_root=data/synth] [queries=6] [results=benchmarks/results]
+              [out=runs/<name>/report.html] [index=DIR] [embed=true]
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mcad.io import atomic_write_text, machine, now_iso, read_json
+
+log = logging.getLogger("mcad.report")
+OPTIONS: dict[str, Any] = {"data_root": "data/synth", "queries": 6, "results": "benchmarks/results", "out": None,
+                           "index": None, "embed": True, "k": 5}
+MAX_JSON_ROWS = 120
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:16px 24px;color:#1d2327}
+h1{font-size:24px;margin:8px 0} h2{font-size:19px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:16px;margin:18px 0 6px} h4{font-size:14px;margin:12px 0 4px}
+table{border-collapse:collapse;margin:8px 0 14px;font-size:13px} th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f3f5f7} td.num{text-align:right;font-variant-numeric:tabular-nums}
+code{background:#f3f5f7;padding:0 3px;border-radius:3px;font-size:12px}
+.meta{color:#555} .missing{color:#8a6d3b} .err{color:#b00020}
+.q{margin:14px 0 18px} .q .text{font-weight:600} .row{display:flex;gap:10px;flex-wrap:wrap;margin-top:6px}
+figure{margin:0;text-align:center;font-size:12px} figure img.thumb{width:96px;height:96px;image-rendering:pixelated;border:4px solid #c9ced4;border-radius:4px}
+figure.hit img.thumb{border-color:#1a7f37} figure.hit figcaption{color:#1a7f37;font-weight:600}
+figure.target img.thumb{border-color:#0969da;border-style:dashed}
+img.plot{max-width:100%;border:1px solid #eee;margin:6px 0}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(460px,1fr));gap:12px}
+"""
+
+
+# -- small helpers -----------------------------------------------------------------------------------
+def esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _inline(text: str) -> str:
+    t = esc(text)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+    return t
+
+
+def _cells(line: str) -> list[str]:
+    line = line.strip()
+    if line.startswith("|"):
+        line = line[1:]
+    if line.endswith("|"):
+        line = line[:-1]
+    return [c.strip() for c in line.split("|")]
+
+
+def _is_num(s: str) -> bool:
+    return bool(re.fullmatch(r"[-+]?[\d,]*\.?\d+(e[-+]?\d+)?\s*(%|ms|s|MB)?( ± [\d.]+)?", s.strip()))
+
+
+def table_html(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["<table>", "<tr>" + "".join(f"<th>{_inline(str(h))}</th>" for h in header) + "</tr>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td class=\"num\">{_inline(str(c))}</td>" if _is_num(str(c))
+                                    else f"<td>{_inline(str(c))}</td>" for c in r) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def markdown_html(md: str, shift: int = 2) -> str:
+    """Headings, pipe tables, lists, code spans, bold, paragraphs: what the project's .md files use."""
+    out: list[str] = []
+    lines = md.splitlines()
+    i = 0
+    para: list[str] = []
+
+    def flush_para() -> None:
+        if para:
+            out.append("<p>" + " ".join(_inline(p) for p in para) + "</p>")
+            para.clear()
+
+    while i < len(lines):
+        ln = lines[i].rstrip()
+        if not ln.strip():
+            flush_para()
+            i += 1
+        elif ln.lstrip().startswith("|"):
+            flush_para()
+            block = []
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                block.append(lines[i])
+                i += 1
+            rows = [_cells(b) for b in block]
+            if len(rows) > 1 and all(re.fullmatch(r":?-{2,}:?", c or "--") for c in rows[1]):
+                out.append(table_html(rows[0], rows[2:]))
+            else:
+                out.append(table_html(rows[0], rows[1:]))
+        elif m := re.match(r"^(#{1,6})\s+(.*)", ln):
+            flush_para()
+            level = min(6, len(m.group(1)) + shift)
+            out.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")
+            i += 1
+        elif re.match(r"^\s*[-*]\s+", ln):
+            flush_para()
+            items = []
+            while i < len(lines) and re.match(r"^\s*[-*]\s+", lines[i]):
+                items.append(re.sub(r"^\s*[-*]\s+", "", lines[i]))
+                i += 1
+            out.append("<ul>" + "".join(f"<li>{_inline(t)}</li>" for t in items) + "</ul>")
+        else:
+            para.append(ln.strip())
+            i += 1
+    flush_para()
+    return "\n".join(out)
+
+
+def flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        out = []
+        for k, v in obj.items():
+            out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(obj, list) and obj and all(isinstance(v, (dict, list)) for v in obj):
+        out = []
+        for j, v in enumerate(obj):
+            out += flatten(v, f"{prefix}[{j}]")
+        return out
+    return [(prefix, obj)]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v[:16]) + (" ..." if len(v) > 16 else "")
+    return str(v)
+
+
+def kv_table(obj: Any) -> str:
+    rows = flatten(obj)
+    more = len(rows) - MAX_JSON_ROWS
+    html_ = table_html(["key", "value"], [[k, _fmt(v)] for k, v in rows[:MAX_JSON_ROWS]])
+    return html_ + (f"<p class=\"meta\">... {more} more entries in the JSON file</p>" if more > 0 else "")
+
+
+def records_table(rows: list[dict]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in cols and not isinstance(v, (dict, list)):
+                cols.append(k)
+    return table_html(cols, [[_fmt(r.get(c, "")) for c in cols] for r in rows[:MAX_JSON_ROWS]])
+
+
+class Page:
+    def __init__(self, out: Path, embed: bool):
+        self.out, self.embed = out, embed
+        self.parts: list[str] = []
+        self.read: list[str] = []
+        self.missing: list[str] = []
+
+    def add(self, s: str) -> None:
+        self.parts.append(s)
+
+    def img_src(self, path: Path, thumb: int | None = None) -> str:
+        if not self.embed:
+            return esc(os.path.relpath(path.resolve(), self.out.parent.resolve()))
+        data = path.read_bytes()
+        mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+        if thumb and len(data) > 48_000:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                im.thumbnail((thumb, thumb))
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                data, mime = buf.getvalue(), "image/png"
+        return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+    def note_file(self, p: Path) -> bool:
+        if p.exists():
+            self.read.append(str(p))
+            return True
+        self.missing.append(str(p))
+        return False
+
+
+# -- sections ----------------------------------------------------------------------------------------
+def section_metrics(page: Page, run: Path) -> None:
+    page.add("<h2 id=\"metrics\">Student metrics</h2>")
+    mp = run / "metrics.json"
+    if page.note_file(mp):
+        try:
+            m = read_json(mp)
+        except ValueError as e:
+            page.add(f"<p class=\"err\">{esc(e)}</p>")
+            m = {}
+        test = m.get("test") if isinstance(m, dict) else None
+        if isinstance(test, dict) and test and all(isinstance(v, dict) for v in test.values()):
+            cols = [c for c in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+                    if any(c in v for v in test.values())]
+            page.add("<h3>Test split (metrics.json)</h3>")
+            page.add(table_html(["model"] + [c.replace("_r", " R@") for c in cols],
+                                [[name] + [f"{v.get(c, float('nan')):.1f}" for c in cols] for name, v in test.items()]))
+        facts = {k: v for k, v in (m.items() if isinstance(m, dict) else []) if k not in ("test", "config")}
+        if facts:
+            page.add("<h3>Run facts</h3>" + kv_table(facts))
+    else:
+        page.add("<p class=\"missing\">no metrics.json in the run folder</p>")
+    rp = run / "report.md"
+    if page.note_file(rp):
+        page.add("<h3>Teachers vs student (report.md)</h3>")
+        page.add(markdown_html(rp.read_text(errors="replace"), shift=3))
+
+
+def section_results(page: Page, results: Path) -> None:
+    page.add("<h2 id=\"benchmarks\">Benchmarks (benchmarks/results)</h2>")
+    if not results.is_dir():
+        page.missing.append(str(results))
+        page.add(f"<p class=\"missing\">no {esc(results)} folder</p>")
+        return
+    mds = sorted(results.glob("*.md"), key=lambda p: (p.stem != "ablation", p.stem != "search", p.name))
+    for p in mds:
+        page.note_file(p)
+        page.add(f"<h3>{esc(p.name)}</h3>" + markdown_html(p.read_text(errors="replace"), shift=3))
+    for name in ("ablation", "search"):
+        if not (results / f"{name}.md").exists():
+            page.missing.append(str(results / f"{name}.md"))
+            if (results / f"{name}.json").exists():
+                page.note_file(results / f"{name}.json")
+                page.add(f"<h3>{name}.json</h3>" + kv_table(read_json(results / f"{name}.json")))
+    if not mds:
+        page.add("<p class=\"missing\">no benchmark results yet</p>")
+
+
+def section_export(page: Page, run: Path) -> None:
+    page.add("<h2 id=\"export\">Exported artifacts</h2>")
+    mans = sorted((run / "export").glob("*/manifest.json"))
+    if not mans:
+        page.missing.append(str(run / "export/*/manifest.json"))
+        page.add("<p class=\"missing\">no export manifests (run <code>make export</code>)</p>")
+    for mp in mans:
+        page.note_file(mp)
+        try:
+            m = read_json(mp)
+        except ValueError as e:
+            page.add(f"<p class=\"err\">{esc(e)}</p>")
+            continue
+        page.add(f"<h3>{esc(mp.parent.name)} <span class=\"meta\">({esc(mp)})</span></h3>")
+        arts = m.get("artifacts") or []
+        if arts:
+            cols = ["name", "role", "runtime", "backend", "file", "bytes", "quantization"]
+            page.add(table_html(cols, [[_fmt(a.get(c, "")) for c in cols] for a in arts]))
+        if m.get("parity"):
+            page.add("<h4>Parity</h4>" + (records_table(m["parity"]) if isinstance(m["parity"], list)
+                                           else kv_table(m["parity"])))
+        if m.get("skipped"):
+            page.add("<h4>Skipped</h4>" + (records_table(m["skipped"]) if isinstance(m["skipped"], list)
+                                           else kv_table(m["skipped"])))
+
+
+def section_bench(page: Page, run: Path) -> None:
+    page.add("<h2 id=\"bench\">Device benchmarks (bench/)</h2>")
+    files = sorted((run / "bench").glob("**/*.md")) + sorted((run / "bench").glob("**/*.json"))
+    md_stems = {p.with_suffix("") for p in files if p.suffix == ".md"}
+    shown = 0
+    for p in files:
+        if p.suffix == ".json" and p.with_suffix("") in md_stems:
+            continue
+        page.note_file(p)
+        shown += 1
+        page.add(f"<h3>{esc(p.relative_to(run))}</h3>")
+        if p.suffix == ".md":
+            page.add(markdown_html(p.read_text(errors="replace"), shift=3))
+        else:
+            try:
+                j = read_json(p)
+            except ValueError as e:
+                page.add(f"<p class=\"err\">{esc(e)}</p>")
+                continue
+            rows = j.get("rows") if isinstance(j, dict) else None
+            page.add(records_table(rows) if isinstance(rows, list) and rows and isinstance(rows[0], dict) else kv_table(j))
+    if not shown:
+        page.missing.append(str(run / "bench"))
+        page.add("<p class=\"missing\">no bench results (run <code>make bench</code>)</p>")
+
+
+def section_plots(page: Page, run: Path, results: Path) -> None:
+    page.add("<h2 id=\"plots\">Plots</h2>")
+    pngs = sorted(p for p in run.rglob("*.png") if "index" not in p.parts)
+    if results.is_dir():
+        pngs += sorted(results.glob("*.png"))
+    if not pngs:
+        page.add("<p class=\"missing\">no plots (PNG files) in the run folder or benchmarks/results</p>")
+        return
+    page.add("<div class=\"plots\">")
+    for p in pngs:
+        page.note_file(p)
+        page.add(f"<figure><img class=\"plot\" alt=\"{esc(p.name)}\" src=\"{page.img_src(p, thumb=1200)}\">"
+                 f"<figcaption>{esc(p)}</figcaption></figure>")
+    page.add("</div>")
+
+
+def pick_queries(c2i: np.ndarray, n_images: int, n: int) -> list[int]:
+    """Caption ids: the first caption of images 0-3 (a confuser group: binding decides) and of a
+    few images spread over the split."""
+    first: dict[int, int] = {}
+    for c, i in enumerate(c2i.tolist()):
+        first.setdefault(i, c)
+    imgs = list(range(min(4, n_images))) + [int(x) for x in np.linspace(4, n_images - 1, max(0, n - 4)).round()]
+    out = []
+    for i in imgs:
+        if i in first and first[i] not in out:
+            out.append(first[i])
+    return out[:n]
+
+
+def section_queries(page: Page, run: Path, data_root: Path, n_queries: int, k: int, index: str | None) -> None:
+    from mcad.data.karpathy import load_karpathy
+    from mcad.retrieval import retrieval_metrics
+    from mcad.search.encoders import EagerEncoder
+    from mcad.search.index import encode_paths
+    from mcad.tokenizer import Tokenizer
+
+    page.add("<h2 id=\"queries\">Example queries (synthetic test split)</h2>")
+    dj = data_root / "dataset_synth.json"
+    if not page.note_file(dj):
+        page.add(f"<p class=\"missing\">no {esc(dj)} (run <code>make data</code>)</p>")
+        return
+    corpus = load_karpathy(dj, split="test")
+    tok = Tokenizer.load(run / "tokenizer.json")
+    tenc = EagerEncoder(run, "text")
+    qids = pick_queries(corpus.caption_to_image, corpus.n_images, n_queries)
+    texts = [corpus.captions[c] for c in qids]
+    q = tenc(tok.encode_batch(texts))
+    if index:
+        from mcad.search.query import Searcher
+
+        s = Searcher(index, run=run)
+        hits = s.search(texts, k)
+        pos = {str(Path(p).resolve()): j for j, p in enumerate(corpus.image_paths)}
+        tops = [[(h["score"], pos.get(str(Path(h["path"]).resolve()), -1), Path(h["path"])) for h in hs] for hs in hits]
+        page.add(f"<p class=\"meta\">top-{k} from index {esc(index)} ({esc(s.folder.kind)}, {s.folder.index.ntotal} images)</p>")
+        ranks = None
+    else:
+        emb, ok, bad = encode_paths(EagerEncoder(run, "image"), corpus.image_paths, batch=128, progress=False)
+        if bad:
+            page.add(f"<p class=\"err\">{len(bad)} test images unreadable (first: {esc(bad[0][0])})</p>")
+            corpus = corpus.drop_images({corpus.image_paths.index(p) for p, _ in bad})
+        sim_all = emb @ tenc(tok.encode_batch(corpus.captions)).T  # [n_img, n_txt]
+        m = retrieval_metrics(sim_all, corpus.caption_to_image)
+        cols = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+        page.add("<h3>Recall, recomputed now (eager student, whole test split)</h3>")
+        page.add(table_html(["model"] + [c.replace("_r", " R@") for c in cols],
+                            [["student (report time)"] + [f"{m[c]:.1f}" for c in cols]]))
+        sims = q @ emb.T
+        order = np.argsort(-sims, axis=1, kind="stable")
+        tops = [[(float(sims[r, j]), int(j), Path(corpus.image_paths[j])) for j in order[r, :k]] for r in range(len(texts))]
+        ranks = [int(np.where(order[r] == corpus.caption_to_image[qids[r]])[0][0]) + 1 for r in range(len(texts))]
+        page.add(f"<p class=\"meta\">top-{k} of {len(corpus.image_paths)} test images by exact cosine; "
+                 f"green = the caption's own image (hit); dashed blue = that image when it is not in the top {k}</p>")
+    for r, text in enumerate(texts):
+        target = int(corpus.caption_to_image[qids[r]])
+        hit_at = next((j + 1 for j, (_, i, _) in enumerate(tops[r]) if i == target), None)
+        verdict = f"hit at rank {hit_at}" if hit_at else (f"miss (own image at rank {ranks[r]})" if ranks else "miss")
+        page.add(f"<div class=\"q\" data-hit=\"{'1' if hit_at else '0'}\"><div class=\"text\">&ldquo;{esc(text)}&rdquo; "
+                 f"<span class=\"meta\">&mdash; {verdict}</span></div><div class=\"row\">")
+        for j, (score, i, p) in enumerate(tops[r]):
+            cls = "hit" if i == target else "miss"
+            label = f"#{j + 1} {score:.3f}" + (" ✓ hit" if i == target else "")
+            page.add(f"<figure class=\"{cls}\"><img class=\"thumb\" alt=\"{esc(p.name)}\" title=\"{esc(p)}\" "
+                     f"src=\"{page.img_src(p, thumb=160)}\"><figcaption>{esc(label)}</figcaption></figure>")
+        if not hit_at:
+            tp = Path(corpus.image_paths[target])
+            page.add(f"<figure class=\"target\"><img class=\"thumb\" alt=\"{esc(tp.name)}\" title=\"{esc(tp)}\" "
+                     f"src=\"{page.img_src(tp, thumb=160)}\"><figcaption>own image"
+                     f"{' (rank ' + str(ranks[r]) + ')' if ranks else ''}</figcaption></figure>")
+        page.add("</div></div>")
+
+
+def render(run: Path, data_root: Path, results: Path, out: Path, n_queries: int = 6, k: int = 5,
+           index: str | None = None, embed: bool = True) -> Path:
+    from mcad.io import sha256_file
+    from mcad.runs import resolve_run
+
+    run = resolve_run(run)
+    page = Page(out, embed)
+    sha = sha256_file(run / "student.safetensors")
+    sections = [("metrics", "Student metrics"), ("queries", "Example queries"), ("benchmarks", "Benchmarks"),
+                ("export", "Exported artifacts"), ("bench", "Device benchmarks"), ("plots", "Plots")]
+    section_metrics(page, run)
+    try:
+        section_queries(page, run, data_root, n_queries, k, index)
+    except (ValueError, FileNotFoundError, OSError) as e:  # a broken data set or index: say so, keep the rest
+        page.add(f"<p class=\"err\">example queries failed: {esc(e)}</p>")
+    section_results(page, results)
+    section_export(page, run)
+    section_bench(page, run)
+    section_plots(page, run, results)
+    nav = " · ".join(f"<a href=\"#{a}\">{esc(t)}</a>" for a, t in sections)
+    head = (f"<h1>mcad run report: {esc(run.name)}</h1>"
+            f"<p class=\"meta\">run folder <code>{esc(run)}</code> · student sha256 <code>{sha[:16]}</code> · "
+            f"generated {esc(now_iso())} on {esc(machine())}</p><p>{nav}</p>")
+    sources = ("<h2 id=\"sources\">Sources</h2><p class=\"meta\">read:</p><ul>"
+               + "".join(f"<li><code>{esc(p)}</code></li>" for p in dict.fromkeys(page.read)) + "</ul>"
+               + ("<p class=\"meta\">not found (sections left empty):</p><ul>"
+                  + "".join(f"<li class=\"missing\"><code>{esc(p)}</code></li>" for p in dict.fromkeys(page.missing))
+                  + "</ul>" if page.missing else ""))
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>mcad report: {esc(run.name)}</title>"
+           f"<style>{CSS}</style></head><body>\n{head}\n" + "\n".join(page.parts) + f"\n{sources}\n</body></html>\n")
+    atomic_write_text(out, doc)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mcad.search.common import parse_args
+
+    pos, opts, _ = parse_args(list(argv or []), OPTIONS, positional=1, usage=__doc__ or "")
+    if pos:
+        run = Path(pos[0])
+    else:
+        from mcad.runs import latest_run
+
+        run = latest_run("runs")
+    out = Path(opts["out"]) if opts["out"] else run / "report.html"
+    path = render(run, Path(str(opts["data_root"])), Path(str(opts["results"])), out, int(opts["queries"]),
+                  int(opts["k"]), opts["index"], bool(opts["embed"]))
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB); open it in a browser (no server needed)")
+    return 0

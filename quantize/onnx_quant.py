@@ -1,0 +1,130 @@
+"""ONNX Runtime static int8 quantization in QDQ format: per-channel symmetric int8 weights,
+int8 activations calibrated on the same samples as the PT2E paths.
+
+The float graph comes from `torch.onnx.export(Normalized(Core(encoder)))` (dynamo exporter), so
+every node carries its module path in `pkg.torch.onnx.name_scopes`; nodes outside `core` (the L2
+normalisation) and whatever `keep_fp32` selects are excluded from quantization by name."""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from mcad.quantize.pt2e import KEEP_ALIASES, parse_keep
+
+log = logging.getLogger("mcad.quantize")
+
+ONNX_OPS = {"softmax": "Softmax", "_softmax": "Softmax"}
+# Ops the QDQ quantizer touches. Softmax/LayerNormalization stay float unless asked otherwise.
+OPS_TO_QUANTIZE = ("Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "Concat", "Gather", "Transpose",
+                   "Reshape", "Squeeze", "Unsqueeze", "ReduceMean", "GlobalAveragePool")
+
+
+def _scopes(node) -> tuple[list[str], list[str]]:
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]"))
+    except (ValueError, SyntaxError):
+        scopes, classes = [], []
+    return list(scopes), list(classes)
+
+
+def float_nodes(model, keep: Sequence[str], core_prefix: str = "core") -> list[str]:
+    """Names of the nodes that stay float: everything outside `core_prefix` and `keep`."""
+    modules, types, ops = [], set(), set()
+    for k in keep:
+        spec = KEEP_ALIASES.get(k, {"modules": (k, f"{k}.*")})
+        modules += spec.get("modules", ())
+        types.update(spec.get("types", ()))
+        ops.update(ONNX_OPS.get(o, o) for o in spec.get("ops", ()))
+    out = []
+    for node in model.graph.node:
+        scopes, classes = _scopes(node)
+        paths = [s[len(core_prefix) + 1:] for s in scopes if s.startswith(core_prefix + ".")]
+        inside = core_prefix in scopes
+        if not inside:
+            out.append(node.name)
+        elif node.op_type in ops:
+            out.append(node.name)
+        elif any(c.rsplit(".", 1)[-1] in types for c in classes):
+            out.append(node.name)
+        elif any(fnmatch.fnmatchcase(p, m) for p in paths for m in modules):
+            out.append(node.name)
+    return out
+
+
+class _Reader:
+    """Feeds sample i of every input, batch 1."""
+
+    def __init__(self, data: dict[str, np.ndarray]):
+        self.data = {k: np.ascontiguousarray(v) for k, v in data.items()}
+        self.n = min(len(v) for v in self.data.values())
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= self.n:
+            return None
+        feed = {k: v[self.i:self.i + 1] for k, v in self.data.items()}
+        self.i += 1
+        return feed
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, np.ndarray],
+                  keep_fp32: Iterable[str] | None = None) -> dict:
+    """Write the QDQ int8 model of `fp32_path` to `out_path` (a temp path the caller renames).
+    `calib` maps input names to samples [N, ...], fed one at a time; `gallery` (the search
+    program's [rows, D] input) is fed whole with every sample."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    keep = parse_keep(keep_fp32)
+    out_path = Path(out_path)
+    pre = out_path.with_name(out_path.name + ".pre.onnx")
+    try:
+        # Symbolic shape inference crashes on the Expand of a normalisation; graph optimisation
+        # would rename/fuse nodes and lose the module scopes we select float nodes by.
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True, skip_optimization=True)
+        model = onnx.load(str(pre))
+        exclude = float_nodes(model, keep)
+        fixed = {k: v for k, v in calib.items() if k == "gallery"}
+        reader = _Reader({k: v for k, v in calib.items() if k not in fixed})
+        if fixed:
+            base_next = reader.get_next
+
+            def get_next():
+                feed = base_next()
+                return None if feed is None else {**feed, **fixed}
+
+            reader.get_next = get_next
+
+        class Reader(CalibrationDataReader):
+            def get_next(self):
+                return reader.get_next()
+
+            def rewind(self):
+                reader.rewind()
+
+        quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(OPS_TO_QUANTIZE), nodes_to_exclude=exclude,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    finally:
+        if pre.exists():
+            pre.unlink()
+    log.info("ONNX QDQ int8: %d calibration samples, %d nodes kept float", reader.n, len(exclude))
+    return {"float_nodes": len(exclude), "keep_fp32": list(keep)}
+
+
+def scheme(keep_fp32: Sequence[str]) -> str:
+    keep = ",".join(keep_fp32)
+    return ("int8 ONNX Runtime static QDQ: weights per-channel symmetric int8, activations int8 "
+            f"calibrated (MinMax); float: l2-normalize,softmax,layernorm{(',' + keep) if keep else ''}")

@@ -1,0 +1,75 @@
+"""Full-integer int8 TFLite (for NPU delegates: MediaTek NeuroPilot, NNAPI) with
+`ai_edge_quantizer`'s static_wi8_ai8 recipe: every supported op int8 (weights per-channel
+symmetric, activations calibrated), int8 model inputs/outputs where the input is float (pixels),
+token ids stay int32.
+
+`keep_fp32` aliases map to tensor-name regexes (litert_torch names tensors after the module
+path, `.../torch.nn.modules.linear.Linear_proj`) or op types; `float_scope` keeps everything
+outside the encoder core float (the search program's gallery matmul and top-k)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from mcad.quantize.pt2e import KEEP_ALIASES, parse_keep
+
+log = logging.getLogger("mcad.quantize")
+
+TFL_OPS = {"softmax": "SOFTMAX", "_softmax": "SOFTMAX"}
+
+
+def _keep_rules(keep: Sequence[str]) -> list[tuple[str, str]]:
+    """(regex, TFLite op name or '*') pairs to leave unquantized."""
+    rules = []
+    for k in keep:
+        spec = KEEP_ALIASES.get(k, {"modules": (k,)})
+        for m in spec.get("modules", ()):
+            if m.endswith(".*"):
+                continue
+            # module path a.b.0 -> name fragments "_a/" ... "_b/" ... "_0"
+            parts = m.split(".")
+            rules.append((".*".join(f"_{p}(/|;|$)" for p in parts), "*"))
+        for t in spec.get("types", ()):
+            rules.append((f"\\.{t}_", "*"))
+        for o in spec.get("ops", ()):
+            rules.append((".*", TFL_OPS.get(o, o.upper())))
+    return rules
+
+
+def full_integer(float_tflite: str | Path, out_path: str | Path, calib: dict[str, np.ndarray],
+                 keep_fp32: Iterable[str] | None = None, float_outside: str | None = None) -> dict:
+    """Quantize `float_tflite` with static_wi8_ai8 (+ keep rules); `calib` maps each signature
+    input name to samples [N, ...] (run one at a time). Writes `out_path`."""
+    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    keep = parse_keep(keep_fp32)
+    qt = quantizer.Quantizer(str(float_tflite))
+    qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    rules = _keep_rules(keep)
+    if float_outside:
+        rules.append((f"^(?!.*{float_outside}).*$", "*"))
+    for regex, op in rules:
+        qt.update_quantization_recipe(regex=regex, operation_name=op, algorithm_key=AlgorithmName.NO_QUANTIZE)
+    from ai_edge_litert.interpreter import Interpreter
+
+    sig = Interpreter(str(float_tflite)).get_signature_list()
+    key = next(iter(sig))
+    n = min(len(v) for v in calib.values())
+    samples = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in calib.items()} for i in range(n)]
+    result = qt.calibrate({key: samples}, num_threads=1)
+    qres = qt.quantize(result, enable_progress_bar=False, enable_progress_report=False)
+    data = qres.quantized_model
+    Path(out_path).write_bytes(bytes(data))
+    log.info("TFLite full-integer int8: %d calibration samples, %d keep-float rules", n, len(rules))
+    return {"keep_fp32": list(keep), "float_rules": [r for r, _ in rules]}
+
+
+def scheme(keep_fp32: Sequence[str]) -> str:
+    keep = ",".join(keep_fp32)
+    return ("int8 full-integer TFLite (ai_edge_quantizer static_wi8_ai8): weights per-channel "
+            "symmetric int8, activations int8 calibrated, int8 model I/O for float inputs"
+            f"{'; float: ' + keep if keep else ''}")

@@ -1,0 +1,95 @@
+"""The search benchmark in quick mode: the run's student (no export yet: bench-made artifacts), the
+mobile-size student, and (toy-sized) peers in the same runtime and pipeline; ratios, budgets, outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+PERMISSIVE = """devices:
+  local:
+    match: [local]
+    budgets:
+      student: {1000: {p50_ms: 1000, p90_ms: 1000, memory_mb: 4000}}
+      student-mobile: {1000: {p50_ms: 1000, p90_ms: 1000, memory_mb: 4000}}
+"""
+
+
+def test_quick_bench_with_peers(tiny_run, tmp_path, capsys):
+    from mcad.device.cli import main
+
+    (tmp_path / "b.yaml").write_text(PERMISSIVE)
+    code = main([f"run={tiny_run}", "quick=1", "runtimes=onnxruntime", "make_quant=fp32", "peers=tiny", "mobile=1",
+                 "image=1", f"cache={tmp_path / 'cache'}", f"out={tmp_path / 'out'}", f"results={tmp_path / 'res'}",
+                 f"budgets={tmp_path / 'b.yaml'}", "name=quick-test", "runs=8", "warmup=1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    res = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert res["quick"] and res["command"].startswith("mcad bench run=") and res["machine"] and res["date"]
+    subjects = {s["name"]: s for s in res["subjects"]}
+    assert set(subjects) == {"student", "student-mobile", "clip-tiny-text", "mobilevit-tiny"}
+    assert subjects["student"]["source"].startswith("bench-made")  # no export in this run folder
+    assert subjects["student-mobile"]["params"]["text"] > 1_000_000
+    rows = res["rows"]
+    assert not res["errors"] and all(not r.get("error") for r in rows)
+    search = {r["subject"] for r in rows if r["mode"] == "search"}
+    image = {r["subject"] for r in rows if r["mode"] == "image"}
+    assert search == {"student", "student-mobile", "clip-tiny-text"}
+    assert image == {"student", "student-mobile", "mobilevit-tiny"}
+    for r in rows:
+        assert r["memory"]["peak_mb"] > r["memory"]["bare_mb"] > 10
+        if r["mode"] == "search":
+            assert r["gallery"] == 1000 and set(r["stages"]) >= {"tokenize", "encode", "score_topk", "search"}
+    mobile = next(r for r in rows if r["subject"] == "student-mobile" and r["mode"] == "search")
+    assert mobile["embed_dim"] == 256 and mobile["tokenizer_feeds_encoder"] is False
+    rat = res["ratios"]
+    what = {(x["ours"], x["peer"], x["what"]) for x in rat}
+    assert ("student", "clip-tiny-text", "search") in what and ("student-mobile", "mobilevit-tiny", "image encode") in what
+    assert all(x["latency_ratio"] > 0 and x["memory_ratio"] > 0 for x in rat)
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert "## Ours vs peers" in md and "## Image tower" in md and "quick mode" in md
+    assert (tmp_path / "out" / "bench_latency.png").stat().st_size > 1000
+    assert (tmp_path / "res" / "quick-test.md").exists() and (tmp_path / "res" / "quick-test.json").exists()
+    assert "ok     local/student/N=1000/onnxruntime/fp32/t1 search latency p50" in out
+    assert "ratio student/clip-tiny-text onnxruntime fp32 t1 N=1000" in out
+    # bench-made artifacts live in hashed folders with their manifest (re-used by the next run)
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 4 and all((tmp_path / "cache" / c / "manifest.json").exists() for c in cached)
+
+
+def test_ratios_and_quant_family():
+    from mcad.benchmarks.search import ratios
+    from mcad.benchmarks.subjects import quant_family
+
+    assert quant_family("int8 static QDQ per-channel") == "int8" and quant_family("") == "fp32"
+    assert quant_family("fp32") == "fp32" and quant_family("w8a8 qnn") == "int8"
+
+    def row(subject, p50, mem, quant="int8 x", mode="search", enc=None):
+        return {"subject": subject, "mode": mode, "runtime": "litert", "quantization": quant, "threads": 1,
+                "gallery": 1000 if mode == "search" else None,
+                "stages": {"search": {"p50": p50}, "encode": {"p50": enc or p50}}, "memory": {"headline_mb": mem}}
+
+    rows = [row("student", 2.0, 50.0, enc=1.0), row("clip-vit-b32-text", 40.0, 400.0, quant="int8 y", enc=39.0),
+            row("clip-vit-b32-text", 80.0, 300.0, quant="fp32"), row("student-mobile", 4.0, 80.0, mode="image"),
+            row("mobilevit-small", 16.0, 100.0, mode="image"), dict(row("student", 1, 1), error="boom")]
+    r = ratios(rows)
+    s = next(x for x in r if x["ours"] == "student")
+    assert s["peer"] == "clip-vit-b32-text" and s["latency_ratio"] == 0.05 and s["memory_ratio"] == 0.125
+    assert s["encode_ratio"] == pytest.approx(1 / 39, abs=1e-4)
+    im = next(x for x in r if x["what"] == "image encode")
+    assert im["latency_ratio"] == 0.25 and im["memory_ratio"] == 0.8
+    assert len(r) == 2  # fp32 peer has no int8 student to pair with; failed rows are left out
+
+
+def test_budget_check_lines():
+    from mcad.benchmarks.budgets import check
+
+    entry = {"budgets": {"student": {1000: {"p50_ms": 8, "p90_ms": 12, "memory_mb": 100}}}}
+    rows = [{"subject": "student", "mode": "search", "gallery": 1000, "runtime": "litert", "quantization": "int8",
+             "threads": 2, "stages": {"search": {"p50": 9.5, "p90": 11.0}}, "memory": {"headline_mb": 80.0}},
+            {"subject": "student", "mode": "search", "gallery": 10000, "runtime": "litert", "quantization": "int8",
+             "threads": 2, "stages": {"search": {"p50": 99}}, "memory": {}},            # no budget for 10k
+            {"subject": "clip-vit-b32-text", "mode": "search", "gallery": 1000}]        # peers: never budgeted
+    c = check(rows, entry, "phone")
+    assert [x["ok"] for x in c] == [False, True, True]
+    assert c[0]["line"] == "BROKEN phone/student/N=1000/litert/int8/t2 search latency p50: 9.50 ms > budget 8 ms"

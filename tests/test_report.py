@@ -1,0 +1,154 @@
+"""mcad report: the static HTML page, checked as text and rendered in headless Chromium."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from mcad.io import write_json
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_run, tmp_path_factory):
+    """A copy of tiny_run with everything a finished run has: metrics, report.md, export, bench, plots;
+    plus a benchmarks/results folder."""
+    root = tmp_path_factory.mktemp("report")
+    run = root / "runs" / "tiny"
+    shutil.copytree(tiny_run, run)
+    row = {"i2t_r1": 12.5, "i2t_r5": 40.0, "i2t_r10": 55.0, "t2i_r1": 11.0, "t2i_r5": 38.0, "t2i_r10": 52.0, "rsum": 208.5}
+    write_json(run / "metrics.json", {"variant": "mcad", "seed": 0, "test": {"student": row, "dual teacher": row},
+                                      "params": {"student": 123456}, "train_s": 12.3})
+    (run / "report.md").write_text("# tiny (mcad, seed 0)\n\n| model | i2t R@1 | rsum |\n|---|---:|---:|\n"
+                                   "| student | 12.5 | 208.5 |\n| dual teacher | 30.1 | 400.2 |\n\nstudent 123,456 params\n")
+    exp = run / "export" / "cpu"
+    exp.mkdir(parents=True)
+    write_json(exp / "manifest.json", {
+        "target": "cpu", "run": str(run), "embed_dim": 64,
+        "artifacts": [{"name": "text_encoder", "role": "text", "runtime": "onnxruntime", "backend": "onnx",
+                       "file": "text_encoder.onnx", "bytes": 1234, "quantization": "int8"}],
+        "skipped": [{"artifact": "image_encoder.qnn", "reason": "no QNN SDK"}],
+        "parity": {"text_encoder": {"cosine_mean": 0.998, "cosine_min": 0.991, "top10_agreement": 0.97}}})
+    (run / "bench").mkdir()
+    write_json(run / "bench" / "bench.json", {"rows": [{"subject": "student", "runtime": "onnxruntime", "gallery": 1000,
+                                                        "search_p50_ms": 1.23, "memory_mb": 55.0}]})
+    results = root / "results"
+    results.mkdir()
+    (results / "ablation.md").write_text("# Ablation\n\n| variant | rsum |\n|---|---:|\n| no-KD | 100.0 ± 1.0 |\n"
+                                         "| MCAD | 120.0 ± 2.0 |\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([1, 2, 3], [3, 1, 2])
+    fig.savefig(results / "ablation.png")
+    fig.savefig(run / "loss.png")
+    plt.close(fig)
+    return run, results
+
+
+def _render(run, results, synth_root, out, **kw):
+    from mcad.report import render
+
+    return render(run, synth_root, results, out, **kw)
+
+
+def test_report_has_every_section(full_run, synth_root):
+    run, results = full_run
+    out = _render(run, results, synth_root, run / "report.html")
+    h = out.read_text()
+    assert h.startswith("<!DOCTYPE html>") and "http://" not in h and "https://" not in h  # no network
+    for text in ("208.5", "dual teacher", "400.2", "MCAD", "120.0 ± 2.0", "text_encoder.onnx", "cosine_mean",
+                 "no QNN SDK", "search_p50_ms", "1.23", "ablation.png", "loss.png", "Recall, recomputed now"):
+        assert text in h, text
+    blocks = re.findall(r'<div class="q" data-hit="([01])">(.*?)</div></div>', h, flags=re.S)
+    assert len(blocks) == 6
+    for hit, body in blocks:
+        figs = re.findall(r'<figure class="(hit|miss|target)"', body)
+        assert len([f for f in figs if f != "target"]) == 5
+        assert ("hit" in figs) == (hit == "1") and ("target" in figs) == (hit == "0")
+    assert h.count('src="data:image/png;base64,') >= 6 * 5 + 2
+    src = h.split('id="sources"')[1]
+    assert "metrics.json" in src.split("not found")[0] and "search.md" in src.split("not found")[1]
+
+
+def test_report_marks_hits(tiny_run, tmp_path):
+    """With a 4-image test split and k=5 every caption's own image is in the top 5: all hits."""
+    from mcad.data.synthetic import generate
+
+    generate(tmp_path / "synth4", seed=1, n_train=0, n_val=0, n_test=4, progress=False)
+    out = _render(Path(tiny_run), tmp_path / "no_results", tmp_path / "synth4", tmp_path / "r.html", n_queries=4)
+    h = out.read_text()
+    assert re.findall(r'data-hit="([01])"', h) == ["1"] * 4
+    assert h.count('<figure class="hit"') == 4 and "✓ hit" in h and '<figure class="target"' not in h
+    assert "no benchmark results yet" in h or "no_results" in h
+
+
+CHECK_JS = """
+<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var tables = Array.prototype.slice.call(document.querySelectorAll('table'));
+  var rows = 0, minw = 1e9;
+  tables.forEach(function (t) { rows += t.rows.length; minw = Math.min(minw, t.getBoundingClientRect().width); });
+  var d = document.createElement('div');
+  d.id = 'render-check';
+  d.setAttribute('data-images', imgs.length);
+  d.setAttribute('data-images-ok', ok);
+  d.setAttribute('data-tables', tables.length);
+  d.setAttribute('data-rows', rows);
+  d.setAttribute('data-min-table-width', Math.round(tables.length ? minw : 0));
+  document.body.appendChild(d);
+});
+</script>
+"""
+
+
+def _chromium(args: list[str], timeout: int = 90) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_in_browser(page: Path) -> dict:
+    test_page = page.with_name("_check_" + page.name)  # same folder: relative image paths still resolve
+    test_page.write_text(page.read_text().replace("</body>", CHECK_JS + "</body>"))
+    r = _chromium(["--virtual-time-budget=15000", "--dump-dom", test_page.resolve().as_uri()])
+    m = re.search(r'<div id="render-check"([^>]*)>', r.stdout)
+    assert m, f"no render marker in the DOM (chromium rc {r.returncode}): {r.stderr[-800:]}"
+    return {k: int(float(v)) for k, v in re.findall(r'data-([a-z-]+)="([^"]*)"', m.group(1))}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium chromium-driver; "
+                                               "the CI script installs it)")
+@pytest.mark.parametrize("embed", [True, False], ids=["base64", "relative-paths"])
+def test_report_renders_in_chromium(full_run, synth_root, tmp_path, embed):
+    run, results = full_run
+    out = _render(run, results, synth_root, tmp_path / "site" / "report.html", embed=embed)
+    if not embed:
+        assert 'src="data:' not in out.read_text()
+    c = _check_in_browser(out)
+    # 6 queries x (5 top + own image when missed) thumbnails + 2 plots, every one decoded
+    assert c["images"] >= 6 * 5 + 2, c
+    assert c["images-ok"] == c["images"], c
+    # metrics, report.md, recall-now, ablation, export artifacts + parity + skipped, bench, sources
+    assert c["tables"] >= 7 and c["rows"] >= 20 and c["min-table-width"] > 50, c
+    if embed:
+        shot = tmp_path / "shot.png"
+        r = _chromium(["--window-size=1280,2000", f"--screenshot={shot}", out.resolve().as_uri()])
+        assert shot.exists(), r.stderr[-800:]
+        from PIL import Image
+
+        with Image.open(shot) as im:
+            colours = im.convert("RGB").resize((320, 500)).getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 50  # not a blank page: text, tables and thumbnails drawn
