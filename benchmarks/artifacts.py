@@ -46,6 +46,7 @@ def quiet():
             logging.disable(prev)
 
 
+BUILD_TIMEOUT_S = 900.0  # per variant; `mcad bench build_timeout=S` (0: build in this process, no limit)
 ARTIFACTS_VERSION = 2  # bump when what build_artifacts writes changes (invalidates build/bench-cache)
 
 
@@ -193,7 +194,7 @@ def _build_in_subprocess(task: dict, timeout_s: float, work: Path) -> None:
 
 
 def build_artifacts(out_dir: Path, encoders: dict, runtimes: list[str], quants: list[str], meta: dict,
-                    calib: dict[str, list[tuple]], timeout_s: float | None = 900.0) -> Path:
+                    calib: dict[str, list[tuple]], timeout_s: float | None = None) -> Path:
     """encoders: {name: (module, role, inputs spec list, outputs spec list)}; writes files + manifest.json.
     Returns the manifest path. Re-uses a complete manifest already there (the folder name is a hash).
     With `timeout_s`, each variant is built in its own process and skipped when it runs over."""
@@ -202,6 +203,7 @@ def build_artifacts(out_dir: Path, encoders: dict, runtimes: list[str], quants: 
     if man.exists():
         return man
     out_dir.mkdir(parents=True, exist_ok=True)
+    timeout_s = BUILD_TIMEOUT_S if timeout_s is None else timeout_s
     arts, skipped = [], []
     for name, (module, role, ins, outs) in encoders.items():
         module = module.eval()

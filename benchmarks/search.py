@@ -64,8 +64,13 @@ def plan_jobs(subjects, opts: BenchOptions, texts: list[str]) -> tuple[list[Job]
                         if a.role == "search":
                             shp = a.input_shape(1)
                             n_fixed = shp[0] if shp and isinstance(shp[0], int) and shp[0] > 0 else None
-                            if n_fixed is not None and n_fixed != g:
+                            lo, hi = a.gallery_rows()
+                            if n_fixed is not None and n_fixed != g and (lo, hi) == (None, None):
                                 notes.append(f"{s.name}/{a.label}: search program fixed to N={n_fixed}; N={g} not run")
+                                continue
+                            if (lo is not None and g < lo) or (hi is not None and g > hi):
+                                notes.append(f"{s.name}/{a.label}: search program takes {lo}..{hi} gallery rows; "
+                                             f"N={g} not run")
                                 continue
                         jobs.append(Job(subject=s.name, artifact=a, threads=t, mode="search", gallery=g,
                                         scorer=opts.scorer, k=opts.k, ids=s.ids, tokenizer=s.tokenizer,

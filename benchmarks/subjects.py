@@ -232,44 +232,6 @@ def mobile_subject(work: Path, runtimes: list[str], quants: list[str], tokenizer
 
 
 # -- peers ---------------------------------------------------------------------------------------
-class _ClipText:
-    """ids [1,77] -> unit text_embeds [1,512] (HF pools at the eos token, then projects)."""
-
-    @staticmethod
-    def build(cfg: dict):
-        import torch
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-        class Wrap(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, ids):
-                e = self.m(input_ids=ids).text_embeds
-                return e / e.norm(dim=-1, keepdim=True)
-
-        return Wrap(CLIPTextModelWithProjection(CLIPTextConfig(**cfg)).eval()).eval()
-
-
-class _MobileViT:
-    @staticmethod
-    def build(cfg: dict):
-        import torch
-        from transformers import MobileViTConfig, MobileViTModel
-
-        class Wrap(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, pixels):
-                e = self.m(pixel_values=pixels).pooler_output
-                return e / e.norm(dim=-1, keepdim=True)
-
-        return Wrap(MobileViTModel(MobileViTConfig(**cfg)).eval()).eval()
-
-
 def clip_text_subject(work: Path, runtimes: list[str], quants: list[str], tokenizer: Path | None, texts: list[str],
                       cache: Path = DEFAULT_CACHE, seed: int = 0, tiny: bool = False) -> Subject:
     import torch
@@ -283,7 +245,9 @@ def clip_text_subject(work: Path, runtimes: list[str], quants: list[str], tokeni
     key = cache_key(name, cfg, seed, runtimes, quants)
     out = cache / f"{name}-{key}"
     torch.manual_seed(seed)
-    module = _ClipText.build(cfg)
+    from mcad.benchmarks.peers import ClipTextTower
+
+    module = ClipTextTower(cfg).eval()
     n_params = sum(p.numel() for p in module.parameters())
     man = build_artifacts(out, {"text_encoder": (module, "text", *_text_io(L, D))}, runtimes, quants,
                           _meta(L, D, 0, target="bench-made"),
@@ -305,7 +269,9 @@ def mobilevit_subject(runtimes: list[str], quants: list[str], cache: Path = DEFA
     cfg = MOBILEVIT_TINY if tiny else MOBILEVIT_SMALL
     name = "mobilevit-tiny" if tiny else "mobilevit-small"
     torch.manual_seed(seed)
-    module = _MobileViT.build(cfg)
+    from mcad.benchmarks.peers import MobileViTTower
+
+    module = MobileViTTower(cfg).eval()
     S = cfg["image_size"]
     with torch.no_grad():
         D = int(module(torch.zeros(1, 3, S, S)).shape[-1])

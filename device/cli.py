@@ -13,7 +13,7 @@ Options (key=value; lists comma-separated):
   scorer=faiss|numpy  k=10  peers=full|tiny|none  mobile=1|0  image=1|0  target=<export target>
   quick=1 (or --quick)  runs=N (min runs)  warmup=N  min_time=S  max_time=S  max_runs=N
   budgets=benchmarks/budgets.yaml  budget=<entry>  out=runs/<name>/bench  results=benchmarks/results|none
-  name=<summary name>  cache=build/bench-cache
+  name=<summary name>  cache=build/bench-cache  build_timeout=900 (s per bench-made artifact)
   adb:    adb=PATH  runner=auto|python|native  python=python3  remote_root=/data/local/tmp
           et_runner=PATH|device:PATH  tflite_runner=PATH|device:PATH  cpus=4-7  keep=1  timeout=S
   qaihub: options="--compute_unit cpu"  iterations=100
@@ -32,7 +32,7 @@ DEVICE_KEYS = {"adb", "runner", "python", "remote_root", "et_runner", "tflite_ru
                "options", "iterations"}
 BENCH_KEYS = {"device", "run", "threads", "galleries", "runtimes", "quant", "make_quant", "scorer", "k", "quick",
               "peers", "mobile", "image", "budgets", "budget", "out", "results", "name", "target", "cache", "runs",
-              "warmup", "min_time", "max_time", "max_runs"}
+              "warmup", "min_time", "max_time", "max_runs", "build_timeout"}
 TRUE = {"1", "true", "yes", "on", "y"}
 
 
@@ -114,6 +114,10 @@ def parse_args(argv: list[str]):
                           max_time_s=float(kv.get("max_time", base.max_time_s)))
     except ValueError:
         raise ValueError("runs/warmup/max_runs must be integers, min_time/max_time numbers") from None
+    if kv.get("build_timeout"):
+        from mcad.benchmarks import artifacts
+
+        artifacts.BUILD_TIMEOUT_S = float(kv["build_timeout"])
     dev = {}
     for k in DEVICE_KEYS & set(kv):
         v = kv[k]
@@ -134,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__)
         return 0
-    logging.getLogger().setLevel(logging.INFO) if not logging.getLogger().handlers else None
     from mcad.benchmarks.search import console_summary, run_bench
     from mcad.device.errors import DeviceError
     from mcad.models.checkpoint import CheckpointError

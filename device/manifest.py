@@ -8,6 +8,7 @@ from mcad.io import read_json, sha256_file
 
 RUNTIMES = ("executorch", "litert", "onnxruntime")
 ROLES = ("text", "image", "search")
+KNOWN_KEYS = {"name", "role", "runtime", "backend", "file", "bytes", "sha256", "quantization", "inputs", "outputs"}
 SUFFIX_RUNTIME = {".pte": "executorch", ".tflite": "litert", ".onnx": "onnxruntime"}
 
 
@@ -24,6 +25,14 @@ class Artifact:
     bytes: int = 0
     sha256: str = ""
     target: str = ""
+    extra: dict = field(default_factory=dict)  # other keys of the manifest entry (k, notes, parity_pass...)
+
+    def gallery_rows(self) -> tuple[int | None, int | None]:
+        """(min, max) gallery rows a search program accepts (manifest notes.gallery_rows), None = open."""
+        rows = (self.extra.get("notes") or {}).get("gallery_rows") if isinstance(self.extra.get("notes"), dict) else None
+        if isinstance(rows, (list, tuple)) and len(rows) == 2:
+            return (int(rows[0]) if rows[0] is not None else None, int(rows[1]) if rows[1] is not None else None)
+        return (None, None)
 
     @property
     def label(self) -> str:
@@ -93,7 +102,8 @@ def load_manifest(path: str | Path, verify: bool = False) -> ExportManifest:
                              backend=a.get("backend", ""), quantization=str(a.get("quantization", "")),
                              inputs=list(a.get("inputs") or []), outputs=list(a.get("outputs") or []),
                              bytes=int(a.get("bytes") or fpath.stat().st_size), sha256=a.get("sha256", ""),
-                             target=m.get("target", "")))
+                             target=m.get("target", ""),
+                             extra={k: v for k, v in a.items() if k not in KNOWN_KEYS}))
     tok = m.get("tokenizer")
     gold = m.get("golden")
     return ExportManifest(
@@ -109,6 +119,18 @@ def find_manifests(run: str | Path, target: str | None = None) -> list[Path]:
     run = Path(run)
     pat = f"export/{target}/manifest.json" if target else "export/*/manifest.json"
     return sorted(run.glob(pat))
+
+
+def golden_captions(manifest: ExportManifest) -> list[str] | None:
+    """The captions stored with the export's golden ids, if any."""
+    if manifest.golden is None:
+        return None
+    import numpy as np
+
+    with np.load(manifest.golden) as z:
+        if "captions" in z.files:
+            return [str(c) for c in z["captions"].ravel()]
+    return None
 
 
 def golden_ids(manifest: ExportManifest):

@@ -170,7 +170,8 @@ class Exporter:
         if opts.precision not in ("int8", "fp32"):
             raise ValueError(f"precision={opts.precision!r}: expected int8 or fp32")
         self.opts = opts
-        self.keep = parse_keep(opts.keep_fp32)
+        self.keep_opt = opts.keep_fp32
+        parse_keep(self.keep_opt)  # unknown names: one line, before any work
         self.soc = str(opts.soc or DEFAULT_SOC.get(opts.target, "SM8650"))
         self.run = Path(opts.run) if opts.run is not None else latest_run()
         self.model, self.tokenizer = load_student(self.run)
@@ -240,7 +241,7 @@ class Exporter:
         if self.opts.precision == "fp32":
             return {r: (Core(self.encoders[r]).eval(), None) for r in need}
         calib = {"text": self.calib.ids, "image": self.calib.pixels}
-        return {r: quantize_core(self.encoders[r], calib[r], backend, self.keep, soc=self.soc,
+        return {r: quantize_core(self.encoders[r], calib[r], backend, self.keep_opt, soc=self.soc,
                                  progress=self.opts.progress, desc=f"calibrate {backend} {r}")
                 for r in need}
 
@@ -258,11 +259,12 @@ class Exporter:
 
         if self.opts.precision == "fp32":
             return "fp32 (not quantized)"
+        keep = pt2e.parse_keep(self.keep_opt, kind)
         if kind == "onnx":
-            return onnx_quant.scheme(self.keep)
+            return onnx_quant.scheme(keep)
         if kind == "tflite_full":
-            return tflite_quant.scheme(self.keep)
-        return pt2e.scheme(kind, self.keep)
+            return tflite_quant.scheme(keep)
+        return pt2e.scheme(kind, keep)
 
     def _dyn(self):
         from torch.export import Dim
@@ -314,13 +316,13 @@ class Exporter:
             raise ValueError(f"soc={self.soc}: unknown Dimensity platform ({', '.join(MEDIATEK_PLATFORMS)})")
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        from mcad.quantize.pt2e import Core, as_quantizer, batches
+        from mcad.quantize.pt2e import Core, as_quantizer, batches, parse_keep
 
         cores = {}
         for r, x in (("text", self.calib.ids), ("image", self.calib.pixels)):
             core = Core(self.encoders[r]).eval()
             gm = torch.export.export(core, (torch.as_tensor(x[:1]),)).module()
-            prepared = prepare_pt2e(gm, as_quantizer(mediatek_quantizer(), self.keep))
+            prepared = prepare_pt2e(gm, as_quantizer(mediatek_quantizer(), parse_keep(self.keep_opt, "mediatek")))
             with torch.no_grad():
                 for b in batches(x):
                     prepared(b)
@@ -350,7 +352,7 @@ class Exporter:
                     build_onnx(float_progs[role], ex, fp, INPUT_NAMES[role], OUTPUT_NAMES[role], dynamic_shapes=dyn)
                     calib = {"text": {"ids": self.calib.ids}, "image": {"pixels": self.calib.pixels},
                              "search": {"ids": self.calib.ids, "gallery": self.calib_gallery}}[role]
-                    quantize_onnx(fp, p, calib, self.keep)
+                    quantize_onnx(fp, p, calib, self.keep_opt)
                 finally:
                     if fp.exists():
                         fp.unlink()
@@ -387,11 +389,11 @@ class Exporter:
                 try:
                     build_tflite(float_progs[role], ex, fp, INPUT_NAMES[role])
                     ids = self.calib.ids.astype(np.int32)
-                    calib = {"text": {"ids": ids}, "image": {"pixels": self.calib.pixels},
-                             "search": {"ids": ids, "gallery": np.repeat(self.calib_gallery[None], len(ids), 0)}}[role]
-                    if role == "search":  # whole-gallery samples: a few are enough and keep memory small
-                        calib = {k: v[:32] for k, v in calib.items()}
-                    full_integer(fp, p, calib, self.keep, float_outside="Core_core" if role == "search" else None)
+                    calib = {"text": {"ids": ids}, "image": {"pixels": self.calib.pixels}, "search": {"ids": ids}}[role]
+                    full_integer(fp, p, calib, self.keep_opt, float_outside="Core_core" if role == "search" else None,
+                                 fixed={"gallery": np.resize(self.calib_gallery, (self.opts.fixed_gallery,
+                                                                                  self.model.embed_dim))}
+                                 if role == "search" else None)
                 finally:
                     if fp.exists():
                         fp.unlink()
@@ -510,13 +512,15 @@ class Exporter:
             ins = [{"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} for x in ex]
             outs = [{"shape": [1, self.model.embed_dim], "dtype": "float32"}] if a.role != "search" else \
                 [{"shape": [1, SEARCH_K], "dtype": "float32"}, {"shape": [1, SEARCH_K], "dtype": "int64"}]
-        ins = [dict(x, name=n) for x, n in zip(ins, INPUT_NAMES[a.role])]
-        outs = [dict(x, name=n) for x, n in zip(outs, OUTPUT_NAMES[a.role])]
+        ins = [{"name": n, **{k: v for k, v in x.items() if k != "name"}} for x, n in zip(ins, INPUT_NAMES[a.role])]
+        outs = [{"name": n, **{k: v for k, v in x.items() if k != "name"}} for x, n in zip(outs, OUTPUT_NAMES[a.role])]
         if a.role == "search":
             ins[1]["shape"] = ["N", self.model.embed_dim]
         return ins, outs
 
     def manifest(self, parity: dict | None) -> dict:
+        from mcad.quantize.pt2e import parse_keep
+
         arts = []
         for a in self.artifacts:
             ins, outs = self.io_spec(a)
@@ -536,7 +540,9 @@ class Exporter:
                 "model": m.config.get("name", "?"), "embed_dim": m.embed_dim, "context_length": m.context_length,
                 "image_size": m.image_size, "image_mean": list(m.image_mean), "image_std": list(m.image_std),
                 "tokenizer": "tokenizer.json", "golden": "golden.npz", "soc": self.soc if self.opts.target != "cpu" else None,
-                "precision": self.opts.precision, "keep_fp32": ["l2-normalize", *self.keep],
+                "precision": self.opts.precision,
+                "keep_fp32": {b: ["l2-normalize", *parse_keep(self.keep_opt, "litert" if b == "tflite" else b)]
+                              for b in self.plan if b != "hub"},
                 "calibration": {"source": self.calib.source, "images": int(len(self.calib)),
                                 "captions": int(len(self.calib.ids)), "seed": self.opts.seed},
                 "artifacts": arts, "skipped": self.skipped, "parity": parity, "versions": versions()}

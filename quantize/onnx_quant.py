@@ -35,23 +35,29 @@ def _scopes(node) -> tuple[list[str], list[str]]:
 
 
 def float_nodes(model, keep: Sequence[str], core_prefix: str = "core") -> list[str]:
-    """Names of the nodes that stay float: everything outside `core_prefix` and `keep`."""
-    modules, types, ops = [], set(), set()
+    """Names of the nodes that stay float: everything outside `core_prefix` and `keep` (same
+    aliases as the PT2E paths, matched on the exporter's module scopes and aten op names)."""
+    modules, types, ops, ops_in = [], set(), set(), {}
     for k in keep:
         spec = KEEP_ALIASES.get(k, {"modules": (k, f"{k}.*")})
         modules += spec.get("modules", ())
         types.update(spec.get("types", ()))
-        ops.update(ONNX_OPS.get(o, o) for o in spec.get("ops", ()))
+        ops.update(spec.get("ops", ()))
+        for t, o in spec.get("ops_in", {}).items():
+            ops_in.setdefault(t, set()).update(o)
     out = []
     for node in model.graph.node:
         scopes, classes = _scopes(node)
+        aten = classes[-1].split(".")[1] if classes and classes[-1].startswith("aten.") else None
+        mods = [c.rsplit(".", 1)[-1] for c in classes if not c.startswith("aten.")]
         paths = [s[len(core_prefix) + 1:] for s in scopes if s.startswith(core_prefix + ".")]
-        inside = core_prefix in scopes
-        if not inside:
+        if core_prefix not in scopes:
             out.append(node.name)
-        elif node.op_type in ops:
+        elif aten in ops or ONNX_OPS.get(node.op_type.lower()) and node.op_type.lower() in ops:
             out.append(node.name)
-        elif any(c.rsplit(".", 1)[-1] in types for c in classes):
+        elif mods and aten in ops_in.get(mods[-1], ()):
+            out.append(node.name)
+        elif any(m in types for m in mods):
             out.append(node.name)
         elif any(fnmatch.fnmatchcase(p, m) for p in paths for m in modules):
             out.append(node.name)
@@ -86,7 +92,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    keep = parse_keep(keep_fp32)
+    keep = parse_keep(keep_fp32, "onnx")
     out_path = Path(out_path)
     pre = out_path.with_name(out_path.name + ".pre.onnx")
     try:
@@ -127,4 +133,4 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, 
 def scheme(keep_fp32: Sequence[str]) -> str:
     keep = ",".join(keep_fp32)
     return ("int8 ONNX Runtime static QDQ: weights per-channel symmetric int8, activations int8 "
-            f"calibrated (MinMax); float: l2-normalize,softmax,layernorm{(',' + keep) if keep else ''}")
+            f"calibrated (MinMax); float: l2-normalize,layernorm{(',' + keep) if keep else ''}")

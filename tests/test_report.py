@@ -88,7 +88,16 @@ def test_report_marks_hits(tiny_run, tmp_path):
     h = out.read_text()
     assert re.findall(r'data-hit="([01])"', h) == ["1"] * 4
     assert h.count('<figure class="hit"') == 4 and "✓ hit" in h and '<figure class="target"' not in h
-    assert "no benchmark results yet" in h or "no_results" in h
+    assert "no_results" in h  # named as not found
+    # the same from an index built with `mcad index data=...` (report index=DIR)
+    from mcad.search.encoders import EagerEncoder
+    from mcad.search.index import build_index, dataset_paths
+
+    build_index(tmp_path / "idx", EagerEncoder(tiny_run, "image"),
+                dataset_paths(str(tmp_path / "synth4" / "dataset_synth.json"), "test"), progress=False)
+    h = _render(Path(tiny_run), tmp_path / "no_results", tmp_path / "synth4", tmp_path / "r2.html", n_queries=4,
+                index=str(tmp_path / "idx")).read_text()
+    assert re.findall(r'data-hit="([01])"', h) == ["1"] * 4 and "from index" in h
 
 
 CHECK_JS = """

@@ -241,6 +241,9 @@ class ArtifactEncoder(Encoder):
         self.sha256 = sha256_file(path)
         if entry.get("sha256") and entry["sha256"] != self.sha256:
             raise SearchError(f"{path}: sha256 differs from {mpath} (file changed after export; re-export)")
+        if entry.get("parity_pass") is False:
+            log.warning("%s: failed its parity check against the eager student (see %s 'parity'); "
+                        "its embeddings may rank differently", path, mpath)
         self.role, self.path, self.manifest, self.entry = role, path, m, entry
         self.runtime = _runtime_of(path, entry)
         run = _find_run(path, m)

@@ -1,0 +1,295 @@
+"""`mcad export`: every target/backend that can run here builds its artifacts, runs them in the
+real runtime (ExecuTorch, LiteRT, ONNX Runtime) against the eager fp32 student, and writes the
+manifest; the search program agrees with brute force; missing SDKs and bad input are one line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_run
+
+pytestmark = pytest.mark.slow
+
+
+def _students():
+    from mcad.models.registry import list_models
+
+    return [n for n in list_models("dual") if n.startswith("student-")]
+
+
+def _train_briefly(model, tokenizer, synth_root, steps: int = 40, seed: int = 0):
+    """A few dozen CLIP-loss steps on the small synthetic train split, so embeddings spread out
+    and retrieval is above chance (random weights make every image embedding nearly the same)."""
+    import torch.nn.functional as F
+
+    from mcad.data.images import load_images, normalize
+    from mcad.data.karpathy import load_karpathy
+
+    corpus = load_karpathy(synth_root / "dataset_synth.json", split="train")
+    px, corpus = load_images(corpus, model.image_size, progress=False)
+    pix = normalize(px, model.image_mean, model.image_std)
+    ids = torch.as_tensor(tokenizer.encode_batch(corpus.captions))
+    c2i = torch.as_tensor(corpus.caption_to_image)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        cap = torch.randperm(len(ids), generator=g)[:64]
+        img = c2i[cap]
+        u, w, scale = model(pix[img], ids[cap])
+        logits = scale * u @ w.T
+        same = (img[:, None] == img[None, :]).float()
+        tgt = same / same.sum(1, keepdim=True)
+        loss = -(tgt * F.log_softmax(logits, 1)).sum(1).mean() - (tgt * F.log_softmax(logits.T, 1)).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tokenizer, synth_root):
+    from mcad.models.checkpoint import save_model
+    from mcad.runs import load_student
+
+    path = make_run(tmp_path_factory.mktemp("trained") / "tiny", tokenizer, "student-tiny")
+    model = _train_briefly(load_student(path)[0], tokenizer, synth_root)
+    save_model(model, path / "student.safetensors")
+    return path
+
+
+def _export(run, synth_root, **kw):
+    from mcad.export.pipeline import Options, export
+
+    kw.setdefault("calib", 32)
+    kw.setdefault("queries", 8)
+    kw.setdefault("progress", False)
+    return export(Options(run=run, data=synth_root, **kw))
+
+
+@pytest.fixture(scope="session")
+def cpu_export(trained_run, synth_root):
+    """target=cpu, every backend and program, on the briefly trained student-tiny."""
+    return _export(trained_run, synth_root, target="cpu")
+
+
+# -- cpu: XNNPACK .pte, ONNX int8, TFLite int8 ----------------------------------------------------
+def test_cpu_manifest(cpu_export, trained_run):
+    from mcad.io import sha256_file
+
+    m = cpu_export
+    out = trained_run / "export" / "cpu"
+    assert m["target"] == "cpu" and m["embed_dim"] == 64 and m["context_length"] == 24 and m["image_size"] == 64
+    assert m["tokenizer"] == "tokenizer.json" and (out / "tokenizer.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["artifacts"] == m["artifacts"]
+    for key in ("torch", "executorch", "onnxruntime", "ai-edge-litert"):
+        assert key in m["versions"]
+    got = {(a["role"], a["backend"], a["runtime"]) for a in m["artifacts"]}
+    want = {(r, b, rt) for r in ("text", "image", "search")
+            for b, rt in (("xnnpack", "executorch"), ("onnx", "onnxruntime"), ("tflite", "litert"))}
+    assert got == want
+    for a in m["artifacts"]:
+        f = out / a["file"]
+        assert f.stat().st_size == a["bytes"] > 0 and sha256_file(f) == a["sha256"]
+        assert "int8" in a["quantization"] and a["inputs"] and a["outputs"]
+        if a["role"] == "search":
+            assert [i["name"] for i in a["inputs"]] == ["ids", "gallery"]
+            assert a["inputs"][1]["shape"] == ["N", 64] and a["k"] == 10
+            assert [o["shape"] for o in a["outputs"]] == [[1, 10], [1, 10]]
+            assert a["outputs"][1]["dtype"] == "int64"
+        else:
+            assert a["outputs"][0]["shape"] == [1, 64] and a["outputs"][0]["dtype"] == "float32"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_cpu_parity_in_real_runtimes(cpu_export):
+    p = cpu_export["parity"]
+    assert p["n_images"] == 100 and p["n_captions"] == 500
+    for name, rec in p["artifacts"].items():
+        if rec["role"] in ("text", "image"):
+            assert rec["cos_mean"] >= 0.99 and rec["cos_min"] >= 0.97, (name, rec)
+    for group, r in p["retrieval"].items():
+        assert abs(r["d_i2t_r1"]) <= 1.0 + 1e-9 and abs(r["d_t2i_r1"]) <= 1.0 + 1e-9, (group, r, p["fp32"])
+    assert p["pass"], p
+
+
+def test_search_program_matches_brute_force(cpu_export):
+    for name, rec in cpu_export["parity"]["artifacts"].items():
+        if rec["role"] != "search":
+            continue
+        s = rec["search"]
+        assert s["queries"] == 8 and s["agree_ties_aside"] == 8 and s["agree_fp32_ties_aside"] == 8, (name, s)
+        assert s["max_score_err"] <= 1e-3
+
+
+def test_golden_npz(cpu_export, trained_run):
+    from mcad.export.programs import brute_force_topk
+    from mcad.runs import load_student
+
+    z = np.load(trained_run / "export" / "cpu" / "golden.npz")
+    model, _ = load_student(trained_run)
+    with torch.no_grad():
+        te = model.encode_text(torch.as_tensor(z["ids"])).numpy()
+        ie = model.encode_image(torch.as_tensor(z["pixels"])).numpy()
+    np.testing.assert_allclose(te, z["text_emb"], atol=1e-5)
+    np.testing.assert_allclose(ie, z["image_emb"], atol=1e-5)
+    _, v, i = brute_force_topk(torch.as_tensor(z["text_emb"]), torch.as_tensor(z["gallery"]))
+    np.testing.assert_array_equal(i.numpy(), z["topk_indices"])
+    assert z["ids"].dtype == np.int64 and z["captions"].shape == (4,)
+
+
+def test_search_program_runs_any_gallery_size(cpu_export, trained_run):
+    """The shipped search programs take a gallery of any row count (>= k)."""
+    from mcad.export.runtimes import run_executorch_many, run_onnx, run_tflite
+
+    out = trained_run / "export" / "cpu"
+    z = np.load(out / "golden.npz")
+    g = z["gallery"][:37]
+    q = z["ids"][:1]
+    ref = np.argsort(-(g @ z["text_emb"][0]))[:10]
+    res = run_executorch_many({"s": (out / "search.xnnpack.int8.pte", [[q, g]])})["s"][0]
+    for idx in (res[0][1], run_onnx(out / "search.int8.onnx", [[q, g]])[0][0][1],
+                run_tflite(out / "search.int8.tflite", [[q, g]], ["ids", "gallery"])[0][0][1]):
+        assert idx.shape == (1, 10) and len(set(idx[0].tolist())) == 10 and idx.max() < 37
+        assert len(set(idx[0].tolist()) & set(ref.tolist())) >= 8  # int8 query vs fp32 reference
+
+
+# -- the other students, targets and backends ----------------------------------------------------
+def test_vit_student_image_encoders(tokenizer, synth_root, tmp_path):
+    """student-tiny-vit (same text tower as student-tiny, ViT image tower): every backend's image
+    encoder, run in its runtime, against eager fp32."""
+    run = make_run(tmp_path / "vit", tokenizer, "student-tiny-vit")
+    for target, backends in (("cpu", ("xnnpack", "onnx", "tflite")), ("dimensity", ("tflite_full",))):
+        m = _export(run, synth_root, target=target, backends=backends, roles=("image",), parity_images=40)
+        recs = m["parity"]["artifacts"]
+        assert len(recs) == len(backends)
+        for name, rec in recs.items():
+            assert rec["cos_mean"] >= 0.99 and rec["cos_min"] >= 0.97, (name, rec)
+
+
+def test_dimensity_full_integer(trained_run, synth_root):
+    m = _export(trained_run, synth_root, target="dimensity", backends=("tflite_full", "mediatek"),
+                parity_images=40)
+    arts = {a["file"]: a for a in m["artifacts"]}
+    assert set(arts) == {"text_encoder.full_int8.tflite", "image_encoder.full_int8.tflite",
+                         "search.full_int8.tflite"}
+    assert arts["image_encoder.full_int8.tflite"]["inputs"][0]["dtype"] == "int8"
+    assert arts["image_encoder.full_int8.tflite"]["inputs"][0]["quantization"]["scale"] > 0
+    assert arts["text_encoder.full_int8.tflite"]["inputs"][0]["dtype"] == "int32"  # token ids
+    p = m["parity"]
+    for name, rec in p["artifacts"].items():
+        if rec["role"] == "search":
+            assert rec["search"]["agree_ties_aside"] == rec["search"]["queries"], rec
+        else:
+            assert rec["cos_mean"] >= 0.99 and rec["cos_min"] >= 0.97, (name, rec)
+    from mcad.export.pipeline import mediatek_available
+
+    if not mediatek_available():
+        assert {s["artifact"] for s in m["skipped"]} == {
+            "text_encoder.mediatek.mt6989.int8.pte", "image_encoder.mediatek.mt6989.int8.pte",
+            "search.mediatek.mt6989.int8.pte"}
+        assert all("mtk_converter" in s["reason"] for s in m["skipped"])
+
+
+def test_snapdragon_qnn_without_sdk(trained_run, synth_root, monkeypatch, tmp_path):
+    """No SDK: the QNN quantizer still runs (its eager numbers land in the parity record), the HTP
+    .pte is skipped with the reason, and strict=1 turns that into an error."""
+    from mcad.export.pipeline import SdkMissing
+
+    empty = tmp_path / "empty-sdk"
+    empty.mkdir()
+    monkeypatch.setenv("QNN_SDK_ROOT", str(empty))
+    m = _export(trained_run, synth_root, target="snapdragon", backends=("qnn",), parity_images=30, soc="SM8750")
+    assert m["artifacts"] == [] and m["soc"] == "SM8750"
+    assert {s["artifact"] for s in m["skipped"]} == {
+        "text_encoder.qnn.sm8750.int8.pte", "image_encoder.qnn.sm8750.int8.pte", "search.qnn.sm8750.int8.pte"}
+    assert all("QNN_SDK_ROOT" in s["reason"] for s in m["skipped"])
+    sim = m["parity"]["simulated"]["qnn-sm8750"]
+    assert sim["text"]["cos_mean"] >= 0.99 and sim["image"]["cos_mean"] >= 0.99, sim
+    with pytest.raises(SdkMissing, match="QNN_SDK_ROOT"):
+        _export(trained_run, synth_root, target="snapdragon", backends=("qnn",), strict=True)
+
+
+def test_qnn_lowering_with_sdk(trained_run, synth_root, tmp_path):
+    from mcad.quantize.pt2e import qnn_sdk_root
+
+    if qnn_sdk_root() is None:
+        pytest.skip("QNN lowering needs a QNN SDK at $QNN_SDK_ROOT (lib/x86_64-linux-clang/libQnnHtp.so)")
+    m = _export(trained_run, synth_root, target="snapdragon", backends=("qnn",), parity=False, out=tmp_path / "qnn")
+    assert {a["backend"] for a in m["artifacts"]} == {"qnn"} and len(m["artifacts"]) == 3
+
+
+def test_mediatek_lowering_with_sdk(trained_run, synth_root, tmp_path):
+    from mcad.export.pipeline import mediatek_available
+
+    if not mediatek_available():
+        pytest.skip("MediaTek lowering needs the NeuroPilot SDK's mtk_converter and mtk_neuron")
+    m = _export(trained_run, synth_root, target="dimensity", backends=("mediatek",), parity=False,
+                out=tmp_path / "mtk")
+    assert {a["backend"] for a in m["artifacts"]} == {"mediatek"} and len(m["artifacts"]) == 3
+
+
+def test_mobile_student_fp32_onnx(tokenizer, synth_root, tmp_path):
+    """student-mobile (49k-token vocabulary, 224 px) is too slow for int8 runtime parity here;
+    its fp32 ONNX export runs in ONNX Runtime and matches eager."""
+    assert "student-mobile" in _students()
+    run = make_run(tmp_path / "mobile", tokenizer, "student-mobile")
+    m = _export(run, synth_root, target="cpu", backends=("onnx",), roles=("text", "image"), precision="fp32",
+                calib=4, parity_images=6)
+    for name, rec in m["parity"]["artifacts"].items():
+        assert rec["cos_min"] >= 0.9999, (name, rec)
+    assert all(a["quantization"].startswith("fp32") for a in m["artifacts"])
+
+
+# -- bad input: one line -------------------------------------------------------------------------
+def _cli(argv, capsys):
+    from mcad.cli import main
+
+    code = main(["export", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_unknown_target_is_one_line(tiny_run, capsys):
+    code, err = _cli(["target=tpu", f"run={tiny_run}"], capsys)
+    assert code == 1 and len(err) == 1 and "target=tpu: unknown target" in err[0], err
+
+
+def test_run_without_student_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = _cli(["target=cpu", f"run={tmp_path / 'empty'}"], capsys)
+    assert code == 1 and len(err) == 1 and "has no student.safetensors" in err[0], err
+    code, err = _cli(["target=cpu", f"run={tmp_path / 'nowhere'}"], capsys)
+    assert code == 1 and len(err) == 1 and "no such run folder" in err[0], err
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path, tokenizer, capsys):
+    run = make_run(tmp_path / "bad", tokenizer)
+    (run / "student.safetensors").write_bytes(b"\x00not a checkpoint" * 10)
+    code, err = _cli(["target=cpu", f"run={run}"], capsys)
+    assert code == 1 and len(err) == 1 and "student.safetensors" in err[0], err
+
+
+def test_strict_without_sdk_is_one_line(tiny_run, capsys, monkeypatch):
+    monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
+    code, err = _cli(["target=snapdragon", f"run={tiny_run}", "strict=1"], capsys)
+    assert code == 1 and len(err) == 1 and "QNN_SDK_ROOT" in err[0], err
+    if not __import__("mcad.export.pipeline", fromlist=["x"]).mediatek_available():
+        code, err = _cli(["target=dimensity", f"run={tiny_run}", "strict=1"], capsys)
+        assert code == 1 and len(err) == 1 and "mtk_converter" in err[0], err
+
+
+def test_bad_options_are_one_line(tiny_run, capsys):
+    code, err = _cli(["target=cpu", f"run={tiny_run}", "colour=red"], capsys)
+    assert code == 1 and len(err) == 1 and "colour: unknown option" in err[0], err
+    code, err = _cli(["target=cpu", f"run={tiny_run}", "keep_fp32=bogus"], capsys)
+    assert code == 1 and len(err) == 1 and "keep_fp32: unknown entry" in err[0], err
+
+
+def test_default_run_is_latest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(["target=cpu"], capsys)  # no runs/ here
+    assert code == 1 and len(err) == 1 and "no run folder" in err[0], err

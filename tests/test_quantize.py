@@ -1,0 +1,172 @@
+"""mcad.quantize: calibration sets, PT2E int8 (XNNPACK, QNN, LiteRT quantizers), ONNX Runtime QDQ
+and full-integer TFLite, each checked against the eager fp32 encoder (cosine)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_run
+
+STUDENTS = ["student-tiny", "student-tiny-vit"]
+
+
+def _students():
+    from mcad.models.registry import list_models
+
+    return [n for n in list_models("dual") if n.startswith("student-")]
+
+
+def test_registered_students_are_covered():
+    # every student config is exercised here or (student-mobile, 49k vocab) by the fp32 export test
+    assert set(_students()) <= set(STUDENTS) | {"student-mobile"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer):
+    from mcad.runs import load_student
+
+    out = {}
+    for name in STUDENTS:
+        path = make_run(tmp_path_factory.mktemp("q") / name, tokenizer, name)
+        out[name] = load_student(path)[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples(runs, tokenizer, synth_root):
+    from mcad.quantize.calib import load_samples
+
+    model = runs["student-tiny"]
+    return {"calib": load_samples(model, tokenizer, synth_root, n=24, split="train"),
+            "test": load_samples(model, tokenizer, synth_root, n=24, split="test", captions_per_image=1)}
+
+
+def _cos(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_parse_keep():
+    from mcad.quantize.pt2e import DEFAULT_KEEP_FP32, parse_keep
+
+    assert parse_keep(None, "xnnpack") == DEFAULT_KEEP_FP32["xnnpack"]
+    assert parse_keep(None, "qnn") == DEFAULT_KEEP_FP32["qnn"]
+    assert parse_keep("proj, softmax") == ("proj", "softmax")
+    assert parse_keep("none") == () and parse_keep([]) == ()
+    assert parse_keep(["tower.blocks.0"]) == ("tower.blocks.0",)
+    with pytest.raises(ValueError, match="keep_fp32: unknown entry 'bogus'"):
+        parse_keep("bogus")
+
+
+def test_calibration_samples(runs, tokenizer, synth_root):
+    from mcad.quantize.calib import load_samples
+
+    model = runs["student-tiny"]
+    a = load_samples(model, tokenizer, synth_root, n=16, split="train", seed=3)
+    b = load_samples(model, tokenizer, synth_root, n=16, split="train", seed=3)
+    assert a.pixels.shape == (16, 3, model.image_size, model.image_size) and a.pixels.dtype == np.float32
+    assert a.ids.shape == (16, model.context_length) and a.ids.dtype == np.int64
+    np.testing.assert_array_equal(a.ids, b.ids)  # seeded draw
+    assert -1.01 <= a.pixels.min() and a.pixels.max() <= 1.01  # normalised with the model's mean/std
+    allcaps = load_samples(model, tokenizer, synth_root, n=4, split="test", captions_per_image=0)
+    assert len(allcaps.ids) == 20 and allcaps.caption_to_image.tolist() == sorted(allcaps.caption_to_image.tolist())
+    with pytest.raises(FileNotFoundError, match="no such data set"):
+        load_samples(model, tokenizer, synth_root / "missing.json")
+
+
+@pytest.mark.parametrize("backend", ["xnnpack", "qnn", "litert"])
+@pytest.mark.parametrize("student", STUDENTS)
+def test_pt2e_int8_matches_fp32(backend, student, runs, samples, tokenizer, synth_root, monkeypatch, tmp_path):
+    """Prepare/convert with each PT2E quantizer (QNN's runs without the SDK) and compare the
+    quantized eager graph with the fp32 encoder on held-out inputs."""
+    from mcad.quantize.calib import load_samples
+    from mcad.quantize.pt2e import Normalized, quantize_core
+
+    if backend == "qnn":
+        empty = tmp_path / "qnn-sdk"
+        empty.mkdir()
+        monkeypatch.setenv("QNN_SDK_ROOT", str(empty))
+    model = runs[student]
+    calib = load_samples(model, tokenizer, synth_root, n=16, split="train")
+    test = samples["test"]
+    for role, x, xt in (("text", calib.ids, test.ids), ("image", calib.pixels, test.pixels)):
+        enc = model.text_encoder() if role == "text" else model.image_encoder()
+        q, _ = quantize_core(enc, x, backend)
+        xt = torch.as_tensor(xt)
+        with torch.no_grad():
+            got = torch.cat([Normalized(q)(xt[i:i + 1]) for i in range(len(xt))]).numpy()
+            ref = enc(xt).numpy()
+        c = _cos(got, ref)
+        assert c.mean() >= 0.99 and c.min() >= 0.97, (backend, student, role, c.mean(), c.min())
+        # int8 for real: the converted graph carries quantize/dequantize ops
+        targets = {str(n.target) for n in q.graph.nodes if n.op == "call_function"}
+        assert any("quantize_per" in t for t in targets), targets
+
+
+def test_keep_fp32_leaves_modules_float(runs, samples):
+    from mcad.quantize.pt2e import quantize_core
+
+    enc = runs["student-tiny"].text_encoder()
+    q_all, _ = quantize_core(enc, samples["calib"].ids, "xnnpack", keep_fp32=[])
+    q_proj, _ = quantize_core(enc, samples["calib"].ids, "xnnpack", keep_fp32=["proj"])
+
+    def proj_weight_quantized(gm):
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and "linear" in str(n.target):
+                stack = list((n.meta.get("nn_module_stack") or {}).values())
+                if stack and stack[-1][0] == "proj":
+                    w = n.args[1]
+                    return w.op == "call_function" and "dequantize" in str(w.target)
+        raise AssertionError("no proj linear in the graph")
+
+    assert proj_weight_quantized(q_all)
+    assert not proj_weight_quantized(q_proj)
+
+
+def test_onnx_qdq_int8(runs, samples, tmp_path):
+    import onnx
+
+    from mcad.export.builders import build_onnx
+    from mcad.export.programs import example_inputs, program
+    from mcad.export.runtimes import run_onnx
+    from mcad.quantize.onnx_quant import quantize_onnx
+    from mcad.quantize.pt2e import Core
+
+    model = runs["student-tiny"]
+    for role, name, x, xt in (("text", "ids", samples["calib"].ids, samples["test"].ids),
+                              ("image", "pixels", samples["calib"].pixels, samples["test"].pixels)):
+        enc = model.text_encoder() if role == "text" else model.image_encoder()
+        fp, q8 = tmp_path / f"{role}.onnx", tmp_path / f"{role}.int8.onnx"
+        build_onnx(program(role, Core(enc), Core(enc)), example_inputs(model, role), fp, [name], ["emb"])
+        quantize_onnx(fp, q8, {name: x})
+        ops = {n.op_type for n in onnx.load(str(q8)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        got, meta = run_onnx(q8, [[xt[i:i + 1]] for i in range(len(xt))])
+        ref = enc(torch.as_tensor(xt)).detach().numpy()
+        c = _cos(np.concatenate([g[0] for g in got]), ref)
+        assert c.mean() >= 0.99 and c.min() >= 0.97, (role, c.mean(), c.min())
+        assert meta["inputs"][0]["name"] == name
+
+
+def test_full_integer_tflite(runs, samples, tmp_path):
+    from mcad.export.builders import build_tflite
+    from mcad.export.programs import example_inputs, program
+    from mcad.export.runtimes import litert_interpreter, run_tflite
+    from mcad.quantize.pt2e import Core
+    from mcad.quantize.tflite_quant import full_integer
+
+    model = runs["student-tiny"]
+    enc = model.image_encoder()
+    fp, q8 = tmp_path / "image.tflite", tmp_path / "image.full_int8.tflite"
+    build_tflite(program("image", None, Core(enc)), example_inputs(model, "image"), fp, ["pixels"])
+    full_integer(fp, q8, {"pixels": samples["calib"].pixels})
+    it = litert_interpreter(q8)
+    assert it.get_input_details()[0]["dtype"] == np.int8  # full integer: int8 model I/O
+    assert it.get_output_details()[0]["dtype"] == np.int8
+    xt = samples["test"].pixels
+    got, meta = run_tflite(q8, [[xt[i:i + 1]] for i in range(len(xt))], ["pixels"])
+    ref = enc(torch.as_tensor(xt)).detach().numpy()
+    c = _cos(np.concatenate([g[0] for g in got]), ref)
+    assert c.mean() >= 0.99 and c.min() >= 0.97, (c.mean(), c.min())
+    assert meta["inputs"][0]["quantization"]["scale"] > 0
