@@ -12,6 +12,20 @@ from mcad.models.dual import DualEncoder
 from mcad.models.layers import Block
 
 
+@torch.no_grad()
+def score_pairs(fuse, img_tok: torch.Tensor, txt_tok: torch.Tensor, ids: torch.Tensor,
+                img_idx: torch.Tensor, txt_idx: torch.Tensor, batch_size: int = 1024):
+    """h and m of any single-stream model's `fuse` for arbitrary (image, text) index pairs over
+    precomputed token sequences, in chunks."""
+    hs, ms = [], []
+    for s in range(0, len(img_idx), batch_size):
+        i, t = img_idx[s:s + batch_size], txt_idx[s:s + batch_size]
+        h, m = fuse(img_tok[i], txt_tok[t], ids[t])
+        hs.append(h)
+        ms.append(m)
+    return torch.cat(hs), torch.cat(ms)
+
+
 class FusionModel(nn.Module):
     kind = "fusion"
 
@@ -62,17 +76,8 @@ class FusionModel(nn.Module):
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor):
         return self.fuse(self.image_tokens(pixels), self.text_tokens(ids), ids)
 
-    @torch.no_grad()
-    def score_pairs(self, img_tok: torch.Tensor, txt_tok: torch.Tensor, ids: torch.Tensor,
-                    img_idx: torch.Tensor, txt_idx: torch.Tensor, batch_size: int = 1024):
-        """h and m for arbitrary (image, text) index pairs over precomputed token sequences."""
-        hs, ms = [], []
-        for s in range(0, len(img_idx), batch_size):
-            i, t = img_idx[s:s + batch_size], txt_idx[s:s + batch_size]
-            h, m = self.fuse(img_tok[i], txt_tok[t], ids[t])
-            hs.append(h)
-            ms.append(m)
-        return torch.cat(hs), torch.cat(ms)
+    def score_pairs(self, img_tok, txt_tok, ids, img_idx, txt_idx, batch_size: int = 1024):
+        return score_pairs(self.fuse, img_tok, txt_tok, ids, img_idx, txt_idx, batch_size)
 
     # the fusion model can also produce candidates through its own dual encoders
     def encode_image(self, pixels, normalize: bool = True):

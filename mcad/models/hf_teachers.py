@@ -336,17 +336,10 @@ class BLIPITMTeacher(nn.Module):
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor):
         return self.fuse(self.image_tokens(pixels), self.text_tokens(ids), ids)
 
-    @torch.no_grad()
-    def score_pairs(self, img_tok: torch.Tensor, txt_tok: torch.Tensor, ids: torch.Tensor,
-                    img_idx: torch.Tensor, txt_idx: torch.Tensor, batch_size: int = 256):
-        """h and m for arbitrary (image, text) index pairs over precomputed token sequences."""
-        hs, ms = [], []
-        for s in range(0, len(img_idx), batch_size):
-            i, t = img_idx[s:s + batch_size], txt_idx[s:s + batch_size]
-            h, m = self.fuse(img_tok[i], txt_tok[t], ids[t])
-            hs.append(h)
-            ms.append(m)
-        return torch.cat(hs), torch.cat(ms)
+    def score_pairs(self, img_tok, txt_tok, ids, img_idx, txt_idx, batch_size: int = 256):
+        from mcad.models.fusion import score_pairs
+
+        return score_pairs(self.fuse, img_tok, txt_tok, ids, img_idx, txt_idx, batch_size)
 
     # -- ITC (candidates), as transformers' use_itm_head=False path --------------------------------
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
