@@ -47,7 +47,7 @@ def quiet():
 
 
 BUILD_TIMEOUT_S = 900.0  # per variant; `mcad bench build_timeout=S` (0: build in this process, no limit)
-ARTIFACTS_VERSION = 2  # bump when what build_artifacts writes changes (invalidates build/bench-cache)
+ARTIFACTS_VERSION = 3  # bump when what build_artifacts writes changes (invalidates build/bench-cache)
 
 
 def cache_key(*parts) -> str:
@@ -149,12 +149,60 @@ def export_tflite(module, example: tuple, path: Path, int8: bool, calib: list[tu
             edge.export(str(tmp))
 
 
-def build_variant(task: dict) -> None:
-    """Write one artifact (task: module, example, calib, runtime, quant, path, names, fp32_onnx)."""
+def _is_dual_tower(module) -> bool:
+    return type(module).__name__ in ("TextEncoder", "ImageEncoder") and hasattr(module, "proj")
+
+
+def build_with_export_stage(task: dict) -> str | None:
+    """int8 of a DualEncoder tower (student, student-mobile) through the export stage's own code
+    (mcad.quantize.pt2e.quantize_core + mcad.export.builders; its onnx_quant for ONNX): the same
+    recipe as `make export` (l2-normalize kept float). Returns the recipe name, or None when the
+    export stage does not apply / is not importable (then the bench's recipe is used)."""
+    if task["quant"] != "int8" or not _is_dual_tower(task["module"]):
+        return None
+    try:
+        from mcad.export import builders
+        from mcad.quantize.pt2e import Normalized, quantize_core
+    except Exception:  # the export stage is missing or broken: fall back
+        return None
+    import torch
+
+    module, example, path = task["module"].eval(), task["example"], Path(task["path"])
+    calib = torch.cat([c[0] for c in task["calib"]])
+    runtime = task["runtime"]
+    if runtime == "executorch":
+        converted, _ = quantize_core(module, calib, "xnnpack")
+        builders.build_xnnpack(Normalized(converted), example, path)
+    elif runtime == "litert":
+        converted, q = quantize_core(module, calib, "litert")
+        builders.build_tflite(Normalized(converted), example, path, ["x"], pt2e_quantizer=q)  # Normalized.forward(x)
+    elif runtime == "onnxruntime":
+        from mcad.quantize.onnx_quant import quantize_onnx as export_quantize_onnx
+
+        fp32 = Path(task["fp32_onnx"])
+        if not fp32.exists():
+            export_onnx(module, example, fp32, task["in_names"], task["out_names"])
+        export_quantize_onnx(fp32, path, {task["in_names"][0]: calib.numpy()})
+    else:
+        return None
+    return "export stage (mcad.quantize / mcad.export.builders)"
+
+
+def build_variant(task: dict) -> str:
+    """Write one artifact (task: module, example, calib, runtime, quant, path, names, fp32_onnx).
+    Returns which recipe made it."""
     import torch
 
     module, example, cal = task["module"].eval(), task["example"], task["calib"]
     runtime, quant, path = task["runtime"], task["quant"], Path(task["path"])
+    if task.get("use_export_stage", True):
+        try:
+            recipe = build_with_export_stage(task)
+        except Exception as e:  # noqa: BLE001 - the export stage is work in progress: fall back, say so
+            log.warning("export-stage recipe failed for %s (%s); bench recipe", path.name, str(e).splitlines()[0][:160])
+            recipe = None
+        if recipe:
+            return recipe
     with torch.no_grad():
         if runtime == "onnxruntime":
             fp32 = Path(task["fp32_onnx"])
@@ -169,9 +217,10 @@ def build_variant(task: dict) -> None:
             export_tflite(module, example, path, quant == "int8", cal)
         else:
             raise ValueError(f"unknown runtime {runtime!r}")
+    return "bench (mcad.benchmarks.artifacts)"
 
 
-def _build_in_subprocess(task: dict, timeout_s: float, work: Path) -> None:
+def _build_in_subprocess(task: dict, timeout_s: float, work: Path) -> str:
     """build_variant in a fresh process with a time limit (a lowering pass can run for tens of minutes)."""
     import subprocess
     import sys
@@ -191,6 +240,8 @@ def _build_in_subprocess(task: dict, timeout_s: float, work: Path) -> None:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
         err = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
         raise RuntimeError(err.strip()[:300] or f"exit {proc.returncode}")
+    recipe = [ln[len("RECIPE "):] for ln in proc.stdout.splitlines() if ln.startswith("RECIPE ")]
+    return recipe[-1] if recipe else "?"
 
 
 def build_artifacts(out_dir: Path, encoders: dict, runtimes: list[str], quants: list[str], meta: dict,
@@ -221,9 +272,9 @@ def build_artifacts(out_dir: Path, encoders: dict, runtimes: list[str], quants: 
                         "path": str(path), "in_names": in_names, "out_names": out_names, "fp32_onnx": str(fp32_onnx)}
                 try:
                     if timeout_s:
-                        _build_in_subprocess(task, timeout_s, out_dir)
+                        recipe = _build_in_subprocess(task, timeout_s, out_dir)
                     else:
-                        build_variant(task)
+                        recipe = build_variant(task)
                     if not path.exists():
                         raise RuntimeError("no file written")
                 except Exception as e:  # one line per variant that did not make it
@@ -239,7 +290,7 @@ def build_artifacts(out_dir: Path, encoders: dict, runtimes: list[str], quants: 
                 arts.append({"name": name, "role": role, "runtime": runtime, "backend": BACKEND[runtime],
                              "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
                              "quantization": quant if quant == "fp32" else QUANT_LABEL["int8"][runtime],
-                             "inputs": a_ins, "outputs": outs})
+                             "inputs": a_ins, "outputs": outs, "recipe": recipe})
                 log.info("built %s (%.1f MB)", label, path.stat().st_size / 1e6)
     manifest = {"target": meta.get("target", "bench"), **meta, "artifacts": arts, "skipped": skipped,
                 "made_by": "mcad.benchmarks.artifacts (bench-made; not the export stage)", "versions": versions()}
@@ -282,4 +333,5 @@ if __name__ == "__main__":  # python -m mcad.benchmarks.artifacts TASK.pt (one v
     import torch
 
     logging.basicConfig(level=logging.WARNING)
-    build_variant(torch.load(sys.argv[1], weights_only=False))
+    made_by = build_variant(torch.load(sys.argv[1], weights_only=False))
+    print(f"RECIPE {made_by}", flush=True)

@@ -20,20 +20,26 @@ def _q(r: dict) -> str:
     return quant_family(r.get("quantization", ""))
 
 
+def _art(r: dict) -> str:
+    """artifact name, with its export target and file (two targets can ship different files)."""
+    t = r.get("target") or ""
+    return f"{r.get('artifact')} ({t + ': ' if t and t != 'bench-made' else ''}{r.get('file', '')})"
+
+
 def search_table(rows: list[dict]) -> list[str]:
-    lines = ["| subject | runtime | quant | thr | gallery | tokenize p50 | encode p50 | score+top-k p50 | "
+    lines = ["| subject | artifact | runtime | quant | thr | gallery | tokenize p50 | encode p50 | score+top-k p50 | "
              "search p50 | p90 | p99 | memory MB | peak | bare | added | runner |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         if r.get("mode") != "search":
             continue
         if r.get("error"):
-            lines.append(f"| {r['subject']} | {r['runtime']} | {_q(r)} | {r['threads']} | {r.get('gallery')} | "
+            lines.append(f"| {r['subject']} | {_art(r)} | {r['runtime']} | {_q(r)} | {r['threads']} | {r.get('gallery')} | "
                          f"failed: {r['error'][:80]} |||||||||||")
             continue
         m = r.get("memory") or {}
         mem = _f(m.get("headline_mb"), 1) + (" (added)" if (m.get("headline") or "").startswith("added") else "")
-        lines.append(f"| {r['subject']} | {r['runtime']} | {_q(r)} | {r['threads']} | {r.get('gallery')} | "
+        lines.append(f"| {r['subject']} | {_art(r)} | {r['runtime']} | {_q(r)} | {r['threads']} | {r.get('gallery')} | "
                      f"{_f(_stage(r, 'tokenize'), 3)} | {_f(_stage(r, 'encode'), 3)} | {_f(_stage(r, 'score_topk'), 3)} | "
                      f"{_f(_stage(r, 'search'), 3)} | {_f(_stage(r, 'search', 'p90'), 3)} | {_f(_stage(r, 'search', 'p99'), 3)} | "
                      f"{mem} | {_f(m.get('peak_mb'), 1)} | {_f(m.get('bare_mb'), 1)} | {_f(m.get('added_mb'), 1)} | "

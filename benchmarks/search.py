@@ -159,6 +159,10 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     info = device.connect()  # missing/unauthorized device: one line, before any export work
     try:
         budget_name, budget_entry = match_device(budgets, device.budget_names(), opts.budget)
+        if opts.target is None:  # the export made for this device's SoC family, when there is one
+            fam = next((f for f in ("snapdragon", "dimensity") if (budget_name or "").startswith(f)), None)
+            if fam and (run / "export" / fam / "manifest.json").exists():
+                opts.target = fam
         texts = default_queries(16)
         out = Path(opts.out) if opts.out else run / "bench"
         out.mkdir(parents=True, exist_ok=True)
@@ -231,14 +235,14 @@ def console_summary(res: dict) -> list[str]:
         st, m = r.get("stages") or {}, r.get("memory") or {}
         if r["mode"] == "search":
             s = st.get("search") or {}
-            lines.append(f"{r['subject']:<18} {r['runtime']:<11} {r.get('quantization', '')[:12]:<12} t{r['threads']} "
+            lines.append(f"{r['subject']:<15} {r['artifact'][:12]:<12} {r['runtime']:<11} {_qf(r):<5} t{r['threads']} "
                          f"N={r['gallery']:<7} search p50 {_n(s.get('p50'))} p90 {_n(s.get('p90'))} ms  "
                          f"(enc {_n((st.get('encode') or {}).get('p50'))}, score+top-k {_n((st.get('score_topk') or {}).get('p50'))}, "
                          f"tok {_n((st.get('tokenize') or {}).get('p50'))})  mem {_n(m.get('headline_mb'), 1)} MB"
                          + (" added" if (m.get("headline") or "").startswith("added") else ""))
         else:
             e = st.get("encode") or {}
-            lines.append(f"{r['subject']:<18} {r['runtime']:<11} {r.get('quantization', '')[:12]:<12} t{r['threads']} "
+            lines.append(f"{r['subject']:<15} {r['artifact'][:12]:<12} {r['runtime']:<11} {_qf(r):<5} t{r['threads']} "
                          f"image encode p50 {_n(e.get('p50'))} p90 {_n(e.get('p90'))} ms  mem {_n(m.get('headline_mb'), 1)} MB")
     for x in res.get("ratios", []):
         if x["threads"] == 1 and x["what"] == "search" and x.get("gallery") not in (None,):
@@ -257,6 +261,12 @@ def console_summary(res: dict) -> list[str]:
     if res.get("errors"):
         lines.append(f"bench: {len(res['errors'])} job(s) failed; first: {res['errors'][0]}")
     return lines
+
+
+def _qf(r: dict) -> str:
+    from mcad.benchmarks.subjects import quant_family
+
+    return quant_family(r.get("quantization", ""))
 
 
 def _n(x, nd=2) -> str:

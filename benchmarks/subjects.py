@@ -125,16 +125,22 @@ def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str
     from mcad.tokenizer import Tokenizer
 
     run = resolve_run(run)
-    manifests = find_manifests(run, target)
+    manifests = pick_manifests(run, target)
     tok_path = run / "tokenizer.json"
     if manifests:
         arts, skipped, notes = [], [], []
         ids = None
         first: ExportManifest | None = None
+        seen: set[str] = set()
         for mp in manifests:
             m = load_manifest(mp)
             first = first or m
-            arts += _select(m.artifacts, runtimes, quants)
+            for a in _select(m.artifacts, runtimes, quants):
+                key = a.sha256 or sha256_file(a.path)
+                if key in seen:  # the same file exported for two targets: run it once
+                    continue
+                seen.add(key)
+                arts.append(a)
             skipped += [dict(s, target=m.target) for s in m.skipped]
             if ids is None:
                 ids = golden_ids(m)
@@ -177,6 +183,20 @@ def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str
                    params=_params(model), source=f"bench-made from {run.name}/student.safetensors (no export found)",
                    notes=["no runs/<name>/export/*/manifest.json: artifacts made by the bench (fp32/int8 as listed)"],
                    skipped=m.skipped)
+
+
+def pick_manifests(run: Path, target: str | None) -> list[Path]:
+    """`target=all`: every export target; a name: that one (error if missing); None: cpu when exported,
+    else every target there is."""
+    if target == "all":
+        return find_manifests(run)
+    if target:
+        found = find_manifests(run, target)
+        if not found:
+            have = ", ".join(p.parent.name for p in find_manifests(run)) or "none"
+            raise FileNotFoundError(f"{run}/export/{target}/manifest.json: no such export (exported targets: {have})")
+        return found
+    return find_manifests(run, "cpu") or find_manifests(run)
 
 
 def _params(model) -> dict:

@@ -95,7 +95,7 @@ class Job:
     def describe(self) -> dict:
         a = self.artifact
         return {"subject": self.subject, "artifact": a.name, "role": a.role, "runtime": a.runtime,
-                "backend": a.backend, "quantization": a.quantization, "file": a.path.name, "bytes": a.bytes,
+                "target": a.target, "backend": a.backend, "quantization": a.quantization, "file": a.path.name, "bytes": a.bytes,
                 "threads": self.threads, "mode": self.mode, "gallery": self.gallery,
                 "scorer": ("search program" if self.program == "search" else self.scorer) if self.mode == "search" else None,
                 "k": self.k if self.mode == "search" else None}

@@ -10,7 +10,8 @@ Options (key=value; lists comma-separated):
   device=local|<adb-serial>|qaihub:<name>   run=runs/<name> (default: the newest run)
   threads=1,2  galleries=1000,10000,100000  runtimes=onnxruntime,litert,executorch
   quant=fp32,int8 (filter)  make_quant=fp32,int8 (variants the bench makes itself when no export)
-  scorer=faiss|numpy  k=10  peers=full|tiny|none  mobile=1|0  image=1|0  target=<export target>
+  scorer=faiss|numpy  k=10  peers=full|tiny|none  mobile=1|0  image=1|0
+  target=cpu|snapdragon|dimensity|all (default: the SoC family's export when there is one, else cpu)
   quick=1 (or --quick)  runs=N (min runs)  warmup=N  min_time=S  max_time=S  max_runs=N
   budgets=benchmarks/budgets.yaml  budget=<entry>  out=runs/<name>/bench  results=benchmarks/results|none
   name=<summary name>  cache=build/bench-cache  build_timeout=900 (s per bench-made artifact)

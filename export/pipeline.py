@@ -390,7 +390,9 @@ class Exporter:
                     build_tflite(float_progs[role], ex, fp, INPUT_NAMES[role])
                     ids = self.calib.ids.astype(np.int32)
                     calib = {"text": {"ids": ids}, "image": {"pixels": self.calib.pixels}, "search": {"ids": ids}}[role]
-                    full_integer(fp, p, calib, self.keep_opt, float_outside="Core_core" if role == "search" else None,
+                    # the L2 normalisation (and the search tail) stays float: same query embedding in
+                    # the text encoder and the search program, and no int8 rounding of the output
+                    full_integer(fp, p, calib, self.keep_opt, float_outside="Core_core",
                                  fixed={"gallery": np.resize(self.calib_gallery, (self.opts.fixed_gallery,
                                                                                   self.model.embed_dim))}
                                  if role == "search" else None)

@@ -53,11 +53,9 @@ class Search(nn.Module):
 
 
 def program(role: str, text_core: nn.Module | None = None, image_core: nn.Module | None = None) -> nn.Module:
-    if role == "text":
-        return TextProgram(text_core)
-    if role == "image":
-        return ImageProgram(image_core)
-    return Search(text_core)
+    m = TextProgram(text_core) if role == "text" else ImageProgram(image_core) if role == "image" else Search(text_core)
+    m.training = False  # the wrapper only: .eval() would recurse into a converted PT2E graph, which refuses it
+    return m
 
 
 def example_inputs(model, role: str, gallery_size: int = 64):

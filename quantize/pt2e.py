@@ -47,7 +47,7 @@ KEEP_ALIASES: dict[str, dict] = {
 # (text min cos 0.84 / 0.77 otherwise). The image tower is fine either way.
 DEFAULT_KEEP_FP32: dict[str, tuple[str, ...]] = {
     "xnnpack": ("softmax",), "litert": ("softmax",), "onnx": ("softmax",),
-    "qnn": ("softmax", "attention_matmul"), "tflite_full": ("softmax", "attention_matmul"),
+    "qnn": ("softmax", "attention_matmul", "pool"), "tflite_full": ("softmax", "attention_matmul", "pool"),
     "mediatek": ("softmax", "attention_matmul"),
 }
 BACKENDS = ("xnnpack", "qnn", "litert")

@@ -100,5 +100,5 @@ def full_integer(float_tflite: str | Path, out_path: str | Path, calib: dict[str
 def scheme(keep_fp32: Sequence[str]) -> str:
     keep = ",".join(keep_fp32)
     return ("int8 full-integer TFLite (ai_edge_quantizer static_wi8_ai8): weights per-channel "
-            "symmetric int8, activations int8 calibrated, int8 model I/O for float inputs"
-            f"{'; float: ' + keep if keep else ''}")
+            "symmetric int8, activations int8 calibrated (min/max), int8 pixel input, float32 output "
+            f"(l2-normalize float){'; float: ' + keep if keep else ''}")

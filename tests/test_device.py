@@ -232,7 +232,7 @@ def test_bench_cli_budget_pass_and_fail(export_run, tmp_path, capsys):
     assert res["budget"]["device"] == "local" and res["budget"]["broken"] == 0
     assert (tmp_path / "out" / "bench_latency.png").stat().st_size > 1000
     md = (tmp_path / "out" / "bench.md").read_text()
-    assert "| student | onnxruntime | fp32 |" in md and "skipped text_encoder.xnnpack.int8.pte" in md
+    assert "| student | text_encoder (cpu: text_encoder.fp32.onnx) | onnxruntime | fp32 |" in md and "skipped text_encoder.xnnpack.int8.pte" in md
 
     assert main(base + [f"budgets={tmp_path / 'strict.yaml'}"]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]

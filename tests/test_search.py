@@ -91,7 +91,7 @@ def test_flat_matches_numpy_bruteforce(student_embs):
 
 
 @pytest.mark.parametrize("kind,threshold", [("sq8", 0.9), ("ivfsq8", 0.85), ("hnsw", 0.9), ("ivfpq", 0.6)])
-def test_compressed_recall(student_embs, kind, threshold):
+def test_compressed_recall(student_embs, kind, threshold, tmp_path):
     emb, q = student_embs
     g, qq = _spread(emb, q, copies=15)  # 380 student embeddings + jittered copies: 6080 vectors
     k = 10
@@ -105,6 +105,17 @@ def test_compressed_recall(student_embs, kind, threshold):
     # scores are inner products (hnsw's L2 distances converted back)
     exact = np.take_along_axis(full, I, 1)
     assert np.abs(D - exact).max() < (0.02 if kind != "ivfpq" else 0.15)
+    if kind in indexes.RERANKABLE:  # exact re-ranking of a 4k shortlist, rows read from disk
+        from mcad.search.store import VectorFile
+
+        np.save(tmp_path / "v.npy", g)
+        vf = VectorFile(tmp_path / "v.npy")
+        Dr, Ir = indexes.search(index, kind, qq, k, rerank=4, vectors=vf)
+        rr = _tie_aware_recall(Ir, full, k, tol=1e-6)
+        assert rr >= r and (kind != "sq8" or rr >= 0.99), (kind, r, rr)  # IVF types: probing still limits
+        np.testing.assert_allclose(Dr, np.take_along_axis(full, Ir, 1), atol=1e-5)
+        assert (np.diff(Dr, axis=1) <= 1e-7).all()
+        vf.close()
     # round trip through the file format keeps the results
     index2 = faiss.deserialize_index(faiss.serialize_index(index))
     indexes.set_search_params(index2, kind, params)
@@ -275,7 +286,10 @@ def test_dataset_source_and_auto_type(tiny_run, synth_root, tmp_path, capsys):
     assert m["sources"] == [{"kind": "data", "data": "synthetic", "split": "test"}]
     rc, o, e = _cli(capsys, "search", "a red circle above a green square", f"index={out}", "k=5", "nprobe=2", "--json")
     assert rc == 0, e
-    assert len(json.loads(o)["results"]) == 5
+    j = json.loads(o)
+    assert len(j["results"]) == 5 and j["rerank"] == 4  # lossy type + kept embeddings: exact re-ranking
+    rc, o, e = _cli(capsys, "search", "a red circle above a green square", f"index={out}", "rerank=0", "--json")
+    assert rc == 0 and json.loads(o)["rerank"] == 0
     assert indexes.auto_type(1000, 64) == "flat" and indexes.auto_type(1_000_000, 64) == "ivfsq8"
 
 

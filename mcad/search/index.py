@@ -206,6 +206,11 @@ def _add(folder: store.IndexFolder, encoder: Encoder | None, paths: list[str], k
     if encoder is None:
         raise SearchError("which student? give run= or encoder=")
     _check_same_student(folder, encoder)
+    was, now = folder.manifest.get("encoder", {}), encoder.describe()
+    if (was.get("kind"), was.get("sha256")) != (now.get("kind"), now.get("sha256")):
+        log.warning("%s: built with encoder %s, extending with %s (same student; embeddings may differ slightly)",
+                    folder.root, was.get("file"), now.get("file"))
+        folder.manifest.setdefault("encoders_added", []).append(now)
     have = set(folder.paths)
     new = [p for p in dict.fromkeys(paths) if p not in have]
     log.info("%s: %d of %d paths already indexed; encoding %d new", folder.root, len(paths) - len(new), len(paths), len(new))

@@ -4,7 +4,8 @@ The text encoder is the student the index was built with (read from the index ma
 one given by run=runs/<name> / encoder=runs/<name>/export/<target>/text_encoder.*; the tokenizer is
 the run folder's tokenizer.json (the training one). An index built by another student (sha256 of
 student.safetensors differs) or of another dimension is refused. nprobe= / efSearch= override the
-index's search parameters.
+index's search parameters. Lossy types (sq8, ivfsq8, ivfpq) re-rank a shortlist of rerank*k
+(default 4) with the exact embeddings the index folder keeps on disk; rerank=0 turns that off.
 """
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from mcad.search.common import SearchError, parse_args
 from mcad.search.encoders import load_text_encoder
 
 OPTIONS: dict[str, Any] = {"index": None, "k": 5, "run": None, "encoder": None, "nprobe": None,
-                           "efSearch": None, "threads": 1, "json": None}
+                           "efSearch": None, "rerank": None, "threads": 1, "json": None}
 
 
 class Searcher:
     """An index folder + the matching text encoder: `searcher(texts, k) -> [[(score, path), ...]]`."""
 
     def __init__(self, index_dir: str | Path, run: str | Path | None = None, encoder: str | Path | None = None,
-                 threads: int | None = 1, nprobe: int | None = None, efSearch: int | None = None):
+                 threads: int | None = 1, nprobe: int | None = None, efSearch: int | None = None,
+                 rerank: int | None = None):
         index_dir = Path(index_dir)
         m = store.read_manifest(index_dir)
         if not run and not encoder:
@@ -53,6 +55,9 @@ class Searcher:
 
             faiss.omp_set_num_threads(int(threads))
         indexes.set_search_params(self.folder.index, self.folder.kind, params)
+        # lossy index types re-rank a shortlist with the exact embeddings kept on disk (if kept)
+        self.vectors = store.vectors(self.folder) if self.folder.kind in indexes.RERANKABLE else None
+        self.rerank = int(indexes.DEFAULT_RERANK if rerank is None else rerank) if self.vectors is not None else 0
 
     def encode(self, texts: list[str]):
         q = self.encoder(self.tokenizer.encode_batch(texts))
@@ -62,7 +67,7 @@ class Searcher:
 
     def search(self, texts: list[str], k: int = 5) -> list[list[dict]]:
         q = self.encode(texts)
-        D, I = indexes.search(self.folder.index, self.folder.kind, q, k)
+        D, I = indexes.search(self.folder.index, self.folder.kind, q, k, rerank=self.rerank, vectors=self.vectors)
         return [[{"rank": r + 1, "id": int(i), "score": float(s), "path": self.folder.paths[int(i)]}
                  for r, (s, i) in enumerate(zip(Ds, Is)) if i >= 0] for Ds, Is in zip(D, I)]
 
@@ -78,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SearchError(f"k={k}: expected a positive number of results")
     t0 = time.perf_counter()
     s = Searcher(opts["index"], run=opts["run"], encoder=opts["encoder"], threads=opts["threads"],
-                 nprobe=opts["nprobe"], efSearch=opts["efSearch"])
+                 nprobe=opts["nprobe"], efSearch=opts["efSearch"], rerank=opts["rerank"])
     t1 = time.perf_counter()
     hits = s.search([pos[0]], k)[0]
     t2 = time.perf_counter()
     as_json = "json" in flags or str(opts.get("json")).lower() in ("true", "1", "yes")
     if as_json:
         print(json.dumps({"query": pos[0], "index": str(opts["index"]), "k": k, "type": s.folder.kind,
-                          "count": int(s.folder.index.ntotal), "student": s.folder.manifest["student"]["sha256"],
+                          "count": int(s.folder.index.ntotal), "rerank": s.rerank, "student": s.folder.manifest["student"]["sha256"],
                           "encoder": s.encoder.describe(), "load_s": round(t1 - t0, 4),
                           "query_s": round(t2 - t1, 4), "results": hits}, indent=2))
     else:

@@ -50,6 +50,49 @@ class IndexFolder:
         return int(self.manifest["dim"])
 
 
+class VectorFile:
+    """Rows of a float32 [n, d] .npy file read with pread: nothing is mapped or loaded, so the
+    process's resident memory stays the index's. Used to re-rank a compressed index's shortlist
+    with exact scores (the OS page cache may keep hot rows; it is not the process's memory)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran or len(shape) != 2 or dtype != np.float32:
+            raise SearchError(f"{self.path}: expected a C-order float32 [n, d] array, got {dtype} {shape}")
+        self.n, self.d = int(shape[0]), int(shape[1])
+        self.row_bytes = 4 * self.d
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.d), np.float32)
+        for j, i in enumerate(ids.tolist()):
+            if not 0 <= i < self.n:
+                raise SearchError(f"{self.path}: row {i} out of range (n = {self.n})")
+            out[j] = np.frombuffer(os.pread(self.fd, self.row_bytes, self.offset + i * self.row_bytes), np.float32)
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def vectors(folder: "IndexFolder") -> VectorFile | None:
+    """The exact embeddings of an index folder for re-ranking, or None when it keeps none."""
+    f = folder.manifest["files"].get("embeddings")
+    return VectorFile(folder.root / f["path"]) if f else None
+
+
 def exists(root: str | Path) -> bool:
     return (Path(root) / MANIFEST).is_file()
 
