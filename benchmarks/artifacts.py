@@ -7,7 +7,11 @@ manifest of the docs/interfaces.md format so the harness reads everything one wa
 - executorch: XNNPACK lowering; int8 = PT2E with XNNPACKQuantizer (symmetric, per channel).
 - litert: `litert_torch.convert`; int8 = litert_torch's PT2EQuantizer (static, per channel),
   prepared/calibrated/converted with torchao's PT2E, then lowered with `QuantConfig`.
-A variant that fails is listed under `skipped` with a one-line reason, never silently dropped.
+For the DualEncoder towers (the run's student, student-mobile) int8 goes through the export stage's own
+code first (mcad.quantize.pt2e.quantize_core + mcad.export.builders, mcad.quantize.onnx_quant: the
+`make export` recipe, l2-normalize kept float); the recipes above are the fallback and what the peers get.
+Each variant is built in its own process under a time limit (`build_timeout=`); a variant that fails
+or runs over is listed under `skipped` with a one-line reason, never silently dropped.
 """
 from __future__ import annotations
 
@@ -289,7 +293,9 @@ def build_artifacts(out_dir: Path, encoders: dict, runtimes: list[str], quants: 
                             s["dtype"] = "int32"
                 arts.append({"name": name, "role": role, "runtime": runtime, "backend": BACKEND[runtime],
                              "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
-                             "quantization": quant if quant == "fp32" else QUANT_LABEL["int8"][runtime],
+                             "quantization": quant if quant == "fp32" else (
+                                 QUANT_LABEL["int8"][runtime] if not recipe.startswith("export stage")
+                                 else f"int8 {runtime} via the export stage's recipe (l2-normalize float)"),
                              "inputs": a_ins, "outputs": outs, "recipe": recipe})
                 log.info("built %s (%.1f MB)", label, path.stat().st_size / 1e6)
     manifest = {"target": meta.get("target", "bench"), **meta, "artifacts": arts, "skipped": skipped,

@@ -37,21 +37,37 @@ def candidates(sim: torch.Tensor, k: int) -> torch.Tensor:
     return cand
 
 
-def reassign_by_order(scores: torch.Tensor, order_scores: torch.Tensor) -> torch.Tensor:
+def dense(cand: torch.Tensor, values: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index form (cand [R, k], values [R, k]) -> mask form (mask [R, n_cols], values [R, n_cols])."""
+    mask = torch.zeros(cand.shape[0], n_cols, dtype=torch.bool, device=cand.device).scatter_(1, cand, True)
+    full = torch.zeros(cand.shape[0], n_cols, dtype=values.dtype, device=values.device).scatter_(1, cand, values)
+    return mask, full
+
+
+# Candidate sets are masks: with fixed candidate lists (the teacher cache) a row has as many
+# candidates as its list members that made it into the batch, not a fixed k.
+NEG = -1e9  # finite "minus infinity" for masked logits (no 0 * inf NaNs in the KL)
+
+
+def reassign_by_order(scores: torch.Tensor, order_scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Order from one teacher, scale from the other: for each row, the r-th largest of `scores`
-    goes to the element that `order_scores` ranks r-th. [R, k] -> [R, k]."""
-    values = scores.sort(dim=1, descending=True).values
-    rank_pos = order_scores.argsort(dim=1, descending=True, stable=True)
-    return torch.empty_like(scores).scatter_(1, rank_pos, values)
+    goes to the element that `order_scores` ranks r-th, among the row's `mask`ed entries (all when
+    no mask); other entries keep their score."""
+    if mask is None:
+        values = scores.sort(dim=1, descending=True).values
+        rank_pos = order_scores.argsort(dim=1, descending=True, stable=True)
+        return torch.empty_like(scores).scatter_(1, rank_pos, values)
+    values = scores.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True).values
+    rank_pos = order_scores.masked_fill(~mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    out = torch.empty_like(scores).scatter_(1, rank_pos, values)
+    return torch.where(mask, out, scores)
 
 
-def modified_similarity(s_dual: torch.Tensor, cand: torch.Tensor, m: torch.Tensor, mu: float,
+def modified_similarity(s_dual: torch.Tensor, mask: torch.Tensor, m: torch.Tensor, mu: float,
                         feat_term: torch.Tensor | None = None) -> torch.Tensor:
-    """Row-wise S̃: within each row's candidates C_i, (1-μ)·S^D + μ·(D's scores in F's order);
-    elsewhere S^D. `feat_term` (same shape as s_dual) is added everywhere when given."""
-    out = s_dual.clone()
-    d_c = s_dual.gather(1, cand)
-    out = out.scatter(1, cand, (1 - mu) * d_c + mu * reassign_by_order(d_c, m))
+    """Row-wise S̃: within each row's candidates (`mask`), (1-μ)·S^D + μ·(D's scores in F's order
+    by the ITM logits `m`, same shape); elsewhere S^D. `feat_term` is added everywhere when given."""
+    out = torch.where(mask, (1 - mu) * s_dual + mu * reassign_by_order(s_dual, m, mask), s_dual)
     if feat_term is not None:
         out = out + feat_term
     return out
@@ -68,13 +84,12 @@ def distribution_loss(s_student: torch.Tensor, target_i2t: torch.Tensor, target_
     return 0.5 * (kl_rows(target_i2t, s_student, tau) + kl_rows(target_t2i.T, s_student.T, tau))
 
 
-def single_teacher_loss(s_student: torch.Tensor, cand_i2t, m_i2t, cand_t2i, m_t2i, tau: float, tau_f: float) -> torch.Tensor:
-    """Distribution distillation from the ITM logits alone, over each row's candidates only."""
-    def part(s, cand, m):
-        p = F.softmax(m / tau_f, dim=1)
-        logq = F.log_softmax(s.gather(1, cand) / tau, dim=1)
-        return (p * (F.log_softmax(m / tau_f, dim=1) - logq)).sum(1).mean()
-    return tau * tau * 0.5 * (part(s_student, cand_i2t, m_i2t) + part(s_student.T, cand_t2i, m_t2i))
+def single_teacher_loss(s_student: torch.Tensor, mask_i2t, m_i2t, mask_t2i, m_t2i, tau: float, tau_f: float) -> torch.Tensor:
+    """Distribution distillation from the ITM logits alone, over each row's candidates only.
+    i2t: [images, texts]; t2i: [texts, images] (rows are the queries)."""
+    def part(s, mask, m):
+        return kl_rows((m / tau_f * tau).masked_fill(~mask, NEG), s.masked_fill(~mask, NEG), tau)
+    return 0.5 * (part(s_student, mask_i2t, m_i2t) + part(s_student.T, mask_t2i, m_t2i))
 
 
 def feature_loss(u_proj: torch.Tensor, w_proj: torch.Tensor, v_t: torch.Tensor, t_t: torch.Tensor) -> torch.Tensor:
@@ -83,12 +98,13 @@ def feature_loss(u_proj: torch.Tensor, w_proj: torch.Tensor, v_t: torch.Tensor, 
 
 
 def mcad_targets(v: torch.Tensor, t: torch.Tensor, v_mod: torch.Tensor | None, t_mod: torch.Tensor | None,
-                 cand_i2t, m_i2t, cand_t2i, m_t2i, mu: float):
-    """(S̃ for image->text rows, S̃ for text->image columns) from the teachers' outputs."""
+                 mask_i2t, m_i2t, mask_t2i, m_t2i, mu: float):
+    """(S̃ for image->text rows, S̃ for text->image columns) from the teachers' outputs.
+    mask_i2t/m_i2t: [images, texts]; mask_t2i/m_t2i: [texts, images]."""
     s_d = v @ t.T
     feat = None
     if v_mod is not None and t_mod is not None:
         feat = 0.5 * (v_mod @ t.T + v @ t_mod.T) - s_d
-    s_i2t = modified_similarity(s_d, cand_i2t, m_i2t, mu, feat)
-    s_t2i = modified_similarity(s_d.T, cand_t2i, m_t2i, mu, None if feat is None else feat.T).T
+    s_i2t = modified_similarity(s_d, mask_i2t, m_i2t, mu, feat)
+    s_t2i = modified_similarity(s_d.T, mask_t2i, m_t2i, mu, None if feat is None else feat.T).T
     return s_i2t, s_t2i

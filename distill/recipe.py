@@ -5,7 +5,8 @@
 3. distill the student with L_clip + α L_dist + β L_feat on confuser batches;
 4. evaluate, and write the run folder (student.safetensors + config, tokenizer.json,
    metrics.json, train.log, report.md, manifest.json).
-Teachers run online here (forward only, no gradient)."""
+Teachers come from the teacher cache (`mcad cache`, `cache=` in the config) when it exists, and
+run online (forward only, no gradient) otherwise: both give the same TeacherOutputs."""
 from __future__ import annotations
 
 import logging
@@ -19,15 +20,15 @@ from torch import nn
 
 from mcad.config import load_config
 from mcad.data.images import normalize
-from mcad.distill.losses import (FusionAdapters, candidates, distribution_loss, feature_loss, kl_rows, mcad_targets,
-                                 single_teacher_loss)
-from mcad.evaluate import encode_images, evaluate_dual, image_keys
+from mcad.distill.cache import (TeacherCache, TeacherOutputs, candidate_lists, dual_neighbours, online_batch)
+from mcad.distill.losses import NEG, FusionAdapters, distribution_loss, feature_loss, kl_rows, mcad_targets, single_teacher_loss
+from mcad.evaluate import evaluate_dual, image_keys
 from mcad.io import write_json, write_manifest
 from mcad.losses import clip_loss
 from mcad.models.checkpoint import load_model, save_model
 from mcad.models.registry import count_params, create_model, with_tokenizer
 from mcad.retrieval import recall_table
-from mcad.sampling import ConfuserBatches, caption_choice, nearest_neighbours
+from mcad.sampling import ConfuserBatches, caption_choice
 from mcad.teachers import add_file_log, load_split
 from mcad.tokenizer import Tokenizer
 from mcad.trainer import Trainer
@@ -36,40 +37,38 @@ log = logging.getLogger("mcad.distill")
 VARIANTS = ("none", "dual", "single", "mcad")
 
 
-class TeacherBatch:
-    """Everything the teachers say about one batch (no gradient)."""
+class Teachers:
+    """The teachers' outputs for a batch: from the cache, or by running them."""
 
-    def __init__(self, dual, fusion, px, ids, k: int):
-        with torch.no_grad():
-            self.v, self.t = dual.encode_image(px), dual.encode_text(ids)
-            s_d = self.v @ self.t.T
-            self.cand_i2t, self.cand_t2i = candidates(s_d, k), candidates(s_d.T, k)
-            img_tok, txt_tok = fusion.image_tokens(px), fusion.text_tokens(ids)
-            n, kk = self.cand_i2t.shape
-            rows = torch.arange(n)[:, None].expand(n, kk).reshape(-1)
-            _, m = fusion.score_pairs(img_tok, txt_tok, ids, rows, self.cand_i2t.reshape(-1))
-            self.m_i2t = m.view(n, kk)
-            _, m = fusion.score_pairs(img_tok, txt_tok, ids, self.cand_t2i.reshape(-1), rows)
-            self.m_t2i = m.view(n, kk)
-            self.h, _ = fusion.score_pairs(img_tok, txt_tok, ids, torch.arange(n), torch.arange(n))
+    def __init__(self, dual, fusion, lists: np.ndarray, cache: TeacherCache | None):
+        self.dual, self.fusion, self.lists, self.cache = dual, fusion, lists, cache
+
+    def __call__(self, pixels, ids, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
+        if self.cache is not None:
+            return self.cache.batch(idx, cap)
+        px = normalize(pixels[idx], self.dual.image_mean, self.dual.image_std)
+        return online_batch(self.dual, self.fusion, px, torch.as_tensor(ids[cap]), idx, self.lists)
 
 
-def fit_adapters(cfg, dual, fusion, pixels, ids, caps, batches, seed, progress=True) -> FusionAdapters:
-    """A_img/A_txt such that ṽ_i·t_j over D's top-k follows F's ITM judgement (and symmetrically)."""
+def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, pixels, ids, caps, batches, seed,
+                 progress=True) -> FusionAdapters:
+    """A_img/A_txt such that ṽ_i·t_j over each row's candidates follows F's ITM judgement (and
+    symmetrically)."""
     torch.manual_seed(seed + 5)
-    ad = FusionAdapters(fusion.width, dual.embed_dim)
+    ad = FusionAdapters(h_dim, dim)
     acfg = {"steps": int(cfg["adapters"]["steps"]), "lr": float(cfg["adapters"]["lr"]), "warmup": 10, "weight_decay": 0.0}
     tr = Trainer({"adapters": ad}, acfg, desc="fusion adapters")
-    bs, tau, tau_f, k = int(cfg["adapters"]["batch_size"]), float(cfg["adapters"]["tau"]), float(cfg["loss"]["tau_f"]), int(cfg["loss"]["k"])
+    bs, tau, tau_f = int(cfg["adapters"]["batch_size"]), float(cfg["adapters"]["tau"]), float(cfg["loss"]["tau_f"])
 
     def loss_fn(step):
         idx = batches(step)[:bs]
         cap = caption_choice(len(pixels), caps, seed, step, idx)
-        tb = TeacherBatch(dual, fusion, normalize(pixels[idx], dual.image_mean, dual.image_std), torch.as_tensor(ids[cap]), k)
+        tb = teachers(pixels, ids, idx, cap)
         v_m, t_m = ad(tb.v, tb.t, tb.h, 1.0)
-        s_half_i = (v_m @ tb.t.T).gather(1, tb.cand_i2t)   # only the image side modified
-        s_half_t = (t_m @ tb.v.T).gather(1, tb.cand_t2i)   # only the text side modified
-        loss = 0.5 * (kl_rows(tb.m_i2t / tau_f * tau, s_half_i, tau) + kl_rows(tb.m_t2i / tau_f * tau, s_half_t, tau))
+        s_half_i = (v_m @ tb.t.T).masked_fill(~tb.mask_i2t, NEG)   # only the image side modified
+        s_half_t = (t_m @ tb.v.T).masked_fill(~tb.mask_t2i, NEG)   # only the text side modified
+        loss = 0.5 * (kl_rows((tb.m_i2t / tau_f * tau).masked_fill(~tb.mask_i2t, NEG), s_half_i, tau) +
+                      kl_rows((tb.m_t2i / tau_f * tau).masked_fill(~tb.mask_t2i, NEG), s_half_t, tau))
         return loss, {}
 
     tr.fit(loss_fn, progress=progress)
@@ -102,7 +101,21 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     ids, test_ids = tok.encode_batch(corpus.captions), tok.encode_batch(test_c.captions)
     caps, keys = corpus.image_captions(), torch.as_tensor(image_keys(corpus))
 
-    nb = nearest_neighbours(encode_images(dual, pixels), int(cfg["neighbours"]))
+    cache = None
+    cache_dir = Path(cfg.get("cache") or teachers / "cache")
+    if variant != "none" and (cache_dir / "manifest.json").exists():
+        cache = TeacherCache(cache_dir)
+        cache.check(len(pixels), caps)
+        if cache.neighbours.shape[1] != int(cfg["neighbours"]):
+            raise ValueError(f"{cache_dir}: cache has {cache.neighbours.shape[1]} neighbours per image, the config "
+                             f"{cfg['neighbours']}: rebuild it or set neighbours={cache.neighbours.shape[1]}")
+        nb = cache.neighbours
+        log.info("teachers: from the cache %s", cache_dir)
+    else:
+        nb = dual_neighbours(dual, pixels, int(cfg["neighbours"]))
+        if variant != "none":
+            log.info("teachers: online (no cache at %s; `mcad cache` makes one)", cache_dir)
+    teacher_out = Teachers(dual, fusion, candidate_lists(nb), cache)
     batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg["neighbours"]) + 1)
     L = cfg["loss"]
     alpha, beta = float(L["alpha"]), float(L["beta"])
@@ -113,7 +126,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         mu = lam = 0.0
     if variant == "single":
         beta = 0.0
-    adapters = fit_adapters(cfg, dual, fusion, pixels, ids, caps, batches, seed, progress) \
+    adapters = fit_adapters(cfg, teacher_out, fusion.width, dual.embed_dim, pixels, ids, caps, batches, seed, progress) \
         if variant == "mcad" and lam > 0 else None
 
     torch.manual_seed(seed)  # same student initialisation for every variant
@@ -128,7 +141,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     tr = Trainer({"student": student, "proj": proj}, cfg, run / "student.ckpt.pt" if rank == 0 else None,
                  desc=f"student ({variant})" + (f" rank {rank}" if world > 1 else ""))
     tr.resume()
-    tau, tau_f, k = float(L["tau_kd"]), float(L["tau_f"]), int(L["k"])
+    tau, tau_f = float(L["tau_kd"]), float(L["tau_f"])
 
     def loss_fn(step):
         idx = batches(step)
@@ -140,15 +153,15 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         loss = clip_loss(u, w, scale, keys[idx])
         logs = {"clip": float(loss.detach())}
         if alpha > 0 or beta > 0:
-            tb = TeacherBatch(dual, fusion, normalize(pixels[idx], dual.image_mean, dual.image_std), ids_b, k)
+            tb = teacher_out(pixels, ids, idx, cap)
             v_m, t_m = adapters(tb.v, tb.t, tb.h, lam) if adapters is not None else (tb.v, tb.t)
             s = u @ w.T
             if variant == "single":
-                l_dist = single_teacher_loss(s, tb.cand_i2t, tb.m_i2t, tb.cand_t2i, tb.m_t2i, tau, tau_f)
+                l_dist = single_teacher_loss(s, tb.mask_i2t, tb.m_i2t, tb.mask_t2i, tb.m_t2i, tau, tau_f)
             else:
                 mod = adapters is not None and lam > 0
                 tgt_i, tgt_t = mcad_targets(tb.v, tb.t, v_m if mod else None, t_m if mod else None,
-                                            tb.cand_i2t, tb.m_i2t, tb.cand_t2i, tb.m_t2i, mu)
+                                            tb.mask_i2t, tb.m_i2t, tb.mask_t2i, tb.m_t2i, mu)
                 l_dist = distribution_loss(s, tgt_i, tgt_t, tau)
             l_feat = feature_loss(proj["img"](u), proj["txt"](w), v_m, t_m) if beta > 0 else torch.zeros(())
             loss = loss + alpha * l_dist + beta * l_feat

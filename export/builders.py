@@ -92,8 +92,11 @@ def build_onnx(module, example, out_path: Path, input_names, output_names, dynam
 
 
 # -- TFLite ----------------------------------------------------------------------------------------
-def build_tflite(module, example, out_path: Path, input_names, dynamic_shapes=None, pt2e_quantizer=None) -> None:
-    """Inputs are passed by keyword so the TFLite signature names them (`ids`, `gallery`)."""
+def build_tflite(module, example, out_path: Path, input_names, dynamic_shapes=None, pt2e_quantizer=None,
+                 x64: bool = True) -> None:
+    """Inputs are passed by keyword so the TFLite signature names them (`ids`, `gallery`).
+    x64: keep int64 token ids / top-k indices (the other runtimes' contract); False gives int32
+    I/O, what NPU delegates (NNAPI, NeuroPilot) take."""
     import litert_torch
 
     kwargs = {}
@@ -103,5 +106,5 @@ def build_tflite(module, example, out_path: Path, input_names, dynamic_shapes=No
         kwargs["quant_config"] = QuantConfig(pt2e_quantizer=pt2e_quantizer)
     with quiet(), torch.no_grad():
         edge = litert_torch.convert(module, sample_kwargs=dict(zip(input_names, example)),
-                                    dynamic_shapes=dynamic_shapes, **kwargs)
+                                    dynamic_shapes=dynamic_shapes, enable_x64=x64, **kwargs)
         edge.export(str(out_path))

@@ -22,7 +22,7 @@ from mcad.data.images import load_images, normalize
 from mcad.data.karpathy import load_karpathy
 from mcad.evaluate import encode_images, evaluate_dual, evaluate_rerank, image_keys
 from mcad.io import write_json
-from mcad.losses import clip_loss, sample_hard_negatives
+from mcad.losses import candidates_with_positive, clip_loss, itm_listwise_loss
 from mcad.models.checkpoint import load_model, save_model
 from mcad.models.registry import count_params, create_model, with_tokenizer
 from mcad.retrieval import recall_table
@@ -84,10 +84,8 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int):
     batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg.get("neighbours", 3)) + 1)
     trainer = Trainer({"fusion": fusion}, cfg, out / "fusion.ckpt.pt", desc="fusion teacher")
     trainer.resume()
-    gen = torch.Generator()
 
     def loss_fn(step: int):
-        gen.manual_seed(seed * 100003 + step)
         idx = batches(step)
         cap = caption_choice(len(pixels), caps, seed, step, idx)
         px = normalize(pixels[idx], dual.image_mean, dual.image_std)
@@ -97,19 +95,19 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int):
             v, t = dual.encode_image(px), dual.encode_text(ids_b)
             sim = v @ t.T
         kb = keys[idx]
-        neg_t = sample_hard_negatives(sim, kb, gen)        # a hard caption for each image
-        neg_i = sample_hard_negatives(sim.T, kb, gen)      # a hard image for each caption
+        # each image with its k-1 most confusable captions under D, and each caption with its
+        # images: the lists F re-ranks at test time
+        k = int(cfg.get("list_k", 4))
+        ct = candidates_with_positive(sim, kb, k)
+        ci = candidates_with_positive(sim.T, kb, k)
         B = len(idx)
-        ar = torch.arange(B)
-        i_idx = torch.cat([ar, ar, neg_i])
-        t_idx = torch.cat([ar, neg_t, ar])
+        rows = torch.arange(B)[:, None].expand_as(ct)
+        i_idx = torch.cat([rows.reshape(-1), ci.reshape(-1)])
+        t_idx = torch.cat([ct.reshape(-1), rows.reshape(-1)])
         _, m = fusion.fuse(img_tok[i_idx], txt_tok[t_idx], ids_b[t_idx])
-        target = torch.cat([torch.ones(B), torch.zeros(2 * B)])
-        # positives weigh as much as both negatives together
-        weight = torch.cat([torch.full((B,), 2.0), torch.ones(2 * B)])
-        loss = F.binary_cross_entropy_with_logits(m, target, weight=weight) / 1.333
-        acc = ((m > 0).float() == target).float().mean()
-        return loss, {"itm_acc": float(acc)}
+        l_i2t, acc_i2t = itm_listwise_loss(m[:B * ct.shape[1]].view(B, -1))
+        l_t2i, acc_t2i = itm_listwise_loss(m[B * ct.shape[1]:].view(B, -1))
+        return (l_i2t + l_t2i) / 2, {"list_acc_i2t": float(acc_i2t), "list_acc_t2i": float(acc_t2i)}
 
     t0 = time.time()
     trainer.fit(loss_fn)

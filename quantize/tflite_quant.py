@@ -1,11 +1,12 @@
 """Full-integer int8 TFLite (for NPU delegates: MediaTek NeuroPilot, NNAPI) with
 `ai_edge_quantizer`'s static_wi8_ai8 recipe: every supported op int8 (weights per-channel
-symmetric, activations calibrated), int8 model inputs/outputs where the input is float (pixels),
-token ids stay int32.
+symmetric, activations calibrated with plain min/max), int8 model input where it is float
+(pixels); token ids int32.
 
 `keep_fp32` aliases map to tensor-name regexes (litert_torch names tensors after the module
-path, `.../torch.nn.modules.linear.Linear_proj`) or op types; `float_scope` keeps everything
-outside the encoder core float (the search program's gallery matmul and top-k)."""
+path, `.../torch.nn.modules.linear.Linear_proj`) or op types; `float_regex` keeps more float
+(the export keeps the program wrapper's own ops float: L2 normalisation, gallery matmul, top-k,
+so embeddings leave as float32)."""
 from __future__ import annotations
 
 import logging
@@ -62,7 +63,7 @@ def _calibrate(qt, data: dict):
 
 
 def full_integer(float_tflite: str | Path, out_path: str | Path, calib: dict[str, np.ndarray],
-                 keep_fp32: Iterable[str] | None = None, float_outside: str | None = None,
+                 keep_fp32: Iterable[str] | None = None, float_regex: str | None = None,
                  fixed: dict[str, np.ndarray] | None = None) -> dict:
     """Quantize `float_tflite` with static_wi8_ai8 (+ keep rules); `calib` maps each signature
     input name to samples [N, ...] (run one at a time); `fixed` inputs (the search program's
@@ -77,8 +78,8 @@ def full_integer(float_tflite: str | Path, out_path: str | Path, calib: dict[str
     qt = quantizer.Quantizer(str(float_tflite))
     qt.load_quantization_recipe(recipe.static_wi8_ai8())
     rules = _keep_rules(keep)
-    if float_outside:
-        rules.append((f"^(?!.*{float_outside}).*$", "*"))
+    if float_regex:  # e.g. the ops of the program wrapper around the encoder core
+        rules.append((float_regex, "*"))
     for regex, op in rules:
         qt.update_quantization_recipe(regex=regex, operation_name=op, algorithm_key=AlgorithmName.NO_QUANTIZE)
     from ai_edge_litert.interpreter import Interpreter

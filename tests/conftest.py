@@ -57,3 +57,14 @@ def make_run(path, tokenizer, model_name: str = "student-tiny", seed: int = 0):
 def tiny_run(tmp_path_factory, tokenizer):
     """runs/<name>/ with student.safetensors (+config) and tokenizer.json; random weights."""
     return make_run(tmp_path_factory.mktemp("run") / "tiny", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def teachers(synth_root, tmp_path_factory):
+    """Both teachers, trained for two steps (the real recipe, tiny budgets)."""
+    from mcad.teachers import main
+
+    out = tmp_path_factory.mktemp("teachers")
+    assert main([f"data={synth_root}", f"out={out}", "dual.steps=2", "fusion.steps=2", "dual.batch_size=16",
+                 "fusion.batch_size=8", "threads=1", "eval.rerank_k=4"]) == 0
+    return out

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from mcad.distill.losses import (FusionAdapters, candidates, distribution_loss, feature_loss, kl_rows,
+from mcad.distill.losses import (FusionAdapters, candidates, dense, distribution_loss, feature_loss, kl_rows,
                                  mcad_targets, modified_similarity, reassign_by_order, single_teacher_loss)
 
 
@@ -24,13 +24,14 @@ def test_modified_similarity_hand_computed():
                       [0.2, 0.8, 0.3, 0.6]])
     cand = torch.tensor([[0, 2, 1], [1, 3, 2]])
     m = torch.tensor([[-3.0, 0.0, 2.0], [5.0, 1.0, 0.0]])  # row 0: F prefers col1 > col2 > col0
-    out = modified_similarity(s, cand, m, mu=0.5)
+    mask, m = dense(cand, m, 4)
+    out = modified_similarity(s, mask, m, mu=0.5)
     # row 0: candidates (0, 2, 1) with D scores (0.9, 0.7, 0.5); F order: col1, col2, col0
     #   -> col1 gets 0.9, col2 0.7, col0 0.5; mix half: col0 0.7, col1 0.7, col2 0.7; col3 unchanged
     assert torch.allclose(out[0], torch.tensor([0.7, 0.7, 0.7, 0.1]))
     # row 1: F agrees with D's order (1, 3, 2) -> unchanged
     assert torch.allclose(out[1], s[1])
-    assert torch.allclose(modified_similarity(s, cand, m, mu=0.0), s)
+    assert torch.allclose(modified_similarity(s, mask, m, mu=0.0), s)
 
 
 def test_candidates_always_hold_the_positive():
@@ -55,14 +56,14 @@ def test_distribution_loss_zero_when_student_equals_teacher_and_gradient_only_to
     s_d = v @ t.T
     cand_i = candidates(s_d, 3)
     cand_t = candidates(s_d.T, 3)
-    m_i, m_t = torch.randn(6, 3), torch.randn(6, 3)
-    tgt_i, tgt_t = mcad_targets(v, t, None, None, cand_i, m_i, cand_t, m_t, mu=0.0)
+    (mask_i, m_i), (mask_t, m_t) = dense(cand_i, torch.randn(6, 3), 6), dense(cand_t, torch.randn(6, 3), 6)
+    tgt_i, tgt_t = mcad_targets(v, t, None, None, mask_i, m_i, mask_t, m_t, mu=0.0)
     assert torch.allclose(tgt_i, s_d) and torch.allclose(tgt_t, s_d)
     assert float(distribution_loss(s_d, tgt_i, tgt_t, 0.05)) < 1e-6
     # gradient reaches the student and never the teacher side
     u = torch.randn(6, 8, requires_grad=True)
     v_req = v.clone().requires_grad_(True)
-    tgt_i, tgt_t = mcad_targets(v_req.detach(), t, None, None, cand_i, m_i, cand_t, m_t, mu=1.0)
+    tgt_i, tgt_t = mcad_targets(v_req.detach(), t, None, None, mask_i, m_i, mask_t, m_t, mu=1.0)
     loss = distribution_loss(unit(u) @ t.T, tgt_i, tgt_t, 0.05)
     loss.backward()
     assert u.grad is not None and u.grad.abs().sum() > 0
@@ -76,7 +77,8 @@ def test_t2i_target_uses_column_candidates():
     m_i = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # agrees with D
     m_t = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # text 0: F prefers image 1 over image 0
     v = unit(torch.randn(2, 4))
-    tgt_i, tgt_t = modified_similarity(s, cand_i, m_i, 1.0), modified_similarity(s.T, cand_t, m_t, 1.0).T
+    (mask_i, m_i), (mask_t, m_t) = dense(cand_i, m_i, 2), dense(cand_t, m_t, 2)
+    tgt_i, tgt_t = modified_similarity(s, mask_i, m_i, 1.0), modified_similarity(s.T, mask_t, m_t, 1.0).T
     assert torch.allclose(tgt_i, s)
     # column 0 (text 0): image 1 now gets D's top score 0.9, image 0 gets 0.2
     assert torch.allclose(tgt_t[:, 0], torch.tensor([0.2, 0.9]))
@@ -87,10 +89,16 @@ def test_t2i_target_uses_column_candidates():
 def test_single_teacher_loss_zero_when_student_matches_itm_order_scaled():
     s = torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0]])
     cand = torch.tensor([[0, 1, 2]] * 3)
-    m = s.gather(1, cand)
-    loss = single_teacher_loss(s, cand, m, cand, s.T.gather(1, cand), tau=1.0, tau_f=1.0)
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    loss = single_teacher_loss(s, mask, s, mask, s.T, tau=1.0, tau_f=1.0)
     assert float(loss) < 1e-6
-    assert float(single_teacher_loss(s, cand, -m, cand, -s.T.gather(1, cand), 1.0, 1.0)) > 0.1
+    assert float(single_teacher_loss(s, mask, -s, mask, -s.T, 1.0, 1.0)) > 0.1
+    # only the candidates count: a student wrong outside them costs nothing
+    mask = torch.eye(3, dtype=torch.bool) | torch.eye(3, dtype=torch.bool).roll(1, 1)
+    s2 = s.clone()
+    s2[~mask] = 9.0
+    assert abs(float(single_teacher_loss(s2, mask, s, mask.T, s.T, 1.0, 1.0)) -
+               float(single_teacher_loss(s, mask, s, mask.T, s.T, 1.0, 1.0))) < 1e-6
 
 
 def test_feature_term_and_adapters():
@@ -107,6 +115,21 @@ def test_feature_term_and_adapters():
     with torch.no_grad():
         ad.img.weight.normal_()
     v_m, t_m = ad(v, t, h, lam=0.5)
-    cand = candidates(v @ t.T, 2)
-    tgt_i, _ = mcad_targets(v, t, v_m, t_m, cand, torch.zeros(4, 2), cand, torch.zeros(4, 2), mu=0.0)
+    mask, m0 = dense(candidates(v @ t.T, 2), torch.zeros(4, 2), 4)
+    tgt_i, _ = mcad_targets(v, t, v_m, t_m, mask, m0, mask, m0, mu=0.0)
     assert torch.allclose(tgt_i, 0.5 * (v_m @ t.T + v @ t_m.T), atol=1e-6)
+
+
+def test_masked_reassign_keeps_non_candidates_and_permutes_within_rows():
+    torch.manual_seed(3)
+    s, m = torch.randn(5, 7), torch.randn(5, 7)
+    mask = torch.rand(5, 7) < 0.5
+    mask[:, 0] = True
+    out = reassign_by_order(s, m, mask)
+    assert torch.equal(out[~mask], s[~mask])
+    for i in range(5):
+        got, want = out[i][mask[i]], s[i][mask[i]]
+        assert torch.equal(got.sort().values, want.sort().values)  # same scores, new owners
+        # F's best candidate gets D's best score
+        best = mask[i].nonzero()[m[i][mask[i]].argmax()]
+        assert out[i, best] == want.max()

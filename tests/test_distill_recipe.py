@@ -6,16 +6,6 @@ import json
 import pytest
 
 
-@pytest.fixture(scope="module")
-def teachers(synth_root, tmp_path_factory):
-    from mcad.teachers import main
-
-    out = tmp_path_factory.mktemp("teachers")
-    assert main([f"data={synth_root}", f"out={out}", "dual.steps=2", "fusion.steps=2", "dual.batch_size=16",
-                 "fusion.batch_size=8", "threads=1", "eval.rerank_k=4"]) == 0
-    return out
-
-
 @pytest.mark.parametrize("variant", ["none", "dual", "single", "mcad"])
 def test_student_recipe_two_steps(variant, teachers, synth_root, tmp_path):
     from mcad.distill.recipe import main
@@ -23,7 +13,7 @@ def test_student_recipe_two_steps(variant, teachers, synth_root, tmp_path):
 
     rc = main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", f"name=s-{variant}",
                f"variant={variant}", "steps=2", "batch_size=16", "adapters.steps=2", "adapters.batch_size=8",
-               "threads=1", "loss.k=4", "warmup=1"])
+               "threads=1", "warmup=1"])
     assert rc == 0
     run = tmp_path / f"s-{variant}"
     m = json.loads((run / "metrics.json").read_text())
@@ -65,7 +55,7 @@ def test_ablation_runs_two_variants(teachers, synth_root, tmp_path):
     from mcad.distill.ablation import main
 
     rc = main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "seeds=0,1", "variants=none,dual",
-               "steps=1", "batch_size=8", "threads=1", "loss.k=4", "warmup=1", f"results={tmp_path / 'res'}"])
+               "steps=1", "batch_size=8", "threads=1", "warmup=1", f"results={tmp_path / 'res'}"])
     assert rc == 0
     j = json.loads((tmp_path / "res" / "ablation.json").read_text())
     assert set(j["results"]) == {"none", "dual"} and set(j["results"]["none"]) == {"0", "1"}
@@ -85,7 +75,7 @@ def test_ddp_two_processes_match_one(teachers, synth_root, tmp_path):
     from mcad.models.checkpoint import load_model
 
     common = [f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "variant=dual", "steps=3",
-              "batch_size=16", "threads=2", "loss.k=4", "warmup=1", "model=student-tiny-vit"]
+              "batch_size=16", "threads=2", "warmup=1", "model=student-tiny-vit"]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "mcad.cli", "student", "name=one", *common], check=True, env=env,

@@ -178,11 +178,16 @@ def test_dimensity_full_integer(trained_run, synth_root):
                          "search.full_int8.tflite"}
     assert arts["image_encoder.full_int8.tflite"]["inputs"][0]["dtype"] == "int8"
     assert arts["image_encoder.full_int8.tflite"]["inputs"][0]["quantization"]["scale"] > 0
-    assert arts["text_encoder.full_int8.tflite"]["inputs"][0]["dtype"] == "int32"  # token ids
+    assert arts["text_encoder.full_int8.tflite"]["inputs"][0]["dtype"] == "int32"  # token ids, NPU-friendly
+    assert arts["search.full_int8.tflite"]["outputs"][1]["dtype"] == "int32"
     p = m["parity"]
     for name, rec in p["artifacts"].items():
         if rec["role"] == "search":
-            assert rec["search"]["agree_ties_aside"] == rec["search"]["queries"], rec
+            # each full-integer model is calibrated on its own: the bar is fp32 agreement within
+            # the quantization error (parity.search_check), and most lists still match exactly
+            assert rec["search"]["shared_query"] is False and rec["pass"], rec
+            assert rec["search"]["agree_fp32_ties_aside"] == rec["search"]["queries"], rec
+            assert rec["search"]["overlap_at_k_fp32"] >= 0.9, rec
         else:
             assert rec["cos_mean"] >= 0.99 and rec["cos_min"] >= 0.97, (name, rec)
     from mcad.export.pipeline import mediatek_available

@@ -38,6 +38,10 @@ class FusionModel(nn.Module):
         self.width = width
         self.img_in = nn.Linear(self.dual.visual.width, width)
         self.img_ln = nn.LayerNorm(width)
+        # where each image token sits: the relation words ("left of") need it, and a conv grid's
+        # tokens do not carry it (a ViT's already do, the added term is learned either way)
+        visual = self.dual.visual
+        self.img_pos = nn.Parameter(torch.zeros(1, visual.n_tokens + int(hasattr(visual, "cls")), width))
         self.txt_in = nn.Linear(self.dual.text.width, width)
         self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.blocks = nn.ModuleList(Block(width, heads, f.get("mlp_ratio", 4.0), cross_dim=width)
@@ -64,7 +68,7 @@ class FusionModel(nn.Module):
 
     def fuse(self, img_tok: torch.Tensor, txt_tok: torch.Tensor, ids: torch.Tensor):
         """Paired rows: returns (h [B, width], m [B])."""
-        ctx = self.img_ln(self.img_in(img_tok))
+        ctx = self.img_ln(self.img_in(img_tok) + self.img_pos)
         x = torch.cat([self.cls.expand(txt_tok.shape[0], -1, -1), self.txt_in(txt_tok)], dim=1)
         pad = torch.cat([torch.zeros_like(ids[:, :1], dtype=torch.bool), ids == self.pad_id], dim=1)
         bias = (pad.to(x.dtype) * -1e4)[:, None, None, :]

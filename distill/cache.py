@@ -1,0 +1,269 @@
+"""`mcad cache`: run both teachers once over a training set; distillation then never runs one.
+
+Candidates are fixed lists, the same online and cached: image i's list L_i is i itself followed
+by its `neighbours` nearest images under the dual teacher (the same neighbours the confuser
+batches are drawn from). In a batch, image a and caption b are candidates of each other when
+b's image is in L_a (image -> text rows) or a's image is in L_b (text -> image rows).
+
+Per image i the cache stores, for every caption slot c (captions of an image, padded with -1):
+  v[i]              dual-teacher image embedding
+  t[i, c]           dual-teacher caption embedding
+  h[i, c]           fused feature of the matched pair (image i, its caption c)
+  m_i2t[i, r, c]    ITM logit of image i with caption c of image L_i[r]
+  m_t2i[i, c, r]    ITM logit of image L_i[r] with caption c of image i
+in safetensors shards of `shard_images` images, with manifest.json (config, teacher and data
+hashes, shard hashes). `TeacherCache.batch` and `online_batch` return the same `TeacherOutputs`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mcad.config import load_config
+from mcad.data.images import normalize
+from mcad.evaluate import encode_images, encode_texts
+from mcad.io import atomic_path, read_json, sha256_file, write_manifest
+from mcad.sampling import nearest_neighbours
+
+log = logging.getLogger("mcad.cache")
+FORMAT = "mcad-teacher-cache/1"
+
+
+@dataclass
+class TeacherOutputs:
+    """What the teachers say about one batch of B images with one caption each (no gradient).
+    mask[a, b]: caption b is a candidate of image a (b's image in L_a); as [texts, images] it is
+    also the text -> image candidate mask (a's image in L_b, read with rows = captions)."""
+    v: torch.Tensor        # [B, D]
+    t: torch.Tensor        # [B, D]
+    h: torch.Tensor        # [B, W] fused feature of each matched pair
+    mask: torch.Tensor     # [B, B] bool
+    m_i2t: torch.Tensor    # [B images, B texts], valid where mask
+    m_t2i: torch.Tensor    # [B texts, B images], valid where mask
+
+    @property
+    def mask_i2t(self) -> torch.Tensor:
+        return self.mask
+
+    @property
+    def mask_t2i(self) -> torch.Tensor:
+        return self.mask
+
+
+def candidate_lists(neighbours: np.ndarray) -> np.ndarray:
+    """L_i = [i, its nearest images...]."""
+    return np.concatenate([np.arange(len(neighbours))[:, None], neighbours], axis=1).astype(np.int64)
+
+
+def dual_neighbours(dual, pixels: np.ndarray, k: int) -> np.ndarray:
+    """The `k` nearest training images of each under the dual teacher (batches and candidates)."""
+    return nearest_neighbours(encode_images(dual, pixels), k)
+
+
+def batch_positions(idx: np.ndarray, lists: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask[a, b] = idx[b] in L_{idx[a]}; pos[a, b] = its position r in that list (0 where not)."""
+    L = torch.as_tensor(lists[idx])                                # [B, k]
+    eq = L[:, :, None] == torch.as_tensor(idx)[None, None, :]      # [B, k, B]
+    return eq.any(1), eq.to(torch.int8).argmax(1)
+
+
+def caption_slots(cap_table: np.ndarray, idx: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Position of each chosen caption among its image's captions."""
+    hit = cap_table[idx] == cap[:, None]
+    if not hit.any(1).all():
+        raise ValueError("a chosen caption is not one of its image's captions")
+    return hit.argmax(1)
+
+
+def caption_table(image_captions: list[list[int]]) -> np.ndarray:
+    width = max(len(c) for c in image_captions)
+    out = np.full((len(image_captions), width), -1, dtype=np.int64)
+    for i, c in enumerate(image_captions):
+        out[i, :len(c)] = c
+    return out
+
+
+@torch.no_grad()
+def online_batch(dual, fusion, px: torch.Tensor, ids_b: torch.Tensor, idx: np.ndarray,
+                 lists: np.ndarray) -> TeacherOutputs:
+    """Run the teachers on one batch (px normalised for the dual teacher)."""
+    v, t = dual.encode_image(px), dual.encode_text(ids_b)
+    mask, _ = batch_positions(idx, lists)
+    pairs = (mask | mask.T).nonzero()  # image a, caption b: both directions' candidates at once
+    img_tok, txt_tok = fusion.image_tokens(px), fusion.text_tokens(ids_b)
+    h_all, m_all = fusion.score_pairs(img_tok, txt_tok, ids_b, pairs[:, 0], pairs[:, 1])
+    B = len(idx)
+    g = torch.zeros(B, B)
+    g[pairs[:, 0], pairs[:, 1]] = m_all
+    h = torch.zeros(B, h_all.shape[1])
+    diag = pairs[:, 0] == pairs[:, 1]
+    h[pairs[diag, 0]] = h_all[diag]
+    return TeacherOutputs(v, t, h, mask, g * mask, g.T * mask)
+
+
+class TeacherCache:
+    """All shards in memory (a few hundred bytes per caption)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        mf = self.root / "manifest.json"
+        if not mf.exists():
+            raise FileNotFoundError(f"{mf}: no teacher cache here (run `mcad cache` or `make cache`)")
+        self.manifest = read_json(mf)
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{mf}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        from safetensors.torch import load_file
+
+        parts: dict[str, list[torch.Tensor]] = {}
+        for sh in self.manifest["shards"]:
+            path = self.root / sh["file"]
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: teacher cache shard missing")
+            for k, v in load_file(str(path)).items():
+                parts.setdefault(k, []).append(v)
+        d = {k: torch.cat(v) for k, v in parts.items()}
+        self.v, self.t, self.h = d["v"], d["t"], d["h"]
+        self.m_i2t, self.m_t2i = d["m_i2t"], d["m_t2i"]
+        self.lists = d["lists"].numpy()
+        self.captions = d["captions"].numpy()
+
+    @property
+    def neighbours(self) -> np.ndarray:
+        return self.lists[:, 1:]
+
+    def check(self, n_images: int, image_captions: list[list[int]]) -> None:
+        if len(self.lists) != n_images or not np.array_equal(self.captions, caption_table(image_captions)):
+            raise ValueError(f"{self.root}: cache was built for another data set ({len(self.lists)} images, "
+                             f"this one has {n_images}): rebuild it with `mcad cache`")
+
+    def batch(self, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
+        slot = torch.as_tensor(caption_slots(self.captions, idx, cap))
+        ti = torch.as_tensor(idx)
+        mask, pos = batch_positions(idx, self.lists)
+        pos = pos.long()
+        B = len(idx)
+        a = torch.arange(B)[:, None].expand(B, B)
+        b = torch.arange(B)[None, :].expand(B, B)
+        m_i2t = self.m_i2t[ti[a], pos, slot[b]] * mask      # image a, caption b of image idx[b] = L_a[pos]
+        m_t2i = self.m_t2i[ti[a], slot[a], pos] * mask      # caption a, image idx[b] = L_{idx[a]}[pos]
+        return TeacherOutputs(self.v[ti], self.t[ti, slot], self.h[ti, slot], mask,
+                              m_i2t.nan_to_num(0.0), m_t2i.nan_to_num(0.0))
+
+
+@torch.no_grad()
+def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_captions: list[list[int]],
+                lists: np.ndarray, out: Path, shard_images: int = 2048, pair_batch: int = 1024,
+                config: dict | None = None, progress: bool = True) -> Path:
+    dual.eval()
+    fusion.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    caps = caption_table(image_captions)
+    N, C = caps.shape
+    k = lists.shape[1]
+    t0 = time.time()
+    log.info("cache: dual-teacher embeddings of %d images and %d captions", N, len(ids))
+    v_all = encode_images(dual, pixels)
+    t_all = encode_texts(dual, ids)
+    shards = []
+    n_pairs = 0
+    bar = tqdm(total=N, desc="teacher cache", unit="img", disable=not progress)
+    for s in range(0, N, shard_images):
+        e = min(N, s + shard_images)
+        Ls = lists[s:e]
+        img_need = np.unique(Ls)
+        cap_need = np.unique(caps[img_need][caps[img_need] >= 0])
+        img_map = {g: i for i, g in enumerate(img_need.tolist())}
+        cap_map = np.full(len(ids), -1, dtype=np.int64)
+        cap_map[cap_need] = np.arange(len(cap_need))
+        img_tok = torch.cat([fusion.image_tokens(normalize(pixels[img_need[j:j + 256]], dual.image_mean, dual.image_std))
+                             for j in range(0, len(img_need), 256)])
+        ids_need = torch.as_tensor(ids[cap_need])
+        txt_tok = torch.cat([fusion.text_tokens(ids_need[j:j + 1024]) for j in range(0, len(ids_need), 1024)])
+        n = e - s
+        # pair lists: (image, caption, destination)
+        ii, cc, dest = [], [], []
+        for loc, i in enumerate(range(s, e)):
+            for r in range(k):
+                j = int(Ls[loc, r])
+                for c in range(C):
+                    if caps[j, c] >= 0:  # image i with caption c of its candidate image j
+                        ii.append(img_map[i]); cc.append(cap_map[caps[j, c]]); dest.append((0, loc, r, c))
+            for c in range(C):
+                if caps[i, c] < 0:
+                    continue
+                for r in range(1, k):  # candidate image j with caption c of i (r = 0: in m_i2t[., 0, .])
+                    j = int(Ls[loc, r])
+                    ii.append(img_map[j]); cc.append(cap_map[caps[i, c]]); dest.append((1, loc, c, r))
+        h_pairs, m_pairs = [], []
+        for p in range(0, len(ii), pair_batch):
+            h, m = fusion.fuse(img_tok[ii[p:p + pair_batch]], txt_tok[cc[p:p + pair_batch]],
+                               ids_need[cc[p:p + pair_batch]])
+            h_pairs.append(h)
+            m_pairs.append(m)
+            bar.set_postfix(pairs=n_pairs + p)
+        h_pairs, m_pairs = torch.cat(h_pairs), torch.cat(m_pairs)
+        n_pairs += len(ii)
+        m_i2t = torch.full((n, k, C), float("nan"))
+        m_t2i = torch.full((n, C, k), float("nan"))
+        h = torch.zeros(n, C, h_pairs.shape[1])
+        d = np.array(dest)
+        w = d[:, 0] == 0
+        m_i2t[d[w, 1], d[w, 2], d[w, 3]] = m_pairs[torch.as_tensor(w)]
+        self_rows = w & (d[:, 2] == 0)
+        h[d[self_rows, 1], d[self_rows, 3]] = h_pairs[torch.as_tensor(self_rows)]
+        m_t2i[:, :, 0] = m_i2t[:, 0, :]
+        w1 = ~w
+        m_t2i[d[w1, 1], d[w1, 2], d[w1, 3]] = m_pairs[torch.as_tensor(w1)]
+        cs = torch.as_tensor(caps[s:e])
+        t = torch.zeros(n, C, t_all.shape[1])
+        valid = cs >= 0
+        t[valid] = t_all[cs[valid]]
+        tensors = {"v": v_all[s:e].contiguous(), "t": t, "h": h, "m_i2t": m_i2t, "m_t2i": m_t2i,
+                   "lists": torch.as_tensor(Ls).contiguous(), "captions": cs.contiguous()}
+        name = f"shard-{len(shards):05d}.safetensors"
+        from safetensors.torch import save_file
+
+        with atomic_path(out / name) as tmp:
+            save_file(tensors, str(tmp))
+        shards.append({"file": name, "images": [s, e], "bytes": (out / name).stat().st_size,
+                       "sha256": sha256_file(out / name)})
+        bar.update(n)
+    bar.close()
+    secs = time.time() - t0
+    log.info("cache: %d images, %d fusion pairs, %.1f s", N, n_pairs, secs)
+    write_manifest(out / "manifest.json", kind="teacher-cache", config=config or {},
+                   files=[out / s["file"] for s in shards], format=FORMAT, shards=shards, images=N,
+                   captions=int(len(ids)), list_size=int(k), fusion_pairs=int(n_pairs), seconds=round(secs, 1))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    from mcad.models.checkpoint import load_model
+    from mcad.teachers import add_file_log, load_split
+    from mcad.tokenizer import Tokenizer
+
+    cfg = load_config(next((a for a in argv if "=" not in a), "student"), [a for a in argv if "=" in a])
+    torch.set_num_threads(int(cfg.get("threads", 2)))
+    teachers, data = Path(cfg["teachers"]), Path(cfg["data"])
+    out = Path(cfg.get("cache") or teachers / "cache")
+    add_file_log(out / "cache.log")
+    for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json"):
+        if not (teachers / f).exists():
+            raise FileNotFoundError(f"{teachers / f}: missing teacher file (run `make teachers` first)")
+    dual, fusion = load_model(teachers / "dual.safetensors"), load_model(teachers / "fusion.safetensors")
+    tok = Tokenizer.load(teachers / "tokenizer.json")
+    pixels, corpus = load_split(data, "train", dual.image_size)
+    ids = tok.encode_batch(corpus.captions)
+    lists = candidate_lists(dual_neighbours(dual, pixels, int(cfg["neighbours"])))
+    src = {"teachers": {f: sha256_file(teachers / f) for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json")},
+           "data": str(data), "neighbours": int(cfg["neighbours"])}
+    build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, int(cfg.get("cache_shard_images", 2048)),
+                config=src)
+    print(f"teacher cache: {out}")
+    return 0

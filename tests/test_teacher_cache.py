@@ -1,0 +1,86 @@
+"""The teacher cache gives what running the teachers gives (within float tolerance)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def cache_setup(teachers, synth_root, tmp_path_factory):
+    from mcad.distill.cache import build_cache, candidate_lists, dual_neighbours
+    from mcad.models.checkpoint import load_model
+    from mcad.teachers import load_split
+    from mcad.tokenizer import Tokenizer
+
+    torch.set_num_threads(1)
+    dual, fusion = load_model(teachers / "dual.safetensors"), load_model(teachers / "fusion.safetensors")
+    tok = Tokenizer.load(teachers / "tokenizer.json")
+    pixels, corpus = load_split(synth_root, "train", dual.image_size)
+    ids = tok.encode_batch(corpus.captions)
+    lists = candidate_lists(dual_neighbours(dual, pixels, 3))
+    out = tmp_path_factory.mktemp("cache")
+    # small shards so that the batch draws from several
+    build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, shard_images=50, progress=False)
+    return dual, fusion, pixels, ids, corpus, lists, out
+
+
+def test_cache_matches_online_teachers(cache_setup):
+    from mcad.data.images import normalize
+    from mcad.distill.cache import TeacherCache, online_batch
+    from mcad.sampling import ConfuserBatches, caption_choice
+
+    dual, fusion, pixels, ids, corpus, lists, out = cache_setup
+    cache = TeacherCache(out)
+    assert len(cache.manifest["shards"]) > 1
+    np.testing.assert_array_equal(cache.lists, lists)
+    caps = corpus.image_captions()
+    batches = ConfuserBatches(cache.neighbours, 32, seed=0, group=4)
+    n_cand = 0
+    for step in range(3):
+        idx = batches(step)
+        cap = caption_choice(len(pixels), caps, 0, step, idx)
+        on = online_batch(dual, fusion, normalize(pixels[idx], dual.image_mean, dual.image_std),
+                          torch.as_tensor(ids[cap]), idx, lists)
+        ca = cache.batch(idx, cap)
+        assert torch.equal(on.mask, ca.mask)
+        assert on.mask.diagonal().all()  # every image's own caption is its candidate
+        n_cand += int(on.mask.sum())
+        for name in ("v", "t", "h", "m_i2t", "m_t2i"):
+            torch.testing.assert_close(getattr(ca, name), getattr(on, name), atol=2e-4, rtol=1e-4, msg=name)
+    assert n_cand > 3 * 32 * 2  # confuser batches put neighbours in: more than the positives alone
+
+
+def test_cache_refuses_another_data_set_and_missing_shards(cache_setup, tmp_path):
+    import shutil
+
+    from mcad.distill.cache import TeacherCache
+
+    _, _, pixels, _, corpus, _, out = cache_setup
+    cache = TeacherCache(out)
+    with pytest.raises(ValueError, match="another data set"):
+        cache.check(len(pixels) - 1, corpus.image_captions()[:-1])
+    broken = tmp_path / "c"
+    shutil.copytree(out, broken)
+    (broken / "shard-00001.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="shard-00001"):
+        TeacherCache(broken)
+    with pytest.raises(FileNotFoundError, match="mcad cache"):
+        TeacherCache(tmp_path / "none")
+
+
+def test_student_from_cache_equals_student_with_online_teachers(teachers, synth_root, tmp_path):
+    from mcad.distill.cache import main as cache_main
+    from mcad.distill.recipe import main
+    from mcad.models.checkpoint import load_model
+
+    common = [f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "variant=mcad", "steps=2",
+              "batch_size=16", "adapters.steps=2", "adapters.batch_size=8", "threads=1", "warmup=1"]
+    assert main([*common, "name=online", f"cache={tmp_path / 'nocache'}"]) == 0
+    assert cache_main([f"data={synth_root}", f"teachers={teachers}", f"cache={tmp_path / 'cache'}", "threads=1"]) == 0
+    assert main([*common, "name=cached", f"cache={tmp_path / 'cache'}"]) == 0
+    assert "from the cache" in (tmp_path / "cached" / "train.log").read_text()
+    a = load_model(tmp_path / "online" / "student.safetensors").state_dict()
+    b = load_model(tmp_path / "cached" / "student.safetensors").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
