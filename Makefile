@@ -11,11 +11,13 @@ TARGET ?= cpu
 DEVICE ?= local
 NPROC ?= 1
 ARGS  ?=
+TEACHER_ARGS ?=
 
-.PHONY: install data teachers student ablation export bench search-bench report test lint clean help
+
+.PHONY: install data teachers cache student ablation export bench search-bench report test lint clean help
 
 help:
-	@echo "make install | data | teachers | student [CONFIG=... ARGS='k=v ...' NPROC=2] | ablation"
+	@echo "make install | data | teachers | cache | student [CONFIG=... ARGS='k=v ...' NPROC=2] | ablation"
 	@echo "make export TARGET=cpu|snapdragon|dimensity [RUN=runs/<name>] [STRICT=1] [HUB=1]"
 	@echo "make bench DEVICE=local|<adb-serial>|qaihub:<name> [RUN=...] | report | test"
 
@@ -33,18 +35,24 @@ $(DATA)/dataset_synth.json: | .venv/.installed
 	$(MCAD) data out=$(DATA)
 data: $(DATA)/dataset_synth.json
 
+# TEACHER_ARGS, not ARGS: `make student ARGS=steps=200` must not change the teachers
 $(TEACHERS)/metrics.json: $(DATA)/dataset_synth.json
-	$(MCAD) teachers data=$(DATA) out=$(TEACHERS) $(ARGS)
+	$(MCAD) teachers data=$(DATA) out=$(TEACHERS) $(TEACHER_ARGS)
 teachers: $(TEACHERS)/metrics.json
 
-student: $(TEACHERS)/metrics.json
+# the teachers' outputs over the training set, once; every student run and ablation reads them
+$(TEACHERS)/cache/manifest.json: $(TEACHERS)/metrics.json
+	$(MCAD) cache data=$(DATA) teachers=$(TEACHERS)
+cache: $(TEACHERS)/cache/manifest.json
+
+student: $(TEACHERS)/cache/manifest.json
 ifeq ($(NPROC),1)
 	$(MCAD) student $(CONFIG) $(ARGS)
 else
 	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mcad.cli student $(CONFIG) $(ARGS)
 endif
 
-ablation: $(TEACHERS)/metrics.json
+ablation: $(TEACHERS)/cache/manifest.json
 	$(MCAD) ablation $(ARGS)
 
 export: | .venv/.installed

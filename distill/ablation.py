@@ -3,6 +3,7 @@ and student initialisation; mean ± std per variant and the paired per-seed RSUM
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import sys
@@ -86,6 +87,13 @@ def main(argv: list[str]) -> int:
         for v in variants:
             cfg = copy.deepcopy(base)
             cfg.update(variant=v, seed=seed, name=f"ablation/{v}-s{seed}")
+            done = Path(cfg["out"]) / cfg["name"] / "metrics.json"
+            if done.exists():  # a finished run of the same recipe is not trained again (resume)
+                prev = json.loads(done.read_text())
+                if prev.get("config") == json.loads(json.dumps(cfg)):
+                    log.info("ablation: %s seed %d already done (%s)", v, seed, done)
+                    results[v][seed] = prev["test"]["student"]
+                    continue
             results[v][seed] = distill(cfg)["test"]["student"]
     summary = summarize(results)
     meta = {"command": "mcad ablation " + " ".join(argv), "date": now_iso(), "machine": machine(), "seeds": seeds,

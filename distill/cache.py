@@ -172,6 +172,7 @@ def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_caption
     t_all = encode_texts(dual, ids)
     shards = []
     n_pairs = 0
+    lengths = (np.asarray(ids) != fusion.pad_id).sum(1)
     bar = tqdm(total=N, desc="teacher cache", unit="img", disable=not progress)
     for s in range(0, N, shard_images):
         e = min(N, s + shard_images)
@@ -200,14 +201,15 @@ def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_caption
                 for r in range(1, k):  # candidate image j with caption c of i (r = 0: in m_i2t[., 0, .])
                     j = int(Ls[loc, r])
                     ii.append(img_map[j]); cc.append(cap_map[caps[i, c]]); dest.append((1, loc, c, r))
-        h_pairs, m_pairs = [], []
+        # chunks of captions of similar length: the fusion model drops a chunk's common padding
+        ii_t, cc_t = torch.as_tensor(ii), torch.as_tensor(cc)
+        order = torch.as_tensor(np.argsort(lengths[cap_need][cc], kind="stable"))
+        h_pairs = torch.empty(len(ii), fusion.width)
+        m_pairs = torch.empty(len(ii))
         for p in range(0, len(ii), pair_batch):
-            h, m = fusion.fuse(img_tok[ii[p:p + pair_batch]], txt_tok[cc[p:p + pair_batch]],
-                               ids_need[cc[p:p + pair_batch]])
-            h_pairs.append(h)
-            m_pairs.append(m)
+            sel = order[p:p + pair_batch]
+            h_pairs[sel], m_pairs[sel] = fusion.fuse(img_tok[ii_t[sel]], txt_tok[cc_t[sel]], ids_need[cc_t[sel]])
             bar.set_postfix(pairs=n_pairs + p)
-        h_pairs, m_pairs = torch.cat(h_pairs), torch.cat(m_pairs)
         n_pairs += len(ii)
         m_i2t = torch.full((n, k, C), float("nan"))
         m_t2i = torch.full((n, C, k), float("nan"))

@@ -188,6 +188,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     save_model(student, run / "student.safetensors", extra={"variant": variant, "seed": seed})
     tok.save(run / "tokenizer.json")
     metrics = {"variant": variant, "seed": seed, "test": rows,
+               "teacher_outputs": "none" if variant == "none" else ("cache " + str(cache_dir) if cache else "online"),
                "params": {"student": count_params(student), "dual_teacher": count_params(dual),
                           "fusion_teacher": count_params(fusion)},
                "train_s": train_s, "step_s": train_s / max(1, tr.steps - (tr.history[0]["step"] - 1 if tr.history else 0)),

@@ -107,7 +107,10 @@ def table(parity: dict) -> str:
         r = retr.get(a.get("group", ""), {})
         if a.get("role") == "search":
             s = a.get("search", {})
-            top = f"{s.get('agree_ties_aside', s.get('agree_fp32_ties_aside', 0))}/{s.get('queries', 0)}"
+            # same-query programs are held to their runtime's own text encoder; independently
+            # calibrated ones (shared_query False) to fp32 within the quantization error
+            key = "agree_ties_aside" if s.get("shared_query", True) and "agree_ties_aside" in s else "agree_fp32_ties_aside"
+            top = f"{s.get(key, 0)}/{s.get('queries', 0)}" + ("" if key == "agree_ties_aside" else " fp32")
             cm = cn = ri = rt = ""
         else:
             cm, cn = f"{a['cos_mean']:.4f}", f"{a['cos_min']:.4f}"
