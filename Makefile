@@ -61,6 +61,9 @@ export: | .venv/.installed
 bench: | .venv/.installed
 	$(MCAD) bench device=$(DEVICE) $(if $(RUN),run=$(RUN)) $(ARGS)
 
+search-bench: | .venv/.installed
+	$(PY) -m mcad.benchmarks.search_bench $(if $(RUN),run=$(RUN)) $(ARGS)
+
 report: | .venv/.installed
 	$(MCAD) report $(RUN) $(ARGS)
 

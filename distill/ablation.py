@@ -20,6 +20,11 @@ COLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 PAIRS = [("mcad", "dual"), ("dual", "none"), ("mcad", "none"), ("single", "none")]
 
 
+def _recipe(cfg: dict) -> dict:
+    """The part of a run's config that decides its result (not which ablation asked for it)."""
+    return {k: v for k, v in cfg.items() if k not in ("seeds", "variants", "results")}
+
+
 def summarize(results: dict[str, dict[int, dict]]) -> dict:
     out = {"variants": {}, "paired": {}}
     for v, per_seed in results.items():
@@ -90,7 +95,7 @@ def main(argv: list[str]) -> int:
             done = Path(cfg["out"]) / cfg["name"] / "metrics.json"
             if done.exists():  # a finished run of the same recipe is not trained again (resume)
                 prev = json.loads(done.read_text())
-                if prev.get("config") == json.loads(json.dumps(cfg)):
+                if _recipe(prev.get("config", {})) == _recipe(json.loads(json.dumps(cfg))):
                     log.info("ablation: %s seed %d already done (%s)", v, seed, done)
                     results[v][seed] = prev["test"]["student"]
                     continue
