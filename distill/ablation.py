@@ -20,9 +20,22 @@ COLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 PAIRS = [("mcad", "dual"), ("dual", "none"), ("mcad", "none"), ("single", "none")]
 
 
+# loss settings a variant never reads (distill.recipe zeroes or skips them for that variant)
+UNUSED = {"none": ("loss", "adapters", "cache"), "dual": ("loss.mu", "loss.lam", "loss.tau_f", "adapters"),
+          "single": ("loss.beta", "loss.mu", "loss.lam", "adapters"), "mcad": ()}
+
+
 def _recipe(cfg: dict) -> dict:
-    """The part of a run's config that decides its result (not which ablation asked for it)."""
-    return {k: v for k, v in cfg.items() if k not in ("seeds", "variants", "results")}
+    """The part of a run's config that decides its result: not which ablation asked for it, and
+    not the loss settings its variant does not use (changing λ does not retrain the no-KD runs)."""
+    out = json.loads(json.dumps({k: v for k, v in cfg.items() if k not in ("seeds", "variants", "results")}))
+    for key in UNUSED.get(cfg.get("variant"), ()):
+        top, _, sub = key.partition(".")
+        if sub and isinstance(out.get(top), dict):
+            out[top].pop(sub, None)
+        elif not sub:
+            out.pop(top, None)
+    return out
 
 
 def summarize(results: dict[str, dict[int, dict]]) -> dict:
@@ -99,6 +112,10 @@ def main(argv: list[str]) -> int:
                     log.info("ablation: %s seed %d already done (%s)", v, seed, done)
                     results[v][seed] = prev["test"]["student"]
                     continue
+                # another recipe ran here: start over rather than resume from its checkpoint
+                log.info("ablation: %s was made with another recipe: retraining", done.parent)
+                done.unlink()
+                (done.parent / "student.ckpt.pt").unlink(missing_ok=True)
             results[v][seed] = distill(cfg)["test"]["student"]
     summary = summarize(results)
     meta = {"command": "mcad ablation " + " ".join(argv), "date": now_iso(), "machine": machine(), "seeds": seeds,

@@ -139,7 +139,8 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     else:
         forward = student
     tr = Trainer({"student": student, "proj": proj}, cfg, run / "student.ckpt.pt" if rank == 0 else None,
-                 desc=f"student ({variant})" + (f" rank {rank}" if world > 1 else ""))
+                 desc=f"student ({variant})" + (f" rank {rank}" if world > 1 else ""),
+                 recipe={k: v for k, v in cfg.items() if k not in ("threads", "seeds", "variants", "results", "name", "out")})
     tr.resume()
     tau, tau_f = float(L["tau_kd"]), float(L["tau_f"])
 

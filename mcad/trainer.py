@@ -7,6 +7,7 @@ together with the saved optimizer/scheduler/RNG states, resume is bit-exact.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -45,8 +46,11 @@ def cosine_lambda(warmup: int, total: int, min_ratio: float = 0.0) -> Callable[[
 
 class Trainer:
     def __init__(self, modules: dict[str, torch.nn.Module], cfg: dict, ckpt_path: str | Path | None = None,
-                 desc: str = "train"):
+                 desc: str = "train", recipe: dict | None = None):
+        """recipe: what decides the result (saved in the checkpoint; resuming under another recipe
+        is refused rather than silently mixing two trainings)."""
         self.modules = modules
+        self.recipe = json.loads(json.dumps(recipe, default=str)) if recipe is not None else None
         self.steps = int(cfg["steps"])
         self.grad_clip = float(cfg.get("grad_clip", 1.0))
         self.bf16 = bool(cfg.get("bf16", False))
@@ -66,6 +70,7 @@ class Trainer:
     def state(self) -> dict:
         return {"step": self.step, "modules": {k: m.state_dict() for k, m in self.modules.items()},
                 "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "history": self.history,
+                "recipe": self.recipe,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -82,6 +87,11 @@ class Trainer:
             st = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # a torn or foreign file: say which and stop, never train over it
             raise ValueError(f"{path}: unreadable training checkpoint ({type(e).__name__}: {e}); delete it to start over") from None
+        saved = st.get("recipe")
+        if self.recipe is not None and saved is not None and saved != self.recipe:
+            diff = sorted(k for k in set(saved) | set(self.recipe) if saved.get(k) != self.recipe.get(k))
+            raise ValueError(f"{path}: checkpoint of another recipe (differs in {', '.join(diff)}); "
+                             "delete it or use another name= to start over")
         for k, m in self.modules.items():
             m.load_state_dict(st["modules"][k])
         self.opt.load_state_dict(st["opt"])

@@ -9,11 +9,11 @@ from mcad.sampling import ConfuserBatches, RandomBatches
 from mcad.trainer import Trainer
 
 
-def _run(tmp_path, stop_at=None, resume=False, steps=6):
+def _run(tmp_path, stop_at=None, resume=False, steps=6, lr=1e-2):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    cfg = {"steps": steps, "lr": 1e-2, "warmup": 2, "ckpt_every": 1, "grad_clip": 0.5}
-    tr = Trainer({"m": model}, cfg, tmp_path / "ckpt.pt", desc="t")
+    cfg = {"steps": steps, "lr": lr, "warmup": 2, "ckpt_every": 1, "grad_clip": 0.5}
+    tr = Trainer({"m": model}, cfg, tmp_path / "ckpt.pt", desc="t", recipe=cfg)
     if resume:
         assert tr.resume()
     batches = RandomBatches(64, 8, seed=3)
@@ -35,6 +35,14 @@ def test_resume_is_bit_exact(tmp_path):
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     assert [h["loss"] for h in tr_full.history] == [h["loss"] for h in tr_res.history]
+
+
+def test_resume_under_another_recipe_is_refused(tmp_path):
+    import pytest
+
+    _run(tmp_path, stop_at=3)
+    with pytest.raises(ValueError, match="another recipe.*lr"):
+        _run(tmp_path, resume=True, lr=5e-3)
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):
