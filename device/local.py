@@ -78,6 +78,11 @@ class LocalDevice(Device):
     def _exec(self, spec: dict, where: str, threads: int) -> dict:
         if self._tmp is None:
             self.connect()
+        # the runner resolves relative paths against its spec's folder (what a pushed bundle on a
+        # phone needs); here the files stay where they are, so hand it absolute paths
+        for key in ("model", "ids", "tokenizer"):
+            if isinstance(spec.get(key), str) and not os.path.isabs(spec[key]):
+                spec[key] = os.path.abspath(spec[key])
         fd, path = tempfile.mkstemp(suffix=".json", dir=self._tmp.name)
         with os.fdopen(fd, "w") as f:
             json.dump(spec, f)
