@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from mcad.quantize.pt2e import KEEP_ALIASES, parse_keep
+from mcad.quantize.pt2e import parse_keep, resolve_keep
 
 log = logging.getLogger("mcad.quantize")
 
@@ -37,14 +37,7 @@ def _scopes(node) -> tuple[list[str], list[str]]:
 def float_nodes(model, keep: Sequence[str], core_prefix: str = "core") -> list[str]:
     """Names of the nodes that stay float: everything outside `core_prefix` and `keep` (same
     aliases as the PT2E paths, matched on the exporter's module scopes and aten op names)."""
-    modules, types, ops, ops_in = [], set(), set(), {}
-    for k in keep:
-        spec = KEEP_ALIASES.get(k, {"modules": (k, f"{k}.*")})
-        modules += spec.get("modules", ())
-        types.update(spec.get("types", ()))
-        ops.update(spec.get("ops", ()))
-        for t, o in spec.get("ops_in", {}).items():
-            ops_in.setdefault(t, set()).update(o)
+    modules, types, ops, ops_in = resolve_keep(keep)
     out = []
     for node in model.graph.node:
         scopes, classes = _scopes(node)

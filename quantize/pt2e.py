@@ -92,8 +92,8 @@ def parse_keep(keep: str | Iterable[str] | None, backend: str = "xnnpack") -> tu
     return out
 
 
-def keep_predicate(keep: Sequence[str]):
-    """node -> True when the node belongs to something that stays float."""
+def resolve_keep(keep: Sequence[str]):
+    """`keep` names and aliases -> (module patterns, module types, op names, {type: op names})."""
     modules, types, ops, ops_in = [], set(), set(), {}
     for k in keep:
         spec = KEEP_ALIASES.get(k, {"modules": (k, f"{k}.*")})
@@ -102,6 +102,12 @@ def keep_predicate(keep: Sequence[str]):
         ops.update(spec.get("ops", ()))
         for t, o in spec.get("ops_in", {}).items():
             ops_in.setdefault(t, set()).update(o)
+    return modules, types, ops, ops_in
+
+
+def keep_predicate(keep: Sequence[str]):
+    """node -> True when the node belongs to something that stays float."""
+    modules, types, ops, ops_in = resolve_keep(keep)
 
     def pred(node: torch.fx.Node) -> bool:
         if node.op != "call_function":
