@@ -12,23 +12,20 @@ from pathlib import Path
 import numpy as np
 
 from mcad.config import load_config
+from mcad.distill.recipe import UNUSED, VARIANTS, distill
 from mcad.io import machine, now_iso, write_json
 
 log = logging.getLogger("mcad.ablation")
-VARIANTS = ["none", "dual", "single", "mcad"]
 COLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 PAIRS = [("mcad", "dual"), ("dual", "none"), ("mcad", "none"), ("single", "none")]
 
 
-# loss settings a variant never reads (distill.recipe zeroes or skips them for that variant)
-UNUSED = {"none": ("loss", "adapters", "cache"), "dual": ("loss.mu", "loss.lam", "loss.tau_f", "adapters"),
-          "single": ("loss.beta", "loss.mu", "loss.lam", "adapters"), "mcad": ()}
-
 
 def _recipe(cfg: dict) -> dict:
-    """The part of a run's config that decides its result: not which ablation asked for it, and
+    """The part of a run's config that decides its result: not which ablation asked for it or where
+    it was written, and
     not the loss settings its variant does not use (changing λ does not retrain the no-KD runs)."""
-    out = json.loads(json.dumps({k: v for k, v in cfg.items() if k not in ("seeds", "variants", "results")}))
+    out = json.loads(json.dumps({k: v for k, v in cfg.items() if k not in ("seeds", "variants", "results", "out")}))
     for key in UNUSED.get(cfg.get("variant"), ()):
         top, _, sub = key.partition(".")
         if sub and isinstance(out.get(top), dict):
@@ -98,7 +95,6 @@ def main(argv: list[str]) -> int:
     seeds = [int(s) for s in str(base.get("seeds", "0,1,2")).split(",")]
     variants = [v for v in str(base.get("variants", ",".join(VARIANTS))).split(",")]
     results_dir = Path(base.get("results", "benchmarks/results"))
-    from mcad.distill.recipe import distill
 
     results: dict[str, dict[int, dict]] = {v: {} for v in variants}
     for seed in seeds:

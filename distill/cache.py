@@ -91,10 +91,14 @@ def caption_table(image_captions: list[list[int]]) -> np.ndarray:
 
 @torch.no_grad()
 def online_batch(dual, fusion, px: torch.Tensor, ids_b: torch.Tensor, idx: np.ndarray,
-                 lists: np.ndarray) -> TeacherOutputs:
-    """Run the teachers on one batch (px normalised for the dual teacher)."""
+                 lists: np.ndarray, with_fusion: bool = True) -> TeacherOutputs:
+    """Run the teachers on one batch (px normalised for the dual teacher). `with_fusion=False`
+    skips the fusion teacher (a run that never reads F: its h and m come back as zeros)."""
     v, t = dual.encode_image(px), dual.encode_text(ids_b)
     mask, _ = batch_positions(idx, lists)
+    if not with_fusion:
+        B = len(idx)
+        return TeacherOutputs(v, t, torch.zeros(B, fusion.width), mask, torch.zeros(B, B), torch.zeros(B, B))
     pairs = (mask | mask.T).nonzero()  # image a, caption b: both directions' candidates at once
     img_tok, txt_tok = fusion.image_tokens(px), fusion.text_tokens(ids_b)
     h_all, m_all = fusion.score_pairs(img_tok, txt_tok, ids_b, pairs[:, 0], pairs[:, 1])

@@ -35,19 +35,35 @@ from mcad.trainer import Trainer
 
 log = logging.getLogger("mcad.distill")
 VARIANTS = ("none", "dual", "single", "mcad")
+# config settings a variant never reads: the recipe zeroes the loss weights among them, and the
+# ablation leaves them out when it decides whether a finished run can be reused
+UNUSED = {"none": ("loss", "adapters", "cache"), "dual": ("loss.mu", "loss.lam", "loss.tau_f", "adapters"),
+          "single": ("loss.beta", "loss.mu", "loss.lam", "adapters"), "mcad": ()}
+WEIGHTS = ("alpha", "beta", "mu", "lam")
+
+
+def loss_weights(variant: str, loss_cfg: dict) -> dict[str, float]:
+    """α, β, μ, λ as `variant` uses them: the ones it does not read are 0."""
+    w = {k: float(loss_cfg[k]) for k in WEIGHTS}
+    for key in UNUSED[variant]:
+        top, _, sub = key.partition(".")
+        if top == "loss":
+            w.update({k: 0.0 for k in ([sub] if sub else WEIGHTS) if k in w})
+    return w
 
 
 class Teachers:
     """The teachers' outputs for a batch: from the cache, or by running them."""
 
-    def __init__(self, dual, fusion, lists: np.ndarray, cache: TeacherCache | None):
+    def __init__(self, dual, fusion, lists: np.ndarray, cache: TeacherCache | None, with_fusion: bool = True):
         self.dual, self.fusion, self.lists, self.cache = dual, fusion, lists, cache
+        self.with_fusion = with_fusion
 
     def __call__(self, pixels, ids, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
         if self.cache is not None:
             return self.cache.batch(idx, cap)
         px = normalize(pixels[idx], self.dual.image_mean, self.dual.image_std)
-        return online_batch(self.dual, self.fusion, px, torch.as_tensor(ids[cap]), idx, self.lists)
+        return online_batch(self.dual, self.fusion, px, torch.as_tensor(ids[cap]), idx, self.lists, self.with_fusion)
 
 
 def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, pixels, ids, caps, batches, seed,
@@ -115,17 +131,12 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         nb = dual_neighbours(dual, pixels, int(cfg["neighbours"]))
         if variant != "none":
             log.info("teachers: online (no cache at %s; `mcad cache` makes one)", cache_dir)
-    teacher_out = Teachers(dual, fusion, candidate_lists(nb), cache)
-    batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg["neighbours"]) + 1)
     L = cfg["loss"]
-    alpha, beta = float(L["alpha"]), float(L["beta"])
-    mu, lam = float(L["mu"]), float(L["lam"])
-    if variant == "none":
-        alpha = beta = 0.0
-    if variant == "dual":
-        mu = lam = 0.0
-    if variant == "single":
-        beta = 0.0
+    w = loss_weights(variant, L)
+    alpha, beta, mu, lam = w["alpha"], w["beta"], w["mu"], w["lam"]
+    # dual KD with μ = λ = 0 never reads F: online runs skip it
+    teacher_out = Teachers(dual, fusion, candidate_lists(nb), cache, with_fusion=variant == "single" or mu > 0 or lam > 0)
+    batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg["neighbours"]) + 1)
     adapters = fit_adapters(cfg, teacher_out, fusion.width, dual.embed_dim, pixels, ids, caps, batches, seed, progress) \
         if variant == "mcad" and lam > 0 else None
 

@@ -34,8 +34,15 @@ log = logging.getLogger("mcad.teachers")
 
 
 def add_file_log(path: Path) -> None:
+    """Send the log to `path` from now on. A process writes one run at a time (the ablation runs
+    twelve in a row): the previous run's file stops receiving, or every log would hold the later runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_mcad_run_log", False)]:
+        root.removeHandler(old)
+        old.close()
     h = logging.FileHandler(path)
+    h._mcad_run_log = True
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(h)
     logging.getLogger().setLevel(logging.INFO)

@@ -52,8 +52,20 @@ class Tokenizer:
         return out
 
     def decode(self, ids: Iterable[int]) -> str:
-        keep = [int(i) for i in ids if int(i) not in (self.sot_id, self.eot_id, self.pad_id)]
-        return self.tok.decode(keep)
+        # up to the first end-of-text: pads follow it, and CLIP's pad id 0 is also the token "!"
+        keep, ended = [], False
+        for i in map(int, ids):
+            if i == self.eot_id:
+                ended = True
+                break
+            if not (i == self.sot_id and not keep):
+                keep.append(i)
+        while not ended and keep and keep[-1] == self.pad_id:
+            keep.pop()
+        text = self.tok.decode(keep)
+        if self.kind == "clip":  # CLIP marks word ends with "</w>"; its byte-level decoder keeps them
+            text = " ".join(text.replace("</w>", " ").split())
+        return text
 
     # -- persistence -------------------------------------------------------------------------
     def to_json(self) -> str:

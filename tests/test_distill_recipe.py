@@ -60,6 +60,19 @@ def test_ablation_runs_two_variants(teachers, synth_root, tmp_path):
     j = json.loads((tmp_path / "res" / "ablation.json").read_text())
     assert set(j["results"]) == {"none", "dual"} and set(j["results"]["none"]) == {"0", "1"}
     assert (tmp_path / "res" / "ablation.png").stat().st_size > 1000
+    # one process ran four students: each run's log holds that run only
+    first, last = (tmp_path / "ablation" / "none-s0" / "train.log").read_text(), (tmp_path / "ablation" / "dual-s1" / "train.log").read_text()
+    assert "teachers:" in last and "teachers:" not in first
+
+
+def test_variants_zero_the_weights_they_do_not_use():
+    from mcad.distill.recipe import loss_weights
+
+    L = {"alpha": 20, "beta": 1, "mu": 1, "lam": 0.5, "tau_kd": 0.05, "tau_f": 1}
+    assert loss_weights("none", L) == {"alpha": 0, "beta": 0, "mu": 0, "lam": 0}
+    assert loss_weights("dual", L) == {"alpha": 20, "beta": 1, "mu": 0, "lam": 0}
+    assert loss_weights("single", L) == {"alpha": 20, "beta": 0, "mu": 0, "lam": 0}
+    assert loss_weights("mcad", L) == {"alpha": 20, "beta": 1, "mu": 1, "lam": 0.5}
 
 
 def test_ddp_two_processes_match_one(teachers, synth_root, tmp_path):

@@ -48,6 +48,12 @@ def test_cache_matches_online_teachers(cache_setup):
         n_cand += int(on.mask.sum())
         for name in ("v", "t", "h", "m_i2t", "m_t2i"):
             torch.testing.assert_close(getattr(ca, name), getattr(on, name), atol=2e-4, rtol=1e-4, msg=name)
+        if step == 0:  # dual KD never reads F: the online path can skip it and keep D's part
+            d_only = online_batch(dual, fusion, normalize(pixels[idx], dual.image_mean, dual.image_std),
+                                  torch.as_tensor(ids[cap]), idx, lists, with_fusion=False)
+            for name in ("v", "t", "mask"):
+                assert torch.equal(getattr(d_only, name), getattr(on, name)), name
+            assert not d_only.m_i2t.any() and not d_only.h.any()
     assert n_cand > 3 * 32 * 2  # confuser batches put neighbours in: more than the positives alone
 
 

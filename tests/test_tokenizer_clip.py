@@ -189,3 +189,17 @@ def test_clip_tokenizer_roundtrip_through_mcad_save(clip_tok, tmp_path):
         (ours.kind, ours.sot_id, ours.eot_id, ours.pad_id, ours.context_length)
     texts = corpus(60, seed=1)
     assert np.array_equal(again.encode_batch(texts), ours.encode_batch(texts))
+
+
+def test_clip_decode_keeps_token_zero(clip_tok):
+    """CLIP pads with id 0, which is also the token "!": decoding stops at <|endoftext|> instead
+    of dropping every 0."""
+    from mcad.tokenizer import Tokenizer
+
+    folder, _ = clip_tok
+    ours = Tokenizer.load(folder / "tokenizer.json")
+    text = "wow!! a red square"  # "!" inside a word is id 0; at its end it is "!</w>"
+    ids = ours.encode(text)
+    end = int(np.argmax(ids == ours.eot_id))
+    assert 0 in ids[:end].tolist() and (ids[end + 1:] == 0).all()
+    assert ours.decode(ids).replace(" ", "") == text.replace(" ", "")

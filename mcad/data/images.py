@@ -57,7 +57,7 @@ def load_images(corpus: Corpus, size: int, cache_dir: str | Path | None = None,
                                disable=not progress, leave=False)):
         try:
             out[i] = decode_image(p, size)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             corpus.report.add(p, f"unreadable image ({type(e).__name__}: {e})")
             bad.add(i)
     if cache is not None:
