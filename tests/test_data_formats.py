@@ -4,6 +4,7 @@ wrong column counts."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import json
 
 import numpy as np
@@ -118,6 +119,21 @@ def test_load_images_drops_corrupt_and_reindexes(karpathy):
     assert_colour(pixels[1], COLOURS["f"])
     bad = [(w, p) for w, p in c2.report.problems if "unreadable image" in p]
     assert len(bad) == 1 and bad[0][0].endswith("e.jpg")
+
+
+def test_load_images_reports_decompression_bombs(karpathy, monkeypatch):
+    """An image whose header claims more than twice PIL's pixel limit raises
+    DecompressionBombError (not an OSError): reported and dropped like any unreadable image."""
+    from PIL import Image
+
+    c = load_karpathy(karpathy, split="test")
+    big = Path(c.image_paths[0])  # c.jpg
+    big.write_bytes(image_bytes(COLOURS["c"], size=(400, 320)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # bomb above 20,000 pixels: 400 x 320 only
+    pixels, c2 = load_images(c, 16, progress=False)
+    assert [p.split("/")[-1] for p in c2.image_paths] == ["f.jpg"] and len(pixels) == 1
+    bad = {w.split("/")[-1]: p for w, p in c2.report.problems if "unreadable image" in p}
+    assert set(bad) == {"c.jpg", "e.jpg"} and "DecompressionBombError" in bad["c.jpg"]
 
 
 def test_karpathy_nothing_usable_names_file(karpathy):
