@@ -1,8 +1,9 @@
 """`mcad cache`: run both teachers once over a training set; distillation then never runs one.
 
 Candidates are fixed lists, the same online and cached: image i's list L_i is i itself followed
-by its `neighbours` nearest images under the dual teacher (the same neighbours the confuser
-batches are drawn from). In a batch, image a and caption b are candidates of each other when
+by its `neighbours` nearest images under the dual teacher that have another description than i
+(images of the same synthetic scene are duplicates, not confusers; on real data every image has its
+own key). The confuser batches are drawn from the same neighbours. In a batch, image a and caption b are candidates of each other when
 b's image is in L_a (image -> text rows) or a's image is in L_b (text -> image rows).
 
 Per image i the cache stores, for every caption slot c (captions of an image, padded with -1):
@@ -27,12 +28,12 @@ from tqdm import tqdm
 
 from mcad.config import load_config
 from mcad.data.images import normalize
-from mcad.evaluate import encode_images, encode_texts
+from mcad.evaluate import encode_images, encode_texts, image_keys
 from mcad.io import atomic_path, read_json, sha256_file, write_manifest
 from mcad.sampling import nearest_neighbours
 
 log = logging.getLogger("mcad.cache")
-FORMAT = "mcad-teacher-cache/1"
+FORMAT = "mcad-teacher-cache/2"  # 2: neighbours are other scenes (image_keys), not duplicates
 
 
 @dataclass
@@ -61,9 +62,10 @@ def candidate_lists(neighbours: np.ndarray) -> np.ndarray:
     return np.concatenate([np.arange(len(neighbours))[:, None], neighbours], axis=1).astype(np.int64)
 
 
-def dual_neighbours(dual, pixels: np.ndarray, k: int) -> np.ndarray:
-    """The `k` nearest training images of each under the dual teacher (batches and candidates)."""
-    return nearest_neighbours(encode_images(dual, pixels), k)
+def dual_neighbours(dual, pixels: np.ndarray, k: int, keys: np.ndarray | None = None) -> np.ndarray:
+    """The `k` nearest training images of each under the dual teacher (batches and candidates),
+    among those with another description than its own (`keys`, see mcad.evaluate.image_keys)."""
+    return nearest_neighbours(encode_images(dual, pixels), k, keys=keys)
 
 
 def batch_positions(idx: np.ndarray, lists: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +123,8 @@ class TeacherCache:
             raise FileNotFoundError(f"{mf}: no teacher cache here (run `mcad cache` or `make cache`)")
         self.manifest = read_json(mf)
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{mf}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(f"{mf}: format {self.manifest.get('format')!r}, expected {FORMAT!r}: rebuild it "
+                             f"(`rm -r {self.root}` then `make cache`, or `mcad cache`)")
         from safetensors.torch import load_file
 
         parts: dict[str, list[torch.Tensor]] = {}
@@ -266,7 +269,7 @@ def main(argv: list[str]) -> int:
     tok = Tokenizer.load(teachers / "tokenizer.json")
     pixels, corpus = load_split(data, "train", dual.image_size)
     ids = tok.encode_batch(corpus.captions)
-    lists = candidate_lists(dual_neighbours(dual, pixels, int(cfg["neighbours"])))
+    lists = candidate_lists(dual_neighbours(dual, pixels, int(cfg["neighbours"]), image_keys(corpus)))
     src = {"teachers": {f: sha256_file(teachers / f) for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json")},
            "data": str(data), "neighbours": int(cfg["neighbours"])}
     build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, int(cfg.get("cache_shard_images", 2048)),

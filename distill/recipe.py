@@ -128,7 +128,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         nb = cache.neighbours
         log.info("teachers: from the cache %s", cache_dir)
     else:
-        nb = dual_neighbours(dual, pixels, int(cfg["neighbours"]))
+        nb = dual_neighbours(dual, pixels, int(cfg["neighbours"]), keys.numpy())
         if variant != "none":
             log.info("teachers: online (no cache at %s; `mcad cache` makes one)", cache_dir)
     L = cfg["loss"]

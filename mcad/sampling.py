@@ -48,12 +48,18 @@ class ConfuserBatches:
 
 
 @torch.no_grad()
-def nearest_neighbours(emb: torch.Tensor, k: int, chunk: int = 2048) -> np.ndarray:
-    """k nearest rows by inner product, excluding each row itself. emb: [N, D] unit vectors."""
+def nearest_neighbours(emb: torch.Tensor, k: int, chunk: int = 2048, keys: np.ndarray | None = None) -> np.ndarray:
+    """k nearest rows by inner product, excluding each row itself. emb: [N, D] unit vectors.
+    With `keys`, rows with the row's own key are excluded too: an image with the same description
+    is a duplicate, not a confuser (on the synthetic benchmark ~6 images share each scene, and
+    without this 65% of the neighbours were such duplicates, about which no teacher can say anything)."""
+    kt = None if keys is None else torch.as_tensor(np.asarray(keys))
     out = []
     for s in range(0, len(emb), chunk):
         sim = emb[s:s + chunk] @ emb.T
         sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -torch.inf
+        if kt is not None:
+            sim[kt[s:s + chunk, None] == kt[None, :]] = -torch.inf
         out.append(sim.topk(k, dim=1).indices)
     return torch.cat(out).numpy()
 

@@ -9,6 +9,7 @@ import torch
 @pytest.fixture(scope="module")
 def cache_setup(teachers, synth_root, tmp_path_factory):
     from mcad.distill.cache import build_cache, candidate_lists, dual_neighbours
+    from mcad.evaluate import image_keys
     from mcad.models.checkpoint import load_model
     from mcad.teachers import load_split
     from mcad.tokenizer import Tokenizer
@@ -18,7 +19,10 @@ def cache_setup(teachers, synth_root, tmp_path_factory):
     tok = Tokenizer.load(teachers / "tokenizer.json")
     pixels, corpus = load_split(synth_root, "train", dual.image_size)
     ids = tok.encode_batch(corpus.captions)
-    lists = candidate_lists(dual_neighbours(dual, pixels, 3))
+    keys = image_keys(corpus)
+    lists = candidate_lists(dual_neighbours(dual, pixels, 3, keys))
+    assert (keys[lists[:, 1:]] != keys[:, None]).all()  # confusers, never another image of the same scene
+    assert (keys[candidate_lists(dual_neighbours(dual, pixels, 3))[:, 1:]] == keys[:, None]).any()  # which there are
     out = tmp_path_factory.mktemp("cache")
     # small shards so that the batch draws from several
     build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, shard_images=50, progress=False)

@@ -64,6 +64,21 @@ def test_batches_are_a_function_of_step():
     assert all(nb[a, 0] in b for a in anchors[:4])
 
 
+def test_nearest_neighbours_against_brute_force_with_and_without_keys():
+    from mcad.sampling import nearest_neighbours
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(300, 8, generator=g), dim=1)
+    keys = torch.randint(0, 60, (300,), generator=g).numpy()  # ~5 rows per key, like scenes
+    sim = (emb @ emb.T).numpy()
+    for kk in (None, keys):
+        got = nearest_neighbours(emb, 4, chunk=64, keys=kk)
+        for i in range(300):
+            allowed = [j for j in range(300) if j != i and (kk is None or kk[j] != kk[i])]
+            ref = sorted(allowed, key=lambda j: -sim[i, j])[:4]
+            assert got[i].tolist() == ref, i
+
+
 def test_teacher_recipe_two_steps(synth_root, tmp_path):
     from mcad.teachers import main
 
