@@ -63,11 +63,33 @@ def reassign_by_order(scores: torch.Tensor, order_scores: torch.Tensor, mask: to
     return torch.where(mask, out, scores)
 
 
+def split_by_fusion(s_dual: torch.Tensor, mask: torch.Tensor, m: torch.Tensor, tau: float, tau_f: float) -> torch.Tensor:
+    """Row-wise scores (S units) whose softmax at τ_kd gives each row's candidates (`mask`) the
+    total mass D gives them, split among them as softmax(m/τ_F) splits it; elsewhere D's scores.
+    When D's scores over the candidates are tied (D cannot tell a scene from its relation swap),
+    handing them out in F's order changes nothing; this still says which one F believes."""
+    z = s_dual / tau
+    lse_c = z.masked_fill(~mask, float("-inf")).logsumexp(1, keepdim=True)
+    lf = (m / tau_f).masked_fill(~mask, float("-inf")).log_softmax(1)
+    return tau * torch.where(mask, lse_c + lf, z)
+
+
+WITHIN = ("order", "split")
+
+
 def modified_similarity(s_dual: torch.Tensor, mask: torch.Tensor, m: torch.Tensor, mu: float,
-                        feat_term: torch.Tensor | None = None) -> torch.Tensor:
-    """Row-wise S̃: within each row's candidates (`mask`), (1-μ)·S^D + μ·(D's scores in F's order
-    by the ITM logits `m`, same shape); elsewhere S^D. `feat_term` is added everywhere when given."""
-    out = torch.where(mask, (1 - mu) * s_dual + mu * reassign_by_order(s_dual, m, mask), s_dual)
+                        feat_term: torch.Tensor | None = None, within: str = "order",
+                        tau: float = 0.05, tau_f: float = 1.0) -> torch.Tensor:
+    """Row-wise S̃: within each row's candidates (`mask`), (1-μ)·S^D + μ·F's version of them, which
+    is D's scores in F's order by the ITM logits `m` (`within="order"`) or D's candidate mass split
+    by F (`within="split"`, see split_by_fusion); elsewhere S^D. `feat_term` is added everywhere."""
+    if within == "order":
+        fused = reassign_by_order(s_dual, m, mask)
+    elif within == "split":
+        fused = split_by_fusion(s_dual, mask, m, tau, tau_f)
+    else:
+        raise ValueError(f"loss.within={within!r}: expected one of {', '.join(WITHIN)}")
+    out = torch.where(mask, (1 - mu) * s_dual + mu * fused, s_dual)
     if feat_term is not None:
         out = out + feat_term
     return out
@@ -98,13 +120,15 @@ def feature_loss(u_proj: torch.Tensor, w_proj: torch.Tensor, v_t: torch.Tensor, 
 
 
 def mcad_targets(v: torch.Tensor, t: torch.Tensor, v_mod: torch.Tensor | None, t_mod: torch.Tensor | None,
-                 mask_i2t, m_i2t, mask_t2i, m_t2i, mu: float):
+                 mask_i2t, m_i2t, mask_t2i, m_t2i, mu: float, within: str = "order", tau: float = 0.05,
+                 tau_f: float = 1.0):
     """(S̃ for image->text rows, S̃ for text->image columns) from the teachers' outputs.
     mask_i2t/m_i2t: [images, texts]; mask_t2i/m_t2i: [texts, images]."""
     s_d = v @ t.T
     feat = None
     if v_mod is not None and t_mod is not None:
         feat = 0.5 * (v_mod @ t.T + v @ t_mod.T) - s_d
-    s_i2t = modified_similarity(s_d, mask_i2t, m_i2t, mu, feat)
-    s_t2i = modified_similarity(s_d.T, mask_t2i, m_t2i, mu, None if feat is None else feat.T).T
+    kw = {"within": within, "tau": tau, "tau_f": tau_f}
+    s_i2t = modified_similarity(s_d, mask_i2t, m_i2t, mu, feat, **kw)
+    s_t2i = modified_similarity(s_d.T, mask_t2i, m_t2i, mu, None if feat is None else feat.T, **kw).T
     return s_i2t, s_t2i

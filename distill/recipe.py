@@ -21,7 +21,7 @@ from torch import nn
 from mcad.config import load_config
 from mcad.data.images import normalize
 from mcad.distill.cache import (TeacherCache, TeacherOutputs, candidate_lists, dual_neighbours, online_batch)
-from mcad.distill.losses import NEG, FusionAdapters, distribution_loss, feature_loss, kl_rows, mcad_targets, single_teacher_loss
+from mcad.distill.losses import NEG, WITHIN, FusionAdapters, distribution_loss, feature_loss, kl_rows, mcad_targets, single_teacher_loss
 from mcad.evaluate import evaluate_dual, image_keys
 from mcad.io import write_json, write_manifest
 from mcad.losses import clip_loss
@@ -37,8 +37,8 @@ log = logging.getLogger("mcad.distill")
 VARIANTS = ("none", "dual", "single", "mcad")
 # config settings a variant never reads: the recipe zeroes the loss weights among them, and the
 # ablation leaves them out when it decides whether a finished run can be reused
-UNUSED = {"none": ("loss", "adapters", "cache"), "dual": ("loss.mu", "loss.lam", "loss.tau_f", "adapters"),
-          "single": ("loss.beta", "loss.mu", "loss.lam", "adapters"), "mcad": ()}
+UNUSED = {"none": ("loss", "adapters", "cache"), "dual": ("loss.mu", "loss.lam", "loss.tau_f", "loss.within", "adapters"),
+          "single": ("loss.beta", "loss.mu", "loss.lam", "loss.within", "adapters"), "mcad": ()}
 WEIGHTS = ("alpha", "beta", "mu", "lam")
 
 
@@ -96,6 +96,8 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     variant = cfg["variant"]
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    if cfg["loss"].get("within", "order") not in WITHIN:
+        raise ValueError(f"loss.within={cfg['loss']['within']!r}: expected one of {', '.join(WITHIN)}")
     from mcad import distributed
 
     rank, world = distributed.init()
@@ -154,6 +156,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
                  recipe={k: v for k, v in cfg.items() if k not in ("threads", "seeds", "variants", "results", "name", "out")})
     tr.resume()
     tau, tau_f = float(L["tau_kd"]), float(L["tau_f"])
+    within = str(L.get("within", "order"))
 
     def loss_fn(step):
         idx = batches(step)
@@ -173,7 +176,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
             else:
                 mod = adapters is not None and lam > 0
                 tgt_i, tgt_t = mcad_targets(tb.v, tb.t, v_m if mod else None, t_m if mod else None,
-                                            tb.mask_i2t, tb.m_i2t, tb.mask_t2i, tb.m_t2i, mu)
+                                            tb.mask_i2t, tb.m_i2t, tb.mask_t2i, tb.m_t2i, mu, within, tau, tau_f)
                 l_dist = distribution_loss(s, tgt_i, tgt_t, tau)
             l_feat = feature_loss(proj["img"](u), proj["txt"](w), v_m, t_m) if beta > 0 else torch.zeros(())
             loss = loss + alpha * l_dist + beta * l_feat

@@ -87,7 +87,7 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int):
     caps = corpus.image_captions()
     log.info("fusion: nearest neighbours of %d training images under the dual teacher", len(pixels))
     emb = encode_images(dual, pixels)
-    nb = nearest_neighbours(emb, int(cfg.get("neighbours", 3)))
+    nb = nearest_neighbours(emb, int(cfg.get("neighbours", 3)), keys=keys.numpy())  # other scenes: confusers
     batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg.get("neighbours", 3)) + 1)
     trainer = Trainer({"fusion": fusion}, cfg, out / "fusion.ckpt.pt", desc="fusion teacher")
     trainer.resume()

@@ -6,7 +6,8 @@ import math
 import torch
 
 from mcad.distill.losses import (FusionAdapters, candidates, dense, distribution_loss, feature_loss, kl_rows,
-                                 mcad_targets, modified_similarity, reassign_by_order, single_teacher_loss)
+                                 mcad_targets, modified_similarity, reassign_by_order, single_teacher_loss,
+                                 split_by_fusion)
 
 
 def unit(x):
@@ -32,6 +33,39 @@ def test_modified_similarity_hand_computed():
     # row 1: F agrees with D's order (1, 3, 2) -> unchanged
     assert torch.allclose(out[1], s[1])
     assert torch.allclose(modified_similarity(s, mask, m, mu=0.0), s)
+
+
+def test_split_by_fusion_hand_computed():
+    tau = 0.5
+    s = torch.tensor([[0.2, 0.2, 0.0, 0.4]])          # D ties the two candidates (cols 0, 1)
+    mask = torch.tensor([[True, True, False, False]])
+    m = torch.tensor([[math.log(3.0), 0.0, 9.0, 9.0]])  # F: 3:1 for col 0; non-candidates ignored
+    out = split_by_fusion(s, mask, m, tau, tau_f=1.0)
+    p_d = torch.softmax(s / tau, 1)[0]
+    p = torch.softmax(out / tau, 1)[0]
+    mass = float(p_d[0] + p_d[1])
+    assert torch.allclose(p, torch.tensor([0.75 * mass, 0.25 * mass, float(p_d[2]), float(p_d[3])]), atol=1e-6)
+    assert torch.allclose(out[0, 2:], s[0, 2:])
+    # the order form cannot say anything here: D's scores are tied
+    assert torch.allclose(modified_similarity(s, mask, m, 1.0, within="order"), s)
+    assert torch.allclose(modified_similarity(s, mask, m, 1.0, within="split", tau=tau), out)
+    assert torch.allclose(modified_similarity(s, mask, m, 0.0, within="split", tau=tau), s)
+
+
+def test_split_by_fusion_properties():
+    g = torch.Generator().manual_seed(0)
+    s, m = torch.randn(6, 9, generator=g) * 0.2, torch.randn(6, 9, generator=g) * 3
+    mask = torch.rand(6, 9, generator=g) < 0.4
+    mask[torch.arange(6), torch.arange(6)] = True
+    tau, tau_f = 0.05, 2.0
+    p_d, p = torch.softmax(s / tau, 1), torch.softmax(split_by_fusion(s, mask, m, tau, tau_f) / tau, 1)
+    torch.testing.assert_close((p * mask).sum(1), (p_d * mask).sum(1))       # D's mass on the candidates
+    torch.testing.assert_close(p[~mask], p_d[~mask])                          # D's distribution elsewhere
+    f = torch.softmax((m / tau_f).masked_fill(~mask, float("-inf")), 1)
+    torch.testing.assert_close(p * mask / (p * mask).sum(1, keepdim=True), f)  # F's split among them
+    # one candidate (the positive alone): nothing to split
+    one = torch.eye(6, 9, dtype=torch.bool)
+    torch.testing.assert_close(split_by_fusion(s, one, m, tau, tau_f), s)
 
 
 def test_candidates_always_hold_the_positive():

@@ -31,6 +31,17 @@ def test_unknown_variant_is_an_error(teachers, synth_root, tmp_path):
 
     with pytest.raises(ValueError, match="variant"):
         main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "variant=bogus"])
+    with pytest.raises(ValueError, match="loss.within='bogus'"):
+        main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "loss.within=bogus"])
+
+
+def test_mcad_with_fusion_split_two_steps(teachers, synth_root, tmp_path):
+    from mcad.distill.recipe import main
+
+    assert main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "name=split", "loss.within=split",
+                 "steps=2", "batch_size=16", "threads=1", "warmup=1"]) == 0
+    m = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert m["config"]["loss"]["within"] == "split" and 0 <= m["test"]["student"]["rsum"] <= 600
 
 
 def test_ablation_summary_paired_differences():
