@@ -92,7 +92,7 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv: list[str]) -> int:
     overrides = [a for a in argv if "=" in a]
     base = load_config("student", overrides)
-    seeds = [int(s) for s in str(base.get("seeds", "0,1,2")).split(",")]
+    seeds = [int(s) for s in str(base.get("seeds", "0,1,2,3,4")).split(",")]
     variants = [v for v in str(base.get("variants", ",".join(VARIANTS))).split(",")]
     results_dir = Path(base.get("results", "benchmarks/results"))
 

@@ -145,18 +145,17 @@ def main(argv: list[str]) -> int:
         tok.save(tok_path)
     train_ids, test_ids = tok.encode_batch(train_c.captions), tok.encode_batch(test_c.captions)
 
-    dual_path = out / "dual.safetensors"
-    if dual_path.exists():
-        dual = load_model(dual_path)
-    else:
-        dual, timings["dual_train_s"] = train_dual(cfg["dual"], tok, train_px, train_ids, train_c, out, seed)
-        save_model(dual, dual_path)
-    fusion_path = out / "fusion.safetensors"
-    if fusion_path.exists():
-        fusion = load_model(fusion_path)
-    else:
-        fusion, timings["fusion_train_s"] = train_fusion(cfg["fusion"], dual, train_px, train_ids, train_c, out, seed)
-        save_model(fusion, fusion_path)
+    def load_or_train(name: str, train):
+        """A teacher already saved is loaded (make does not redo it); otherwise trained and saved."""
+        path = out / f"{name}.safetensors"
+        if path.exists():
+            return load_model(path)
+        model, timings[f"{name}_train_s"] = train()
+        save_model(model, path)
+        return model
+
+    dual = load_or_train("dual", lambda: train_dual(cfg["dual"], tok, train_px, train_ids, train_c, out, seed))
+    fusion = load_or_train("fusion", lambda: train_fusion(cfg["fusion"], dual, train_px, train_ids, train_c, out, seed))
 
     t0 = time.time()
     d_metrics, sim = evaluate_dual(dual, test_px, test_ids, test_c.caption_to_image)
