@@ -17,12 +17,27 @@ log = logging.getLogger("mcad.data")
 # The synthetic benchmark and our models use symmetric [-1, 1] scaling; real teachers bring theirs.
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
+# Decompression bombs: an image whose header claims more pixels than this is refused before it is
+# decoded (PIL only warns between its own limit and twice it: a 219-byte PNG of 12000 x 12000
+# decodes to 600 MB). 64 Mpx is above any camera photo a retrieval set holds.
+MAX_PIXELS = 64_000_000
+# What a decoded pixel array depends on besides the image files; bump when decode_image changes
+# so that the caches written by the old code are decoded again.
+DECODE_VERSION = 2
 
 
-def decode_image(src: str | Path | bytes, size: int) -> np.ndarray:
+class ImageTooLarge(ValueError):
+    """The image's header claims more than MAX_PIXELS pixels."""
+
+
+def decode_image(src: str | Path | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode, centre-crop to square and resize (bicubic) to `size`; returns uint8 [3, size, size]."""
     f = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
-    with Image.open(f) as im:
+    with Image.open(f) as im:  # reads the header only: the size is known before any decoding
+        limit = MAX_PIXELS if max_pixels is None else max_pixels
+        if im.size[0] * im.size[1] > limit:
+            raise ImageTooLarge(f"{im.size[0]} x {im.size[1]} = {im.size[0] * im.size[1]:,} pixels, over the "
+                                f"limit of {limit:,} (mcad.data.images.MAX_PIXELS)")
         im.load()
         im = im.convert("RGB")
     w, h = im.size
@@ -35,37 +50,85 @@ def decode_image(src: str | Path | bytes, size: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
-def load_images(corpus: Corpus, size: int, cache_dir: str | Path | None = None,
-                progress: bool = True) -> tuple[np.ndarray, Corpus]:
-    """Decode every image of the corpus. Unreadable images are reported (file + error) and dropped
-    with their captions; the returned corpus is re-indexed to match the array.
+def content_digest(paths: list[str], size: int) -> str:
+    """sha256 over every image file's bytes (with its path, in order), the output size and the
+    decoder version: everything a decoded array depends on. A regenerated data set at the same
+    paths (`mcad data seed=2 force=true`) gets another digest."""
+    h = hashlib.sha256(f"mcad-pixels/{DECODE_VERSION}|{size}|{MAX_PIXELS}".encode())
+    for p in paths:
+        h.update(p.encode("utf-8", "surrogateescape") + b"\0")
+        try:
+            with open(p, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+        except OSError as e:  # decoding will report it; the digest only has to differ
+            h.update(f"unreadable {type(e).__name__}".encode())
+    return h.hexdigest()
 
-    With `cache_dir`, the decoded array is kept as .npy keyed by the image list and size."""
-    cache = None
-    if cache_dir is not None:
-        key = hashlib.sha256(("\n".join(corpus.image_paths) + f"|{size}").encode()).hexdigest()[:16]
-        cache = Path(cache_dir) / f"pixels_{corpus.split}_{size}_{key}.npz"
-        if cache.exists():
-            with np.load(cache) as z:
-                bad = set(z["bad"].tolist())
-                for i in sorted(bad):
-                    corpus.report.add(corpus.image_paths[i], "unreadable image (cached finding)")
-                return z["pixels"], corpus.drop_images(bad)
+
+def _cache_file(cache_dir: str | Path, corpus: Corpus, size: int) -> Path:
+    # named by the image list (one file per split/subset, rewritten when the content changes),
+    # keyed by the content digest stored inside it
+    key = hashlib.sha256(("\n".join(corpus.image_paths) + f"|{size}").encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"pixels_{corpus.split}_{size}_{key}.npz"
+
+
+def _read_cache(cache: Path, digest: str) -> tuple[np.ndarray, list[int]] | None:
+    """(pixels, bad indices) of a cache written from these very files, else None."""
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache) as z:
+            if "content" not in z.files or str(z["content"]) != digest:
+                log.info("%s: images changed since this pixel cache was written; decoding them again", cache)
+                return None
+            return z["pixels"], z["bad"].tolist()
+    except (OSError, ValueError, KeyError, EOFError) as e:  # torn or foreign: decode again, it is only a cache
+        log.warning("%s: unreadable pixel cache (%s); decoding the images again", cache, type(e).__name__)
+        return None
+
+
+def _decode_all(corpus: Corpus, size: int, progress: bool) -> tuple[np.ndarray, set[int]]:
     out = np.zeros((corpus.n_images, 3, size, size), dtype=np.uint8)
     bad: set[int] = set()
     for i, p in enumerate(tqdm(corpus.image_paths, desc=f"decode {corpus.split} images", unit="img",
                                disable=not progress, leave=False)):
         try:
             out[i] = decode_image(p, size)
+        except ImageTooLarge as e:
+            corpus.report.add(p, f"image too large ({e})")
+            bad.add(i)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             corpus.report.add(p, f"unreadable image ({type(e).__name__}: {e})")
             bad.add(i)
+    return out, bad
+
+
+def load_images(corpus: Corpus, size: int, cache_dir: str | Path | None = None,
+                progress: bool = True) -> tuple[np.ndarray, Corpus]:
+    """Decode every image of the corpus. Unreadable images (and images over MAX_PIXELS) are
+    reported (file + error) and dropped with their captions; the returned corpus is re-indexed
+    to match the array.
+
+    With `cache_dir`, the decoded array is kept as .npz, valid only for the same image bytes
+    (`content_digest`): a cache of other images at the same paths is decoded again, never reused."""
+    cache = digest = None
+    if cache_dir is not None:
+        cache, digest = _cache_file(cache_dir, corpus, size), content_digest(corpus.image_paths, size)
+        hit = _read_cache(cache, digest)
+        if hit is not None:
+            out, bad_list = hit
+            for i in bad_list:
+                corpus.report.add(corpus.image_paths[i], "unreadable image (cached finding)")
+            bad = set(bad_list)
+            # the cache holds every row (bad ones as zeros): drop them as a fresh decode does
+            return (out[[i for i in range(len(out)) if i not in bad]] if bad else out), corpus.drop_images(bad)
+    out, bad = _decode_all(corpus, size, progress)
     if cache is not None:
         from mcad.io import atomic_path
 
         with atomic_path(cache) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, pixels=out, bad=np.array(sorted(bad), dtype=np.int64))
+                np.savez(f, pixels=out, bad=np.array(sorted(bad), dtype=np.int64), content=np.array(digest))
     keep = [i for i in range(corpus.n_images) if i not in bad]
     return out[keep], corpus.drop_images(bad)
 
