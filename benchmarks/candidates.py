@@ -20,6 +20,7 @@ import torch
 
 from mcad.distill.cache import TeacherCache
 from mcad.distill.losses import reassign_by_order, split_by_fusion
+from mcad.config import parse_overrides
 from mcad.io import atomic_write_text, machine, now_iso, write_json
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,14 @@ def markdown(stats: dict, meta: dict) -> str:
         f"| mass on the positive: MCAD split | {mp['split']:.3f} (KL to D {kl['split']:.4f}) |", ""])
 
 
+OPTIONS = {"cache": "runs/teachers/cache", "tau_kd": 0.05, "tau_f": 1.0, "out": "benchmarks/results"}
+
+
 def main(argv: list[str]) -> int:
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    cache_dir = args.get("cache", "runs/teachers/cache")
-    tau_kd, tau_f = float(args.get("tau_kd", 0.05)), float(args.get("tau_f", 1.0))
-    out = Path(args.get("out", "benchmarks/results"))
+    args = parse_overrides(argv, OPTIONS).config
+    cache_dir = args["cache"]
+    tau_kd, tau_f = args["tau_kd"], args["tau_f"]
+    out = Path(args["out"])
     stats = candidate_stats(*cache_rows(TeacherCache(cache_dir)), tau_kd, tau_f)
     meta = {"command": " ".join(["python -m mcad.benchmarks.candidates", *map(shlex.quote, argv)]).strip(),
             "date": now_iso(), "machine": machine(), "cache": cache_dir, "tau_kd": tau_kd, "tau_f": tau_f}

@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from mcad.config import parse_value
+from mcad.config import ConfigError, parse_overrides
 from mcad.io import atomic_write_text, machine, now_iso, versions, write_json
 
 log = logging.getLogger("mcad.benchmarks.search")
-RESULTS_DIR = Path(__file__).with_name("results")
+# the checkout's results folder, relative to where the command runs (not the installed package)
+RESULTS_DIR = Path("benchmarks") / "results"
 EPS = 1e-3  # cosine tolerance of the second recall column
 GOAL = {"n": 1_000_000, "p95_ms": 10.0, "recall10": 0.95, "index_bytes": 100_000_000}
 SWEEP = {"ivfsq8": ("nprobe", [8, 16, 32, 64, 128, 256]), "ivfpq": ("nprobe", [8, 16, 32, 64, 128, 256]),
@@ -384,19 +385,20 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_args(argv: list[str]) -> dict:
+    return parse_overrides(argv, DEFAULTS, types={"run": str}).config
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    opts = dict(DEFAULTS)
-    for a in argv:
-        if "=" not in a or a.split("=", 1)[0] not in DEFAULTS:
-            print(f"search_bench: unknown argument {a!r} (known: {', '.join(k + '=' for k in DEFAULTS)})",
-                  file=sys.stderr)
-            return 2
-        k, v = a.split("=", 1)
-        opts[k] = v if k in ("run", "data_root", "out", "types") else parse_value(v)
+    try:
+        opts = parse_args(argv)
+    except ConfigError as e:
+        print(f"search_bench: error: {e}", file=sys.stderr)
+        return 2
     threads = int(opts["threads"])
     os.environ["MCAD_BENCH_THREADS"] = str(threads)
     import torch

@@ -23,113 +23,116 @@ Exit status: 0 when every budget holds, 1 when a budget is broken or a job faile
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
 from mcad.device.base import Timing
 
 log = logging.getLogger("mcad.bench")
-DEVICE_KEYS = {"adb", "runner", "python", "remote_root", "et_runner", "tflite_runner", "cpus", "timeout", "keep",
-               "options", "iterations"}
-BENCH_KEYS = {"device", "run", "threads", "galleries", "runtimes", "quant", "make_quant", "scorer", "k", "quick",
-              "peers", "mobile", "image", "budgets", "budget", "out", "results", "name", "target", "cache", "runs",
-              "warmup", "min_time", "max_time", "max_runs", "build_timeout"}
+# key -> default. None: derived (from quick=, the run, the device); BENCH_TYPES then gives the type.
+BENCH_OPTIONS = {"device": "local", "run": None, "threads": None, "galleries": None, "runtimes": None, "quant": None,
+                 "make_quant": None, "scorer": "faiss", "k": 10, "quick": False, "peers": None, "mobile": None,
+                 "image": None, "budgets": None, "budget": None, "out": None, "results": None, "name": None,
+                 "target": None, "cache": None, "runs": None, "warmup": None, "min_time": None, "max_time": None,
+                 "max_runs": None, "build_timeout": None}
+DEVICE_OPTIONS = {k: None for k in ("adb", "runner", "python", "remote_root", "et_runner", "tflite_runner", "cpus",
+                                    "timeout", "keep", "options", "iterations")}
+BENCH_TYPES = {"threads": list[int], "galleries": list[int], "runtimes": list[str], "quant": list[str],
+               "make_quant": list[str], "mobile": bool, "image": bool, "runs": int, "warmup": int, "min_time": float,
+               "max_time": float, "max_runs": int, "build_timeout": float, "timeout": float, "keep": bool,
+               "iterations": int}
+BENCH_TYPES.update({k: str for k, v in {**BENCH_OPTIONS, **DEVICE_OPTIONS}.items()  # the other derived keys:
+                    if v is None and k not in BENCH_TYPES})                        # text, paths
+DEVICE_KEYS, BENCH_KEYS = set(DEVICE_OPTIONS), set(BENCH_OPTIONS)
 TRUE = {"1", "true", "yes", "on", "y"}
 
 
-def _ints(key: str, v: str) -> list[int]:
-    try:
-        out = [int(float(x)) for x in str(v).replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ValueError(f"{key}={v!r}: expected comma-separated integers") from None
-    if not out or any(x <= 0 for x in out):
-        raise ValueError(f"{key}={v!r}: expected positive integers")
+def _positive(key: str, v: list[int]) -> list[int]:
+    if not v or any(x <= 0 for x in v):
+        raise ValueError(f"{key}={','.join(map(str, v))}: expected positive integers")
+    return v
+
+
+def _normalize(argv: list[str]) -> list[str]:
+    """`--quick`/`-q` -> quick=1; `--min-time=5` / `min-time=5` -> min_time=5 (the spellings bench took)."""
+    out = []
+    for a in argv:
+        key, sep, value = a.partition("=")
+        if a in ("--quick", "-q"):
+            out.append("quick=1")
+        elif sep and re.fullmatch(r"-*[A-Za-z_][\w.-]*", key):
+            out.append(key.lstrip("-").replace("-", "_") + "=" + value)
+        else:
+            out.append(a)
     return out
 
 
-def _list(v: str) -> list[str]:
-    return [x.strip() for x in str(v).split(",") if x.strip()]
-
-
 def parse_args(argv: list[str]):
-    from mcad.benchmarks.search import ALL_RUNTIMES, BenchOptions, command_line
+    from mcad.benchmarks.search import ALL_RUNTIMES, RESULTS_DIR, BenchOptions, command_line
+    from mcad.config import parse_overrides
 
-    kv: dict[str, str] = {}
-    for a in argv:
-        if a in ("--quick", "-q"):
-            kv["quick"] = "1"
-        elif "=" in a:
-            k, v = a.split("=", 1)
-            k = k.strip().lstrip("-").replace("-", "_")
-            if k not in BENCH_KEYS | DEVICE_KEYS:
-                raise ValueError(f"unknown option {k!r} (known: {', '.join(sorted(BENCH_KEYS | DEVICE_KEYS))})")
-            kv[k] = v
-        elif a.startswith("-"):
-            raise ValueError(f"unknown flag {a!r} (see `mcad bench --help`)")
-        else:
-            kv["run"] = a
-    quick = kv.get("quick", "0").lower() in TRUE
+    p = parse_overrides(_normalize(argv), {**BENCH_OPTIONS, **DEVICE_OPTIONS}, positional=1, types=BENCH_TYPES)
+    kv = p.config
+    if p.positional:  # `mcad bench runs/<name>`
+        kv["run"] = p.positional[0]
+    quick = kv["quick"]
+
+    def pick(key: str, full, fast):
+        """the value given, else the default of a full or a quick bench"""
+        return kv[key] if kv[key] is not None else (fast if quick else full)
+
     o = BenchOptions(command=command_line(argv), quick=quick)
-    o.device = kv.get("device", "local")
-    o.run = Path(kv["run"]) if kv.get("run") else None
-    o.threads = _ints("threads", kv["threads"]) if "threads" in kv else ([1] if quick else [1, 2])
-    o.galleries = _ints("galleries", kv["galleries"]) if "galleries" in kv else ([1000] if quick else [1000, 10000, 100000])
-    if "runtimes" in kv:
-        o.runtimes = _list(kv["runtimes"])
+    o.device = kv["device"]
+    o.run = Path(kv["run"]) if kv["run"] else None
+    o.threads = _positive("threads", pick("threads", [1, 2], [1]))
+    o.galleries = _positive("galleries", pick("galleries", [1000, 10000, 100000], [1000]))
+    if kv["runtimes"] is not None:
+        o.runtimes = kv["runtimes"]
         bad = [r for r in o.runtimes if r not in ALL_RUNTIMES]
         if bad or not o.runtimes:
-            raise ValueError(f"runtimes={kv['runtimes']!r}: expected some of {', '.join(ALL_RUNTIMES)}")
-    o.quant = _list(kv["quant"]) if kv.get("quant") else None
-    if kv.get("make_quant"):
-        o.make_quant = _list(kv["make_quant"])
+            raise ValueError(f"runtimes={','.join(o.runtimes)}: expected some of {', '.join(ALL_RUNTIMES)}")
+    o.quant = kv["quant"] or None
+    if kv["make_quant"]:
+        o.make_quant = kv["make_quant"]
         if set(o.make_quant) - {"fp32", "int8"}:
-            raise ValueError(f"make_quant={kv['make_quant']!r}: expected fp32 and/or int8")
-    o.scorer = kv.get("scorer", "faiss")
+            raise ValueError(f"make_quant={','.join(o.make_quant)}: expected fp32 and/or int8")
+    o.scorer = kv["scorer"]
     if o.scorer not in ("faiss", "numpy"):
         raise ValueError(f"scorer={o.scorer!r}: expected faiss or numpy")
-    o.k = int(kv.get("k", 10))
-    o.peers = kv.get("peers", "none" if quick else "full")
+    o.k = kv["k"]
+    o.peers = pick("peers", "full", "none")
     if o.peers in ("0", "false", "no", "off"):
         o.peers = "none"
     if o.peers in ("1", "true", "yes", "on"):
         o.peers = "full"
     if o.peers not in ("full", "tiny", "none"):
         raise ValueError(f"peers={o.peers!r}: expected full, tiny or none")
-    o.mobile = kv.get("mobile", "0" if quick else "1").lower() in TRUE
-    o.image = kv.get("image", "0" if quick else "1").lower() in TRUE
-    o.budgets = Path(kv["budgets"]) if kv.get("budgets") else None
-    o.budget = kv.get("budget") or None
-    o.out = Path(kv["out"]) if kv.get("out") else None
-    res = kv.get("results", "none" if quick else "")
-    from mcad.benchmarks.search import RESULTS_DIR
-
+    o.mobile = pick("mobile", True, False)
+    o.image = pick("image", True, False)
+    o.budgets = Path(kv["budgets"]) if kv["budgets"] else None
+    o.budget = kv["budget"] or None
+    o.out = Path(kv["out"]) if kv["out"] else None
+    res = pick("results", "", "none")
     o.results = None if res.lower() in ("none", "0", "no", "off") else (Path(res) if res else RESULTS_DIR)
-    o.name = kv.get("name") or None
-    o.target = kv.get("target") or None
-    o.cache = Path(kv["cache"]) if kv.get("cache") else None
+    o.name = kv["name"] or None
+    o.target = kv["target"] or None
+    o.cache = Path(kv["cache"]) if kv["cache"] else None
     base = Timing.quick() if quick else Timing()
-    try:
-        o.timing = Timing(warmup=int(kv.get("warmup", base.warmup)), min_runs=int(kv.get("runs", base.min_runs)),
-                          max_runs=int(kv.get("max_runs", max(base.max_runs, int(kv.get("runs", 0) or 0)))),
-                          min_time_s=float(kv.get("min_time", base.min_time_s)),
-                          max_time_s=float(kv.get("max_time", base.max_time_s)))
-    except ValueError:
-        raise ValueError("runs/warmup/max_runs must be integers, min_time/max_time numbers") from None
-    if kv.get("build_timeout"):
+    runs = kv["runs"]
+    o.timing = Timing(warmup=base.warmup if kv["warmup"] is None else kv["warmup"],
+                      min_runs=base.min_runs if runs is None else runs,
+                      max_runs=max(base.max_runs, runs or 0) if kv["max_runs"] is None else kv["max_runs"],
+                      min_time_s=base.min_time_s if kv["min_time"] is None else kv["min_time"],
+                      max_time_s=base.max_time_s if kv["max_time"] is None else kv["max_time"])
+    if kv["build_timeout"]:
         from mcad.benchmarks import artifacts
 
         artifacts.BUILD_TIMEOUT_S = float(kv["build_timeout"])
     dev = {}
-    for k in DEVICE_KEYS & set(kv):
-        v = kv[k]
-        if k == "timeout":
-            dev["timeout_s"] = float(v)
-        elif k == "keep":
-            dev["keep"] = v.lower() in TRUE
-        elif k == "iterations":
-            dev["iterations"] = int(v)
-        else:
-            dev[k] = v
+    for k in DEVICE_KEYS:
+        if kv[k] is not None:
+            dev["timeout_s" if k == "timeout" else k] = kv[k]
     o.device_options = dev
     return o
 

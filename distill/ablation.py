@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mcad.config import load_config
+from mcad.config import load_command_config
 from mcad.distill.recipe import UNUSED, VARIANTS, distill
 from mcad.io import machine, now_iso, write_json
 
 log = logging.getLogger("mcad.ablation")
 COLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 PAIRS = [("mcad", "dual"), ("dual", "none"), ("mcad", "none"), ("single", "none")]
+# the ablation's own keys, beside the student recipe's (which every run gets)
+OWN = {"seeds": "0,1,2,3,4", "variants": ",".join(VARIANTS), "results": "benchmarks/results"}
 
 
 
@@ -90,11 +92,17 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    overrides = [a for a in argv if "=" in a]
-    base = load_config("student", overrides)
-    seeds = [int(s) for s in str(base.get("seeds", "0,1,2,3,4")).split(",")]
-    variants = [v for v in str(base.get("variants", ",".join(VARIANTS))).split(",")]
-    results_dir = Path(base.get("results", "benchmarks/results"))
+    base = load_command_config(argv, "student", extra=OWN)
+    own = {k: base.pop(k) for k in OWN}  # not part of any run's recipe
+    try:
+        seeds = [int(s) for s in own["seeds"].split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"seeds: expected comma-separated ints, got {own['seeds']!r}") from None
+    variants = [v.strip() for v in own["variants"].split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"variants: expected some of {', '.join(VARIANTS)}, got {own['variants']!r}")
+    results_dir = Path(own["results"])
 
     results: dict[str, dict[int, dict]] = {v: {} for v in variants}
     for seed in seeds:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcad.config import load_config
+from mcad.config import load_command_config
 from mcad.data.images import normalize
 from mcad.evaluate import encode_images, encode_texts, image_keys
 from mcad.io import atomic_path, read_json, sha256_file, write_manifest
@@ -257,7 +257,8 @@ def main(argv: list[str]) -> int:
     from mcad.teachers import add_file_log, load_split
     from mcad.tokenizer import Tokenizer
 
-    cfg = load_config(next((a for a in argv if "=" not in a), "student"), [a for a in argv if "=" in a])
+    # the student recipe (data, teachers, neighbours, cache) + the shard size, which only the cache reads
+    cfg = load_command_config(argv, "student", extra={"cache_shard_images": 2048})
     torch.set_num_threads(int(cfg.get("threads", 2)))
     teachers, data = Path(cfg["teachers"]), Path(cfg["data"])
     out = Path(cfg.get("cache") or teachers / "cache")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcad.config import load_config
+from mcad.config import load_command_config
 from mcad.data.images import normalize
 from mcad.distill.cache import (TeacherCache, TeacherOutputs, candidate_lists, dual_neighbours, online_batch)
 from mcad.distill.losses import NEG, WITHIN, FusionAdapters, distribution_loss, feature_loss, kl_rows, mcad_targets, single_teacher_loss
@@ -222,6 +222,6 @@ def distill(cfg: dict, progress: bool = True) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_config(next((a for a in argv if "=" not in a), "student"), [a for a in argv if "=" in a])
+    cfg = load_command_config(argv, "student")  # `mcad student [recipe] key=value ...`, checked against the recipe
     distill(cfg)
     return 0

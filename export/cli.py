@@ -1,74 +1,62 @@
 """`mcad export target=cpu|snapdragon|dimensity [run=runs/<name>] [strict=1] [hub=1] [soc=SM8650]
 [calib=256] [keep_fp32=proj,softmax] [precision=int8|fp32] [data=data/synth] [parity=1]`
 
-Writes runs/<name>/export/<target>/ (see mcad.export.pipeline), prints the parity table and
-exits 1 when an artifact misses a bar. Bad input is one line on stderr."""
+Every key is a field of mcad.export.pipeline.Options (its defaults, with mcad/configs/export.yaml's
+over them). Writes runs/<name>/export/<target>/ (see mcad.export.pipeline), prints the parity table
+and exits 1 when an artifact misses a bar. Bad input is one line on stderr."""
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
 
-from mcad.config import CONFIG_DIR, load_config, parse_value
+from mcad.config import CONFIG_DIR, ConfigError, parse_overrides, read_yaml
 
 log = logging.getLogger("mcad.export")
+TARGET_NAMES = ("cpu", "snapdragon", "dimensity")  # a bare one is `target=` (`mcad export cpu`)
 
-KEYS = {"target", "run", "data", "out", "calib", "strict", "hub", "soc", "keep_fp32", "precision", "parity",
-        "parity_images", "queries", "max_gallery", "fixed_gallery", "backends", "roles", "seed", "progress"}
+
+def defaults():
+    """The export defaults: `Options`' fields (the one place they are written), with
+    mcad/configs/export.yaml's recipe values over them."""
+    import dataclasses
+
+    from mcad.export.pipeline import Options
+
+    path = CONFIG_DIR / "export.yaml"
+    recipe = read_yaml(path) if path.exists() else {}
+    fields = {f.name for f in dataclasses.fields(Options)}
+    for k in recipe:
+        if k not in fields:
+            raise ConfigError(f"{path}: {k}: not an export option (options: {', '.join(sorted(fields))})")
+    return dataclasses.replace(Options(), **recipe)
 
 
 def parse_args(argv: list[str]) -> dict:
-    path = CONFIG_DIR / "export.yaml"
-    cfg = dict(load_config(path)) if path.exists() else {}
-    for item in argv:
-        if item in ("-h", "--help"):
-            raise SystemExit(print(__doc__) or 0)
-        if "=" not in item:
-            if item in ("cpu", "snapdragon", "dimensity"):
-                cfg["target"] = item
-                continue
-            raise ValueError(f"{item!r}: expected key=value (keys: {', '.join(sorted(KEYS))})")
-        key, value = item.split("=", 1)
-        key = key.strip().lower()
-        if key not in KEYS:
-            raise ValueError(f"{key}: unknown option (keys: {', '.join(sorted(KEYS))})")
-        cfg[key] = parse_value(value) if value != "" else None
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        raise SystemExit(print(__doc__) or 0)
+    # keys are case-insensitive (`TARGET=cpu` from a Makefile variable)
+    argv = [a.split("=", 1)[0].lower() + "=" + a.split("=", 1)[1] if "=" in a else a for a in argv]
+    p = parse_overrides(argv, defaults(), positional=1)
+    cfg = p.config
+    if p.positional:
+        if p.positional[0] not in TARGET_NAMES:
+            raise ValueError(f"{p.positional[0]!r}: expected key=value or a target ({', '.join(TARGET_NAMES)})")
+        cfg["target"] = p.positional[0]
     return cfg
 
 
 def options(cfg: dict):
     from mcad.export.pipeline import Options, TARGETS
 
-    target = str(cfg.get("target") or "cpu").lower()
-    if target not in TARGETS:
-        raise ValueError(f"target={target}: unknown target (one of {', '.join(TARGETS)})")
-    def tup(v):
-        if v is None:
-            return None
-        return tuple(b for b in v.split(",") if b) if isinstance(v, str) else tuple(str(b) for b in v)
-
-    backends, roles = tup(cfg.get("backends")), tup(cfg.get("roles"))
-    o = Options(
-        target=target,
-        run=cfg.get("run"),
-        data=cfg.get("data"),
-        out=cfg.get("out"),
-        calib=int(cfg.get("calib", 256)),
-        strict=bool(cfg.get("strict", False)),
-        hub=bool(cfg.get("hub", False)),
-        soc=None if cfg.get("soc") is None else str(cfg["soc"]),
-        keep_fp32=cfg.get("keep_fp32"),
-        precision=str(cfg.get("precision", "int8")),
-        parity=bool(cfg.get("parity", True)),
-        parity_images=int(cfg.get("parity_images", 0) or 0),
-        queries=int(cfg.get("queries", 16)),
-        max_gallery=int(cfg.get("max_gallery", 100_000)),
-        fixed_gallery=int(cfg.get("fixed_gallery", 1000)),
-        backends=backends or None,
-        roles=roles or ("text", "image", "search"),
-        seed=int(cfg.get("seed", 0)),
-        progress=bool(cfg.get("progress", True)),
-    )
+    o = Options(**cfg)
+    o.target = str(o.target or "cpu").lower()
+    if o.target not in TARGETS:
+        raise ValueError(f"target={o.target}: unknown target (one of {', '.join(TARGETS)})")
+    o.backends = o.backends or None          # empty: the target's whole plan
+    o.roles = o.roles or Options().roles
+    o.parity_images = o.parity_images or 0
     if o.calib < 1:
         raise ValueError(f"calib={o.calib}: need at least one calibration sample")
     return o

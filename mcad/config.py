@@ -1,41 +1,230 @@
-"""YAML recipes with `key=value` overrides (torchtune style): `a.b=3 lr=1e-3 name=run1`."""
+"""YAML recipes with `key=value` overrides (torchtune style): `a.b=3 lr=1e-3 name=run1`.
+
+One parser for every command (`parse_overrides`): the command's defaults (a YAML recipe, a dict or
+a dataclass) are its schema. A key absent from them is refused with the nearest valid key
+(`stpes: unknown key; did you mean steps?`), and a value must fit its default's type
+(`steps: expected an int, got 'abc'`), so a typo can no longer silently run the defaults.
+
+Types, from the default (or from `types=` / a dataclass's annotations where the default is None):
+  str: the text as given (paths and names are never YAML-parsed: `name=007` stays "007");
+  int / float / bool: YAML scalar, also `1e6` for an int (= 1000000), `1e-3` for a float, 0/1 for a bool;
+  list / tuple: a YAML list or comma-separated text (`threads=1,2`), elements typed like the default's;
+  None default without a type: anything YAML (`keep_fp32=[proj, softmax]`); `key=` or `key=null` sets None.
+Mappings are reached with dotted keys (`loss.alpha=20`). `open_keys` names the mappings whose
+children are free (any key, any YAML value); a command needing free keys must list them there.
+"""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Any
+import dataclasses
+import difflib
+import re
+import types as _types
+import typing
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any, Iterable
 
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# `key=value`: a key starts like an identifier; anything else (a query text, a path) is positional
+KEY_VALUE = re.compile(r"^[A-Za-z_][\w.]*=")
+NULLS = ("", "null", "Null", "NULL", "~")
+TRUE, FALSE = {"1", "true", "yes", "on", "y"}, {"0", "false", "no", "off", "n"}
 
 
 class ConfigError(ValueError):
     pass
 
 
+# -- YAML recipes ------------------------------------------------------------------------------------
 def resolve_config_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():  # a file, not a folder that happens to share the recipe's name (`export/`)
         return p
     for cand in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
-        if cand.exists():
+        if cand.is_file():
             return cand
     known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"{name_or_path}: no such config file or registered recipe (known: {known})")
 
 
-def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> dict:
+def read_yaml(name_or_path: str | Path) -> dict:
     path = resolve_config_path(name_or_path)
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return apply_overrides(cfg, overrides or [])
+    return cfg
 
 
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None, *, extra: dict | None = None,
+                open_keys: Iterable[str] = ()) -> dict:
+    """The recipe's YAML with `overrides` applied, strictly: the YAML is the schema. `extra`: keys a
+    command reads besides the recipe's (with their defaults), e.g. the ablation's `seeds`."""
+    cfg = read_yaml(name_or_path)
+    for k, v in (extra or {}).items():
+        cfg.setdefault(k, v)
+    return apply_overrides(cfg, overrides or [], open_keys=open_keys)
+
+
+def load_command_config(argv: list[str], default_recipe: str, **kw) -> dict:
+    """`mcad <cmd> [recipe] key=value ...`: the one positional names the recipe (default
+    `default_recipe`), the rest are overrides checked against it."""
+    pos, items, _ = split_argv(argv)
+    if len(pos) > 1:
+        raise ConfigError(f"one recipe at most, got {', '.join(map(repr, pos))} (other arguments are key=value)")
+    return load_config(pos[0] if pos else default_recipe, items, **kw)
+
+
+# -- the command line ----------------------------------------------------------------------------------
+@dataclass
+class Parsed:
+    positional: list[str]
+    config: dict                  # the defaults with the overrides applied
+    given: dict[str, Any]         # dotted key -> value, only what the command line set
+    flags: set[str]
+
+
+def split_argv(argv: Iterable[str], flags: Iterable[str] = ()) -> tuple[list[str], list[str], set[str]]:
+    """-> (positionals, `key=value` items, `--flag`s seen). An unknown `-x`/`--flag` is an error."""
+    flags = tuple(flags)
+    pos, items, seen = [], [], set()
+    for a in argv:
+        if KEY_VALUE.match(a):
+            items.append(a)
+        elif a.startswith("-") and len(a) > 1:
+            name = a.lstrip("-")
+            if name not in flags:
+                raise unknown(a, [f"--{f}" for f in flags], what="flag")
+            seen.add(name)
+        else:
+            pos.append(a)
+    return pos, items, seen
+
+
+def parse_overrides(argv: Iterable[str], defaults: Any, *, positional: int = 0, flags: Iterable[str] = (),
+                    open_keys: Iterable[str] = (), types: dict[str, Any] | None = None) -> Parsed:
+    """`pos ... key=value ... --flag` against `defaults` (a dict, a dataclass type or instance).
+
+    `types`: the type of keys whose default is None (`{"run": str, "runs": int}`); a dataclass's
+    annotations give them for its fields. At most `positional` positionals."""
+    schema, hints = schema_of(defaults)
+    hints.update(types or {})
+    pos, items, seen = split_argv(argv, flags)
+    if len(pos) > positional:
+        extra = pos[positional:]
+        raise ConfigError(f"{extra[0]!r}: expected key=value" if positional == 0 else
+                          f"too many positional arguments: {', '.join(map(repr, extra))} (options are key=value)")
+    cfg = apply_overrides(schema, items, open_keys=open_keys, types=hints)
+    given = {}
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        given[key] = get(cfg, key)
+    return Parsed(pos, cfg, given, seen)
+
+
+def schema_of(defaults: Any) -> tuple[dict, dict[str, Any]]:
+    """(default values, {key: type} from a dataclass's annotations) of a dict or dataclass."""
+    if dataclasses.is_dataclass(defaults):
+        cls = defaults if isinstance(defaults, type) else type(defaults)
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if not isinstance(defaults, type):
+                values[f.name] = getattr(defaults, f.name)
+            elif f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+            else:
+                values[f.name] = None
+        return values, {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    if not isinstance(defaults, dict):
+        raise TypeError(f"defaults must be a dict or a dataclass, not {type(defaults).__name__}")
+    return dict(defaults), {}
+
+
+def apply_overrides(cfg: dict, overrides: list[str], *, open_keys: Iterable[str] = (),
+                    types: dict[str, Any] | None = None) -> dict:
+    """A copy of `cfg` with each `key=value` applied; a key must already be in `cfg` (or under one
+    of `open_keys`), and its value must fit the default's type (or `types[key]`)."""
+    cfg = copy.deepcopy(cfg)
+    open_keys, types = set(open_keys), types or {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{item!r}: expected key=value")
+        node, leaf, is_open = _locate(cfg, key, open_keys)
+        if is_open and leaf not in node:
+            node[leaf] = parse_value(text)
+            continue
+        default = node[leaf]
+        if isinstance(default, dict) and key not in types:
+            if key not in open_keys:
+                first = next(iter(default), "key")
+                raise ConfigError(f"{key}: a mapping; set its keys ({key}.{first}=...)")
+            value = parse_value(text)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {text!r}")
+            node[leaf] = value
+            continue
+        node[leaf] = coerce(key, text, types.get(key, type_of(default)), optional=default is None)
+    return cfg
+
+
+def _locate(cfg: dict, key: str, open_keys: set[str]) -> tuple[dict, str, bool]:
+    """(the mapping holding `key`'s last part, that part, whether the mapping is open)."""
+    parts = key.split(".")
+    node, path = cfg, []
+    for part in parts[:-1]:
+        path.append(part)
+        here = ".".join(path)
+        if part not in node:
+            if _is_open(path[:-1], open_keys):
+                node[part] = {}
+            else:
+                raise unknown(here, _keys(cfg))
+        if node[part] is None and _is_open(path, open_keys):
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"{here}: not a mapping, so {key} cannot be set (set {here}=...)")
+        node = node[part]
+    is_open = _is_open(parts[:-1], open_keys)
+    if parts[-1] not in node and not is_open:
+        raise unknown(key, _keys(cfg))
+    return node, parts[-1], is_open
+
+
+def _is_open(path: list[str], open_keys: set[str]) -> bool:
+    """A mapping is open when it, or a mapping above it, is in `open_keys`."""
+    return any(".".join(path[:i]) in open_keys for i in range(1, len(path) + 1))
+
+
+def _keys(cfg: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        out.append(prefix + str(k))
+        if isinstance(v, dict):
+            out += _keys(v, f"{prefix}{k}.")
+    return out
+
+
+def unknown(key: str, valid: Iterable[str], what: str = "key") -> ConfigError:
+    """`stpes: unknown key; did you mean steps?` (or the valid keys when none is close)."""
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return ConfigError(f"{key}: unknown {what}; did you mean {close[0]}?")
+    top = [v for v in valid if "." not in v] or valid
+    return ConfigError(f"{key}: unknown {what} (valid: {', '.join(top) or 'none'})")
+
+
+# -- values --------------------------------------------------------------------------------------------
 def parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
@@ -43,22 +232,106 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    cfg = copy.deepcopy(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = cfg
-        for part in parts[:-1]:
-            if part not in node or node[part] is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(f"override {item!r}: {part} is not a mapping")
-            node = node[part]
-        node[parts[-1]] = parse_value(value)
-    return cfg
+def type_of(default: Any) -> Any:
+    """The type a default asks for: list[int] for [1, 2], str for a Path, Any for None."""
+    if default is None:
+        return Any
+    if isinstance(default, PurePath):
+        return str
+    if isinstance(default, (list, tuple)):
+        elem = type_of(default[0]) if default else Any
+        return list[elem] if isinstance(default, list) else tuple[elem, ...]
+    return type(default) if isinstance(default, (bool, int, float, str)) else Any
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def coerce(key: str, text: str, hint: Any, optional: bool = False) -> Any:
+    """`text` as `hint` asks, or a one-line ConfigError naming `key`."""
+    hint, opt = _unwrap(hint)
+    if (optional or opt) and text.strip() in NULLS:
+        return None
+    try:
+        return _convert(text, hint, raw=True)
+    except _Mismatch:
+        raise ConfigError(f"{key}: expected {_describe(hint)}, got {text!r}") from None
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """`int | None` -> (int, True); a union with str or Path in it is text (a path or a name)."""
+    if typing.get_origin(hint) in (typing.Union, _types.UnionType):
+        args = typing.get_args(hint)
+        rest = [a for a in args if a is not type(None)]
+        if any(a is str or (isinstance(a, type) and issubclass(a, PurePath)) for a in rest):
+            return str, len(rest) < len(args)
+        return (rest[0] if len(rest) == 1 else Any), len(rest) < len(args)
+    if isinstance(hint, type) and issubclass(hint, PurePath):
+        return str, False
+    return hint, False
+
+
+def _convert(value: Any, hint: Any, raw: bool) -> Any:
+    """`value` (command-line text when `raw`, else already YAML) as `hint`; _Mismatch when it can't."""
+    hint, _ = _unwrap(hint)
+    origin = typing.get_origin(hint) or hint
+    if hint is Any or hint is None:
+        return parse_value(value) if raw else value
+    if hint is str:
+        if raw or isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Mismatch
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        elem = args[0] if args else Any
+        v = parse_value(value) if raw else value
+        if isinstance(v, (list, tuple)):
+            items = [_convert(x, elem, raw=False) for x in v]
+        elif raw:  # `a,b` -> ["a", "b"]: each piece is text, typed like a single value
+            items = [_convert(x.strip(), elem, raw=True) for x in str(value).split(",") if x.strip()]
+        else:
+            items = [_convert(v, elem, raw=False)]
+        return origin(items)
+    v = parse_value(value) if raw else value
+    if origin is bool:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, int) and v in (0, 1):
+            return bool(v)
+        if isinstance(v, str) and v.strip().lower() in TRUE | FALSE:
+            return v.strip().lower() in TRUE
+        raise _Mismatch
+    if origin in (int, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise _Mismatch
+        try:
+            x = float(v) if isinstance(v, str) else v
+        except ValueError:
+            raise _Mismatch from None
+        if origin is float:
+            return float(x)
+        if isinstance(x, float) and not x.is_integer():
+            raise _Mismatch
+        return int(x)
+    if origin is dict:
+        if isinstance(v, dict):
+            return v
+        raise _Mismatch
+    return v
+
+
+def _describe(hint: Any) -> str:
+    hint, _ = _unwrap(hint)
+    origin = typing.get_origin(hint) or hint
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        plural = {bool: "bools", int: "ints", float: "numbers", str: "names"}
+        return "a list of " + plural.get(args[0] if args else Any, "values")
+    return {bool: "a bool (true/false)", int: "an int", float: "a number", str: "text",
+            dict: "a mapping"}.get(origin, "a value")
 
 
 def get(cfg: dict, dotted: str, default: Any = None) -> Any:

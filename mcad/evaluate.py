@@ -62,23 +62,33 @@ def evaluate_rerank(fusion, pixels, ids, caption_to_image, sim, k: int = 16, bat
     return rerank_metrics(sim, caption_to_image, scorer, scorer, k)
 
 
+# `mcad eval CHECKPOINT key=value ...`: None = derived (tokenizer: beside the checkpoint)
+EVAL_OPTIONS = {"fusion": None, "data": "data/synth", "split": "test", "k": 16, "tokenizer": None, "json": None}
+EVAL_TYPES = {"fusion": str, "tokenizer": str, "json": str}  # paths: kept as text
+
+
+def parse_args(argv: list[str]):
+    from mcad.config import parse_overrides
+
+    p = parse_overrides(argv, EVAL_OPTIONS, positional=1, types=EVAL_TYPES)
+    if not p.positional:
+        raise ValueError("usage: mcad eval CHECKPOINT [fusion=FUSION.safetensors] [data=data/synth] [split=test] "
+                         "[k=16] [tokenizer=PATH] [json=OUT.json]")
+    return Path(p.positional[0]), p.config
+
+
 def main(argv: list[str]) -> int:
-    from mcad.config import parse_value
     from mcad.data.images import load_images
     from mcad.data.karpathy import load_karpathy
     from mcad.models.checkpoint import load_model
     from mcad.tokenizer import Tokenizer
 
-    pos = [a for a in argv if "=" not in a]
-    kv = dict(a.split("=", 1) for a in argv if "=" in a)
-    if not pos:
-        raise ValueError("usage: mcad eval CHECKPOINT [fusion=FUSION.safetensors] [data=data/synth] [split=test] [k=16]")
-    ckpt = Path(pos[0])
+    ckpt, kv = parse_args(argv)
     model = load_model(ckpt)
-    tok_path = Path(kv.get("tokenizer", ckpt.parent / "tokenizer.json"))
+    tok_path = Path(kv["tokenizer"] or ckpt.parent / "tokenizer.json")
     tok = Tokenizer.load(tok_path)
-    data = Path(kv.get("data", "data/synth"))
-    corpus = load_karpathy(data / "dataset_synth.json" if data.is_dir() else data, split=kv.get("split", "test"))
+    data = Path(kv["data"])
+    corpus = load_karpathy(data / "dataset_synth.json" if data.is_dir() else data, split=kv["split"])
     pixels, corpus = load_images(corpus, model.image_size if hasattr(model, "image_size") else model.dual.image_size)
     ids = tok.encode_batch(corpus.captions)
     dual = model if model.kind == "dual" else model.dual
@@ -87,10 +97,10 @@ def main(argv: list[str]) -> int:
     fusion_path = kv.get("fusion") or (ckpt if model.kind == "fusion" else None)
     if fusion_path:
         fusion = model if model.kind == "fusion" else load_model(fusion_path)
-        k = int(parse_value(kv.get("k", "16")))
+        k = int(kv["k"])
         rows[f"{Path(fusion_path).stem} re-rank top-{k}"] = evaluate_rerank(fusion, pixels, ids, corpus.caption_to_image, sim, k)
     print(recall_table(rows))
-    if "json" in kv:
+    if kv["json"]:
         from mcad.io import write_json
 
         write_json(kv["json"], rows)

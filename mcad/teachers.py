@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcad.config import load_config
+from mcad.config import load_command_config
 from mcad.data.images import load_images, normalize
 from mcad.data.karpathy import load_karpathy
 from mcad.evaluate import encode_images, evaluate_dual, evaluate_rerank, image_keys
@@ -122,7 +122,7 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int):
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_config(next((a for a in argv if "=" not in a), "teachers"), [a for a in argv if "=" in a])
+    cfg = load_command_config(argv, "teachers")  # keys checked against the recipe: a typo is an error
     torch.set_num_threads(int(cfg.get("threads", 2)))
     data, out, seed = Path(cfg["data"]), Path(cfg["out"]), int(cfg["seed"])
     out.mkdir(parents=True, exist_ok=True)

@@ -289,7 +289,7 @@ def test_strict_without_sdk_is_one_line(tiny_run, capsys, monkeypatch):
 
 def test_bad_options_are_one_line(tiny_run, capsys):
     code, err = _cli(["target=cpu", f"run={tiny_run}", "colour=red"], capsys)
-    assert code == 1 and len(err) == 1 and "colour: unknown option" in err[0], err
+    assert code == 1 and len(err) == 1 and "colour: unknown key" in err[0], err
     code, err = _cli(["target=cpu", f"run={tiny_run}", "keep_fp32=bogus"], capsys)
     assert code == 1 and len(err) == 1 and "keep_fp32: unknown entry" in err[0], err
 

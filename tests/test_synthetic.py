@@ -152,7 +152,7 @@ def test_cli_generates_once(tmp_path, capsys):
     assert (out / "dataset_synth.json").stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="seed=0 \\(asked 5\\).*force=true"):
         main([f"out={out}", "seed=5"])
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="n_tset: unknown key; did you mean n_test"):
         main([f"out={out}", "n_tset=4"])
     assert main([f"out={out}", "n_train=4", "n_val=4", "n_test=4", "force=true", "progress=false"]) == 0
     again = json.loads(capsys.readouterr().out)

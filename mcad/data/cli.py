@@ -14,7 +14,7 @@ import logging
 import re
 from pathlib import Path
 
-from mcad.config import parse_value
+from mcad.config import parse_overrides, unknown
 
 log = logging.getLogger("mcad.data")
 
@@ -23,14 +23,20 @@ GEN_DEFAULTS = {"out": "data/synth", "seed": 0, "n_train": 20000, "n_val": 500, 
 _GENERATED_NAME = re.compile(r"^(train|val|test)_\d{6}\.png$")
 
 
-def parse_args(argv: list[str]) -> dict:
-    out = {}
-    for item in argv:
-        if "=" not in item:
-            raise ValueError(f"mcad data: expected key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = parse_value(v)
-    return out
+def check_defaults() -> dict:
+    """`mcad data check` keys: its own, then every format's spec keys (None: not given; YAML values,
+    since a path may be given per split: `json={train: a.json, test: b.json}`)."""
+    from mcad.data import FORMATS
+
+    spec = {k: None for rules in FORMATS.values() for k in (*rules["required"], *rules["optional"])}
+    return {"format": "synthetic", "split": "test", "decode": False, "size": None, **spec}
+
+
+def parse_args(argv: list[str], defaults: dict | None = None) -> dict:
+    """The keys given on the command line, checked and typed against `defaults` (`mcad data`'s
+    generator options unless told): only those, so an existing benchmark is checked against what
+    was asked, not against the defaults."""
+    return parse_overrides(argv, GEN_DEFAULTS if defaults is None else defaults, types={"size": int}).given
 
 
 def split_sizes(json_path: Path) -> dict:
@@ -72,10 +78,9 @@ def make_synthetic(args: dict) -> dict:
     from mcad.data.synthetic import ceiling_check, generate
     from mcad.io import write_json
 
-    unknown = sorted(set(args) - set(GEN_DEFAULTS))
-    if unknown:
-        raise ValueError(f"mcad data: unknown option(s) {', '.join(unknown)} "
-                         f"(valid: {', '.join(GEN_DEFAULTS)}; or `mcad data check ...`)")
+    for k in args:  # callers that pass a dict, not argv
+        if k not in GEN_DEFAULTS:
+            raise unknown(k, GEN_DEFAULTS)
     cfg = {**GEN_DEFAULTS, **args}
     out = Path(str(cfg["out"]))
     json_path = out / "dataset_synth.json"
@@ -129,7 +134,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     if argv and argv[0] == "check":
-        result = check(parse_args(argv[1:]))
+        result = check(parse_args(argv[1:], check_defaults()))
         print(json.dumps(result, indent=2))
         return 0
     result = make_synthetic(parse_args(argv))

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mcad.config import parse_value
+from mcad.config import ConfigError, parse_overrides
+
+# paths and names: kept as the text given even where the default is None (`run=007` is a folder)
+TEXT_KEYS = ("index", "out", "run", "encoder", "data", "data_root", "images", "json")
 
 
 class SearchError(ValueError):
@@ -12,28 +15,14 @@ class SearchError(ValueError):
 
 def parse_args(argv: list[str], keys: dict[str, Any], flags: tuple[str, ...] = (),
                positional: int = 1, usage: str = "") -> tuple[list[str], dict[str, Any], set[str]]:
-    """`pos ... key=value ... --flag` -> (positionals, options (defaults filled in), flags set).
-
-    Unknown keys and flags are errors; values are parsed as YAML scalars (`k=5` -> 5)."""
-    pos: list[str] = []
-    opts = dict(keys)
-    seen: set[str] = set()
-    for a in argv:
-        if a.startswith("--"):
-            name = a[2:]
-            if name in ("help", "h"):
-                raise SearchError(usage or "see docs")
-            if name not in flags:
-                raise SearchError(f"unknown flag {a} (known: {', '.join('--' + f for f in flags) or 'none'})")
-            seen.add(name)
-        elif "=" in a and a.split("=", 1)[0].isidentifier():
-            k, v = a.split("=", 1)
-            if k not in keys:
-                raise SearchError(f"unknown option {k}= (known: {', '.join(f'{x}=' for x in keys)})")
-            opts[k] = v if k in ("index", "out", "run", "encoder", "data", "data_root", "images", "json")\
-                else parse_value(v)
-        else:
-            pos.append(a)
-    if len(pos) > positional:
-        raise SearchError(f"too many positional arguments: {pos[positional:]}" + (f"\n{usage}" if usage else ""))
-    return pos, opts, seen
+    """`pos ... key=value ... --flag` -> (positionals, options (defaults filled in), flags set),
+    through mcad.config.parse_overrides: unknown keys and flags are errors naming the nearest one,
+    values are typed like their defaults (YAML scalars where the default is None: `k=5` -> 5)."""
+    if any(a in ("--help", "--h", "-h") for a in argv):
+        raise SearchError(usage or "see docs")
+    try:
+        p = parse_overrides(argv, keys, positional=positional, flags=flags,
+                            types={k: str for k in TEXT_KEYS if k in keys and keys[k] is None})
+    except ConfigError as e:
+        raise SearchError(str(e)) from None
+    return p.positional, p.config, p.flags
