@@ -16,7 +16,8 @@ from mcad.device.errors import DeviceError, DeviceGone
 from mcad.io import machine, now_iso, versions, write_json
 
 log = logging.getLogger("mcad.benchmarks")
-RESULTS_DIR = Path(__file__).with_name("results")
+# the committed summaries of the checkout the command runs in (cwd), never the installed package's folder
+RESULTS_DIR = Path("benchmarks") / "results"
 ALL_RUNTIMES = ["onnxruntime", "litert", "executorch"]
 OURS = ("student", "student-mobile")
 SCORER_NOTE = {"faiss": "faiss IndexFlatIP (exact inner product), faiss.omp_set_num_threads(1)",

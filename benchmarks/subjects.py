@@ -17,8 +17,8 @@ from mcad.device.manifest import Artifact, ExportManifest, find_manifests, golde
 from mcad.io import sha256_file
 
 log = logging.getLogger("mcad.benchmarks")
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = REPO / "build" / "bench-cache"
+# made artifacts and peers: under the checkout the command runs in (cwd), never inside the installed package
+DEFAULT_CACHE = Path("build") / "bench-cache"
 CLIP_SOT, CLIP_EOT = 49406, 49407
 
 # CLIP ViT-B/32's text tower (openai/clip-vit-base-patch32): 63.4M parameters with the projection.

@@ -184,7 +184,7 @@ def test_export_defaults_come_from_the_options_dataclass():
 
 
 def test_bench_options_keep_their_quick_defaults():
-    from mcad.device.cli import parse_args
+    from mcad.benchmarks.cli import parse_args
 
     q = parse_args(["quick=1", "--min-time=0.5", "keep=1", "timeout=3"])
     assert q.threads == [1] and q.galleries == [1000] and q.peers == "none" and q.results is None
@@ -193,3 +193,19 @@ def test_bench_options_keep_their_quick_defaults():
     assert str(f.run) == "runs/x" and f.threads == [1, 2] and f.peers == "full" and str(f.results) == "out/res"
     with pytest.raises(ValueError, match="threads=0: expected positive integers"):
         parse_args(["threads=0"])
+
+
+def test_results_go_to_the_working_checkout_not_the_package(monkeypatch, tmp_path):
+    """bench and search_bench write their summaries under ./benchmarks/results of where they run
+    (or where results=/out= says), never beside the installed mcad/benchmarks modules."""
+    import mcad.benchmarks
+    from mcad.benchmarks import search_bench
+    from mcad.benchmarks.search import BenchOptions
+    from mcad.benchmarks.cli import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    package = mcad.benchmarks.__file__.rsplit("/", 1)[0]
+    for path in (parse_args([]).results, BenchOptions().results, search_bench.parse_args([])["out"]):
+        assert str(path) == "benchmarks/results" and not str(path).startswith(package)
+        assert (tmp_path / path).resolve() == (tmp_path / "benchmarks" / "results").resolve()
+    assert str(parse_args(["results=elsewhere"]).results) == "elsewhere" and parse_args(["quick=1"]).results is None
