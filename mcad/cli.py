@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mcad {name}: error: {msg}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (training says where its checkpoint is), 128 + SIGINT
+        print(f"mcad {name}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

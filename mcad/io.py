@@ -4,24 +4,102 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+log = logging.getLogger("mcad.io")
+
+_TMP_SUFFIX = ".tmp"
+# .<name>.<pid>.<random>.tmp: the writer's pid lets a later process tell a killed save's leftover
+# from a save in flight (swept only when that pid is gone)
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+# the pre-pid form (.<name>.<random>.tmp, mkstemp's 8 characters): swept once it is an hour old
+_OLD_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+OLD_TMP_AGE_S = 3600
+_swept: set[str] = set()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that killed saves left in `folder` (not those of saves in flight);
+    returns what it removed. Each folder is swept once per process."""
+    folder = Path(folder)
+    key = str(folder.resolve()) if folder.exists() else str(folder)
+    if key in _swept or not folder.is_dir():
+        return []
+    _swept.add(key)
+    removed = []
+    now = time.time()
+    with os.scandir(folder) as it:
+        for e in it:
+            if not e.name.endswith(_TMP_SUFFIX) or not e.name.startswith(".") or not e.is_file(follow_symlinks=False):
+                continue
+            m = _TMP_NAME.match(e.name)
+            if m:
+                stale = int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
+            else:
+                stale = bool(_OLD_TMP_NAME.match(e.name)) and now - e.stat().st_mtime > OLD_TMP_AGE_S
+            if stale:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+    if removed:
+        log.info("%s: removed %d temp file(s) of interrupted saves", folder, len(removed))
+    return removed
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
+
+    The file is fsynced before the rename (a crash leaves the old file or the whole new one) and
+    gets the mode a plain open() would give it: the existing file's, else 0666 less the umask
+    (mkstemp makes its temp files 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale_tmp(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            _fsync_file(tmp_path)
+            try:
+                mode = path.stat().st_mode & 0o7777
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()
+            os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -32,8 +110,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
     return Path(path)
 
 
@@ -50,7 +126,9 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 

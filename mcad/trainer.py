@@ -4,13 +4,19 @@ AdamW + linear warm-up + cosine decay, gradient clipping, optional bf16 autocast
 checkpoint written atomically every N steps. Batches must be a pure function of the step (see
 `mcad.sampling`), so a resumed run sees exactly the batches the uninterrupted one would have:
 together with the saved optimizer/scheduler/RNG states, resume is bit-exact.
+
+Ctrl-C finishes the step under way, saves the checkpoint and ends with one line saying where it
+is (`TrainingInterrupted`); a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
 import json
 import logging
+import contextlib
 import math
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -18,9 +24,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcad.io import atomic_path
+from mcad.io import atomic_path, sweep_stale_tmp
 
 log = logging.getLogger("mcad.train")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `Trainer.fit`; the message says where the last checkpoint is."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_diff(saved: dict, now: dict) -> list[str]:
+    """The dotted keys on which two recipes differ (`dual.steps`, `seed`), sorted."""
+    a, b = _flatten(saved), _flatten(now)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def param_groups(modules: Iterable[torch.nn.Module], weight_decay: float) -> list[dict]:
@@ -52,6 +78,8 @@ class Trainer:
         self.modules = modules
         self.recipe = json.loads(json.dumps(recipe, default=str)) if recipe is not None else None
         self.steps = int(cfg["steps"])
+        if self.steps < 1:  # a run that trains nothing must not end with a model and exit 0
+            raise ValueError(f"{desc}: steps={cfg['steps']}: must be a positive integer")
         self.grad_clip = float(cfg.get("grad_clip", 1.0))
         self.bf16 = bool(cfg.get("bf16", False))
         self.ckpt_every = int(cfg.get("ckpt_every", 0) or 0)
@@ -64,6 +92,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, cosine_lambda(int(cfg.get("warmup", 0)), self.steps, float(cfg.get("min_lr_ratio", 0.0))))
         self.step = 0
+        self.saved_step: int | None = None  # step of the last checkpoint written or resumed from
         self.history: list[dict] = []
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -77,10 +106,13 @@ class Trainer:
         path = Path(path or self.ckpt_path)
         with atomic_path(path) as tmp:
             torch.save(self.state(), tmp)
+        self.saved_step = self.step
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
         path = Path(path or self.ckpt_path) if (path or self.ckpt_path) else None
+        if path is not None:
+            sweep_stale_tmp(path.parent)  # a save killed mid-write leaves its temp file
         if path is None or not path.exists():
             return False
         try:
@@ -89,14 +121,15 @@ class Trainer:
             raise ValueError(f"{path}: unreadable training checkpoint ({type(e).__name__}: {e}); delete it to start over") from None
         saved = st.get("recipe")
         if self.recipe is not None and saved is not None and saved != self.recipe:
-            diff = sorted(k for k in set(saved) | set(self.recipe) if saved.get(k) != self.recipe.get(k))
+            diff = recipe_diff(saved, self.recipe)
             raise ValueError(f"{path}: checkpoint of another recipe (differs in {', '.join(diff)}); "
-                             "delete it or use another name= to start over")
+                             "delete it to start over (or write the run elsewhere)")
         for k, m in self.modules.items():
             m.load_state_dict(st["modules"][k])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.step, self.history = int(st["step"]), list(st["history"])
+        self.saved_step = self.step
         torch.set_rng_state(st["rng"]["torch"])
         np.random.set_state(st["rng"]["numpy"])
         random.setstate(st["rng"]["python"])
@@ -104,6 +137,12 @@ class Trainer:
         return True
 
     # -- loop ----------------------------------------------------------------------------------
+    def log_line(self, rec: dict) -> str:
+        """`<desc> step 1/2 loss 5.1234 lr 1.00e-03 clip 4.90123 dist 0.0101234 ...`: the loss
+        terms too, to 6 significant digits, so the log pins a run (tests/test_distill_recipe.py)."""
+        terms = "".join(f" {k} {v:.6g}" for k, v in rec.items() if k not in ("step", "loss", "lr", "grad_norm"))
+        return f"{self.desc} step {rec['step']}/{self.steps} loss {rec['loss']:.6g} lr {rec['lr']:.2e}{terms}"
+
     def fit(self, loss_fn: Callable[[int], tuple[torch.Tensor, dict]], stop_at: int | None = None,
             progress: bool = True) -> list[dict]:
         """loss_fn(step) -> (loss, logs). Runs until `steps` (or `stop_at`, for tests of resume)."""
@@ -111,6 +150,53 @@ class Trainer:
         for m in self.modules.values():
             m.train()
         bar = tqdm(total=end, initial=self.step, desc=self.desc, unit="step", disable=not progress, dynamic_ncols=True)
+        with self._deferred_interrupt() as stop:
+            try:
+                self._loop(loss_fn, end, bar, stop)
+            except TrainingInterrupted:
+                raise
+            except KeyboardInterrupt:  # the second Ctrl-C, or one outside the main thread
+                bar.close()
+                raise TrainingInterrupted(self._interrupted_line(saved_now=False)) from None
+        bar.close()
+        for m in self.modules.values():
+            m.eval()
+        return self.history
+
+    @contextlib.contextmanager
+    def _deferred_interrupt(self):
+        """The first SIGINT only sets a flag checked between steps, so the state saved is that of a
+        whole step (one inside a step would break bit-exact resume). Main thread, one process only:
+        ranks of a distributed run would stop at different steps and hang each other."""
+        stop = threading.Event()
+        import torch.distributed as dist
+
+        if threading.current_thread() is not threading.main_thread() or (dist.is_available() and dist.is_initialized()):
+            yield stop
+            return
+
+        def handler(signum, frame):
+            stop.set()
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
+            log.warning("%s: interrupted; finishing step %d to save it (Ctrl-C again stops at once)",
+                        self.desc, self.step + 1)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield stop
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _interrupted_line(self, saved_now: bool) -> str:
+        where = f"{self.desc}: interrupted at step {self.step} of {self.steps}; "
+        if self.ckpt_path is None:
+            return where + "this stage keeps no checkpoint (a new run starts it over)"
+        if self.saved_step is None:
+            return where + f"no checkpoint written yet (to {self.ckpt_path}); a new run starts over"
+        state = "saved" if saved_now else "last checkpoint"
+        return where + f"{state} {self.ckpt_path} (step {self.saved_step}): run the same command again to resume"
+
+    def _loop(self, loss_fn, end: int, bar, stop: threading.Event) -> None:
         while self.step < end:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 loss, logs = loss_fn(self.step)
@@ -125,11 +211,12 @@ class Trainer:
             self.history.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            if self.step % 50 == 0 or self.step == end:
-                log.info("%s step %d/%d loss %.4f lr %.2e", self.desc, self.step, self.steps, rec["loss"], rec["lr"])
+            if self.step % 50 == 0 or self.step == end or self.step == 1:
+                log.info("%s", self.log_line(rec))
             if self.ckpt_path and self.ckpt_every and self.step % self.ckpt_every == 0:
                 self.save()
-        bar.close()
-        for m in self.modules.values():
-            m.eval()
-        return self.history
+            if stop.is_set():
+                if self.ckpt_path and self.saved_step != self.step:
+                    self.save()
+                bar.close()
+                raise TrainingInterrupted(self._interrupted_line(saved_now=self.ckpt_path is not None))
