@@ -80,13 +80,14 @@ def parse_args(argv: list[str]):
 def main(argv: list[str]) -> int:
     from mcad.data.images import load_images
     from mcad.data.karpathy import load_karpathy
-    from mcad.models.checkpoint import load_model
+    from mcad.models.checkpoint import check_tokenizer, load_model
     from mcad.tokenizer import Tokenizer
 
     ckpt, kv = parse_args(argv)
     model = load_model(ckpt)
     tok_path = Path(kv["tokenizer"] or ckpt.parent / "tokenizer.json")
     tok = Tokenizer.load(tok_path)
+    check_tokenizer(model.config, tok, ckpt, tok_path)  # another vocabulary: wrong ids, or an IndexError
     data = Path(kv["data"])
     corpus = load_karpathy(data / "dataset_synth.json" if data.is_dir() else data, split=kv["split"])
     pixels, corpus = load_images(corpus, model.image_size if hasattr(model, "image_size") else model.dual.image_size)
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
     rows = {ckpt.stem: metrics}
     fusion_path = kv.get("fusion") or (ckpt if model.kind == "fusion" else None)
     if fusion_path:
-        fusion = model if model.kind == "fusion" else load_model(fusion_path)
+        fusion = model if model.kind == "fusion" else load_model(fusion_path, kind="fusion", role="fusion=")
         k = int(kv["k"])
         rows[f"{Path(fusion_path).stem} re-rank top-{k}"] = evaluate_rerank(fusion, pixels, ids, corpus.caption_to_image, sim, k)
     print(recall_table(rows))

@@ -22,11 +22,13 @@ def resolve_run(run: str | Path) -> Path:
 
 def load_student(run: str | Path):
     """(model in eval mode, tokenizer) of a run folder."""
-    from mcad.models.checkpoint import load_model
+    from mcad.models.checkpoint import check_tokenizer, load_model
     from mcad.tokenizer import Tokenizer
 
     run = resolve_run(run)
-    return load_model(run / STUDENT), Tokenizer.load(run / TOKENIZER)
+    model, tok = load_model(run / STUDENT), Tokenizer.load(run / TOKENIZER)
+    check_tokenizer(model.config, tok, run / STUDENT, run / TOKENIZER)
+    return model, tok
 
 
 def latest_run(root: str | Path = "runs", exclude: tuple[str, ...] = ("teachers",)) -> Path:

@@ -1,15 +1,23 @@
 """Weights as safetensors with the model config in the file's metadata (and beside it as JSON),
-written atomically; a corrupt or foreign file gets one clear line."""
+written atomically; a corrupt or foreign file gets one clear line.
+
+Saving is deterministic (same weights and config -> same bytes: safetensors writes its metadata
+in hash-map order, so the header is rewritten with sorted keys), and the file records the sha256
+of its content (`content_sha256`: tensors in name order + the other metadata), verified on load:
+a file with flipped bytes is refused instead of evaluating as garbage."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from mcad.io import atomic_path, write_json
+from mcad.io import atomic_write_bytes, write_json
+
+HASH_KEY = "content_sha256"
 
 
 class CheckpointError(ValueError):
@@ -24,11 +32,37 @@ def save_model(model, path: str | Path, extra: dict | None = None) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(model.config), "format": "mcad-model-v1"}
     if extra:
-        meta["extra"] = json.dumps(extra)
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        meta["extra"] = json.dumps(extra, sort_keys=True)
+    meta[HASH_KEY] = content_digest(state, meta)
+    atomic_write_bytes(path, canonical_header(save(state, metadata=meta)))
     write_json(config_path(path), model.config)
     return path
+
+
+def content_digest(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 over the tensors (name, dtype, shape, bytes; in name order) and the metadata other
+    than the digest itself: what the file holds, not how safetensors lays it out."""
+    h = hashlib.sha256()
+    for k in sorted(meta):
+        if k != HASH_KEY:
+            h.update(f"meta {k}={meta[k]}\0".encode())
+    for k in sorted(state):
+        t = state[k].detach().contiguous().cpu()
+        h.update(f"tensor {k}|{t.dtype}|{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def canonical_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the header's keys in sorted order (the data, whose offsets
+    are relative to the end of the header, is unchanged), padded to 8 bytes as safetensors does."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    canon = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | dict(sorted(header.items()))
+    text = json.dumps(canon, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def config_path(weights: Path) -> Path:
@@ -51,7 +85,9 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
-def load_model(path: str | Path, map_location: str = "cpu"):
+def load_model(path: str | Path, map_location: str = "cpu", kind: str | None = None, role: str = ""):
+    """The model in eval mode. `kind` ("dual" or "fusion"): what the caller needs; another kind is
+    refused with one line (`role`, e.g. "fusion=", says which argument was wrong)."""
     from mcad.models.registry import build_model
 
     path = Path(path)
@@ -61,12 +97,17 @@ def load_model(path: str | Path, map_location: str = "cpu"):
             raise CheckpointError(f"{path}: expected one .safetensors checkpoint, found {len(cands)}")
         path = cands[0]
     meta = read_metadata(path)
-    config = json.loads(meta["config"])
-    model = build_model(config)
     try:
         state = load_file(str(path), device=map_location)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: corrupt checkpoint ({e})") from None
+    verify_digest(path, state, meta)
+    try:
+        config = json.loads(meta["config"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: damaged model config in the metadata ({e.msg})") from None
+    check_kind(path, config, kind, role)
+    model = build_model(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match config {config.get('name', '?')} "
@@ -74,6 +115,40 @@ def load_model(path: str | Path, map_location: str = "cpu"):
                               f"{(missing + unexpected)[:3]})")
     model.eval()
     return model
+
+
+def verify_digest(path: Path, state: dict, meta: dict) -> None:
+    """Same-size corruption passes every structural check: the recorded content hash does not.
+    (Files saved before the hash was recorded have none and are taken as they are.)"""
+    want = meta.get(HASH_KEY)
+    if want is not None and content_digest(state, meta) != want:
+        raise CheckpointError(f"{path}: content does not match the sha256 recorded when it was saved "
+                              "(the file is damaged; copy or train it again)")
+
+
+def check_kind(path: Path, config: dict, kind: str | None, role: str = "") -> None:
+    have = config.get("type")
+    if kind is not None and have != kind:
+        what = f" for {role}" if role else ""
+        raise CheckpointError(f"{path}: a {have} model ({config.get('name', '?')}), expected a {kind} "
+                              f"model{what} (a fusion checkpoint is e.g. runs/teachers/fusion.safetensors)")
+
+
+def check_tokenizer(model_config: dict, tok, model_path, tok_path) -> None:
+    """A tokenizer of another vocabulary or context length than the model's text tower gives
+    wrong ids silently (or an IndexError deep in the embedding): refuse it with one line."""
+    text = (model_config.get("dual") or model_config).get("text") if model_config.get("type") == "fusion" \
+        else model_config.get("text")
+    if not text:
+        return
+    want = {"vocab_size": text.get("vocab_size"), "context_length": text.get("context_length"),
+            "eot_id": text.get("eot_id"), "pad_id": text.get("pad_id")}
+    have = {"vocab_size": tok.vocab_size, "context_length": tok.context_length, "eot_id": tok.eot_id,
+            "pad_id": tok.pad_id}
+    diff = [f"{k} {have[k]} vs {want[k]}" for k in want if want[k] is not None and int(want[k]) != int(have[k])]
+    if diff:
+        raise CheckpointError(f"{tok_path}: tokenizer does not match {model_path} ({', '.join(diff)}); "
+                              "use the tokenizer.json saved with the checkpoint (tokenizer=...)")
 
 
 def state_dict_equal(a: dict, b: dict) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mcad.io import atomic_path, file_entry, machine, now_iso, read_json, versions, write_json
+from mcad.io import atomic_path, file_entry, machine, now_iso, read_json, sha256_file, versions, write_json
 from mcad.search.common import SearchError
 
 MANIFEST = "manifest.json"
@@ -124,18 +124,27 @@ def read_manifest(root: str | Path) -> dict:
     return m
 
 
+def verify_file(root: Path, entry: dict) -> None:
+    """Size, then the sha256 the manifest recorded (same-size damage passes a size check, and a
+    damaged faiss file can load and silently drop results)."""
+    f = root / entry["path"]
+    if not f.exists():
+        raise SearchError(f"{f}: missing (named by {root / MANIFEST}; the index folder is damaged)")
+    if f.stat().st_size != entry["bytes"]:
+        raise SearchError(f"{f}: size differs from {root / MANIFEST} (the index folder is damaged)")
+    if entry.get("sha256") and sha256_file(f) != entry["sha256"]:
+        raise SearchError(f"{f}: content differs from the sha256 in {root / MANIFEST} (the index folder is "
+                          "damaged; rebuild it with `mcad index ... overwrite=true`)")
+
+
 def load(root: str | Path, with_embeddings: bool = False) -> IndexFolder:
     import faiss
 
     root = Path(root)
     m = read_manifest(root)
     files = m["files"]
-    for key in ("index", "paths"):
-        f = root / files[key]["path"]
-        if not f.exists():
-            raise SearchError(f"{f}: missing (named by {root / MANIFEST}; the index folder is damaged)")
-        if f.stat().st_size != files[key]["bytes"]:
-            raise SearchError(f"{f}: size differs from {root / MANIFEST} (the index folder is damaged)")
+    for key in ("index", "paths") + (("embeddings",) if with_embeddings and files.get("embeddings") else ()):
+        verify_file(root, files[key])
     try:
         index = faiss.read_index(str(root / files["index"]["path"]))
     except RuntimeError as e:
