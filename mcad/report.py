@@ -166,6 +166,27 @@ def records_table(rows: list[dict]) -> str:
     return table_html(cols, [[_fmt(r.get(c, "")) for c in cols] for r in rows[:MAX_JSON_ROWS]])
 
 
+# the bench's rows (mcad.benchmarks.search) nest latency under stages.<stage>.p50/p90 (ms) and memory
+# under memory.headline_mb; records_table shows flat values only, so these are lifted into columns
+BENCH_COLUMNS = (("search p50 ms", ("stages", "search", "p50")), ("search p90 ms", ("stages", "search", "p90")),
+                 ("encode p50 ms", ("stages", "encode", "p50")), ("memory MB", ("memory", "headline_mb")),
+                 ("memory", ("memory", "headline")))
+
+
+def bench_records(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        flat = dict(r)
+        for name, path in BENCH_COLUMNS:
+            v: Any = r
+            for key in path:
+                v = v.get(key) if isinstance(v, dict) else None
+            if v is not None:
+                flat[name] = v
+        out.append(flat)
+    return out
+
+
 class Page:
     def __init__(self, out: Path, embed: bool):
         self.out, self.embed = out, embed
@@ -294,7 +315,8 @@ def section_bench(page: Page, run: Path) -> None:
                 page.add(f"<p class=\"err\">{esc(e)}</p>")
                 continue
             rows = j.get("rows") if isinstance(j, dict) else None
-            page.add(records_table(rows) if isinstance(rows, list) and rows and isinstance(rows[0], dict) else kv_table(j))
+            page.add(records_table(bench_records(rows)) if isinstance(rows, list) and rows and isinstance(rows[0], dict)
+                     else kv_table(j))
     if not shown:
         page.missing.append(str(run / "bench"))
         page.add("<p class=\"missing\">no bench results (run <code>make bench</code>)</p>")

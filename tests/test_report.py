@@ -1,17 +1,51 @@
 """mcad report: the static HTML page, checked as text and rendered in headless Chromium."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mcad.io import write_json
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def export_parity() -> dict:
+    """A manifest's parity section as the export pipeline writes it: export/parity.py's checks of a
+    text and an image encoder (cos_mean, cos_min), their search program and their group's retrieval."""
+    from mcad.export.parity import BARS, cosine_stats, retrieval_check, search_check
+    from mcad.retrieval import retrieval_metrics
+
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    ref_img, ref_txt = unit(rng.normal(size=(8, 16))), unit(rng.normal(size=(40, 16)))
+    img, txt = unit(ref_img + 0.01 * rng.normal(size=ref_img.shape)), unit(ref_txt + 0.01 * rng.normal(size=ref_txt.shape))
+    c2i = np.repeat(np.arange(8), 5)
+    fp = {k: round(v, 2) for k, v in retrieval_metrics(ref_img @ ref_txt.T, c2i).items()}
+    sims = txt[:4] @ ref_img.T
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    search = search_check(idx, np.take_along_axis(sims, idx, 1), txt[:4], ref_txt[:4], ref_img)
+    return {"reference": "eager fp32 student", "data": "data/synth", "n_images": 8, "n_captions": 40,
+            "bars": dict(BARS), "fp32": fp,
+            "artifacts": {"text_encoder.onnx": {"role": "text", "group": "onnx", **cosine_stats(txt, ref_txt)},
+                          "image_encoder.onnx": {"role": "image", "group": "onnx", **cosine_stats(img, ref_img)},
+                          "search.onnx": {"role": "search", "group": "onnx", "search": search, "pass": search["pass"]}},
+            "retrieval": {"onnx": retrieval_check(img, txt, c2i, fp)}, "simulated": {}, "pass": True}
+
+
+def bench_rows() -> list[dict]:
+    """Rows as `mcad bench` writes them (bench.json): the committed local bench's first rows."""
+    return json.loads((REPO / "benchmarks" / "results" / "mcad-s0-local.json").read_text())["rows"][:3]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +67,9 @@ def full_run(tiny_run, tmp_path_factory):
         "artifacts": [{"name": "text_encoder", "role": "text", "runtime": "onnxruntime", "backend": "onnx",
                        "file": "text_encoder.onnx", "bytes": 1234, "quantization": "int8"}],
         "skipped": [{"artifact": "image_encoder.qnn", "reason": "no QNN SDK"}],
-        "parity": {"text_encoder": {"cosine_mean": 0.998, "cosine_min": 0.991, "top10_agreement": 0.97}}})
+        "parity": export_parity()})
     (run / "bench").mkdir()
-    write_json(run / "bench" / "bench.json", {"rows": [{"subject": "student", "runtime": "onnxruntime", "gallery": 1000,
-                                                        "search_p50_ms": 1.23, "memory_mb": 55.0}]})
+    write_json(run / "bench" / "bench.json", {"rows": bench_rows()})  # json only: no bench.md to show instead
     results = root / "results"
     results.mkdir()
     (results / "ablation.md").write_text("# Ablation\n\n| variant | rsum |\n|---|---:|\n| no-KD | 100.0 ± 1.0 |\n"
@@ -65,8 +98,14 @@ def test_report_has_every_section(full_run, synth_root):
     out = _render(run, results, synth_root, run / "report.html")
     h = out.read_text()
     assert h.startswith("<!DOCTYPE html>") and "http://" not in h and "https://" not in h  # no network
-    for text in ("208.5", "dual teacher", "400.2", "MCAD", "120.0 ± 2.0", "text_encoder.onnx", "cosine_mean",
-                 "no QNN SDK", "search_p50_ms", "1.23", "ablation.png", "loss.png", "Recall, recomputed now"):
+    from mcad.report import _fmt
+
+    parity, row = export_parity(), bench_rows()[0]
+    cos = parity["artifacts"]["text_encoder.onnx"]
+    for text in ("208.5", "dual teacher", "400.2", "MCAD", "120.0 ± 2.0", "text_encoder.onnx", "no QNN SDK",
+                 "cos_mean", _fmt(cos["cos_mean"]), "cos_min", _fmt(cos["cos_min"]), "overlap_at_k_fp32",
+                 "search p50 ms", _fmt(row["stages"]["search"]["p50"]), "search p90 ms", "memory MB",
+                 _fmt(row["memory"]["headline_mb"]), "ablation.png", "loss.png", "Recall, recomputed now"):
         assert text in h, text
     blocks = re.findall(r'<div class="q" data-hit="([01])">(.*?)</div></div>', h, flags=re.S)
     assert len(blocks) == 6
