@@ -40,8 +40,10 @@ $(TEACHERS)/metrics.json: $(DATA)/dataset_synth.json
 	$(MCAD) teachers data=$(DATA) out=$(TEACHERS) $(TEACHER_ARGS)
 teachers: $(TEACHERS)/metrics.json
 
-# the teachers' outputs over the training set, once; every student run and ablation reads them
-$(TEACHERS)/cache/manifest.json: $(TEACHERS)/metrics.json
+# the teachers' outputs over the training set, once; every student run and ablation reads them.
+# Also remade when a teacher file is newer than the cache (copied in, retrained): `mcad student`
+# refuses a cache whose recorded teacher hashes differ from the files
+$(TEACHERS)/cache/manifest.json: $(TEACHERS)/metrics.json $(wildcard $(TEACHERS)/dual.safetensors $(TEACHERS)/fusion.safetensors $(TEACHERS)/tokenizer.json)
 	$(MCAD) cache data=$(DATA) teachers=$(TEACHERS)
 cache: $(TEACHERS)/cache/manifest.json
 

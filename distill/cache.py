@@ -27,13 +27,21 @@ import torch
 from tqdm import tqdm
 
 from mcad.config import load_command_config
-from mcad.data.images import normalize
+from mcad.data.images import data_key, normalize
 from mcad.evaluate import encode_images, encode_texts, image_keys
 from mcad.io import atomic_path, read_json, sha256_file, write_manifest
 from mcad.sampling import nearest_neighbours
 
 log = logging.getLogger("mcad.cache")
 FORMAT = "mcad-teacher-cache/2"  # 2: neighbours are other scenes (image_keys), not duplicates
+TEACHER_FILES = ("dual.safetensors", "fusion.safetensors", "tokenizer.json")
+
+
+def rebuild_hint(root: Path, teachers: str | Path | None = None, data: str | None = None) -> str:
+    # `make cache` is keyed by runs/teachers/metrics.json's time: it does nothing while an older
+    # cache's manifest is newer, so the command given is the one that always rebuilds
+    return (f"rebuild it with `mcad cache teachers={teachers or '<teachers>'} data={data or '<data>'} "
+            f"cache={root}` (or `rm -r {root}` then `make cache`)")
 
 
 @dataclass
@@ -132,6 +140,9 @@ class TeacherCache:
             path = self.root / sh["file"]
             if not path.exists():
                 raise FileNotFoundError(f"{path}: teacher cache shard missing")
+            if sh.get("sha256") and sha256_file(path) != sh["sha256"]:
+                raise ValueError(f"{path}: shard content differs from the sha256 in {mf} (damaged); "
+                                 + rebuild_hint(self.root, data=(self.manifest.get("config") or {}).get("data")))
             for k, v in load_file(str(path)).items():
                 parts.setdefault(k, []).append(v)
         d = {k: torch.cat(v) for k, v in parts.items()}
@@ -144,10 +155,32 @@ class TeacherCache:
     def neighbours(self) -> np.ndarray:
         return self.lists[:, 1:]
 
-    def check(self, n_images: int, image_captions: list[list[int]]) -> None:
+    def check(self, n_images: int, image_captions: list[list[int]], teachers: str | Path | None = None,
+              data: str | None = None) -> None:
+        """Refuse a cache of another data set (sizes, caption table; with `data`, the `data_key` of
+        the images and captions) or, with `teachers`, of other teacher files than those there now."""
+        cfg = self.manifest.get("config") or {}
+        hint = rebuild_hint(self.root, teachers, cfg.get("data"))
         if len(self.lists) != n_images or not np.array_equal(self.captions, caption_table(image_captions)):
             raise ValueError(f"{self.root}: cache was built for another data set ({len(self.lists)} images, "
-                             f"this one has {n_images}): rebuild it with `mcad cache`")
+                             f"this one has {n_images}): {hint}")
+        if data is not None:
+            if cfg.get("data_key") is None:  # caches written before the key was recorded
+                log.warning("%s: cache records no data hash (built by an older mcad); rebuild it to have "
+                            "it checked", self.root)
+            elif cfg["data_key"] != data:
+                raise ValueError(f"{self.root}: cache was built from other images or captions than "
+                                 f"{cfg.get('data', 'the data')} holds now: {hint}")
+        if teachers is not None:
+            self.check_teachers(Path(teachers), hint)
+
+    def check_teachers(self, teachers: Path, hint: str) -> None:
+        """The teachers' sha256 recorded at build time against the files there now."""
+        recorded = (self.manifest.get("config") or {}).get("teachers") or {}
+        changed = [f for f in TEACHER_FILES if not (teachers / f).exists() or recorded.get(f) != sha256_file(teachers / f)]
+        if changed:
+            raise ValueError(f"{self.root}: cache was built from other teachers ({', '.join(changed)} in "
+                             f"{teachers} changed since): {hint}")
 
     def batch(self, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
         slot = torch.as_tensor(caption_slots(self.captions, idx, cap))
@@ -253,12 +286,14 @@ def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_caption
 
 
 def main(argv: list[str]) -> int:
-    from mcad.models.checkpoint import load_model
+    from mcad.checks import CACHE, require_counts
+    from mcad.models.checkpoint import check_tokenizer, load_model
     from mcad.teachers import add_file_log, load_split
     from mcad.tokenizer import Tokenizer
 
     # the student recipe (data, teachers, neighbours, cache) + the shard size, which only the cache reads
     cfg = load_command_config(argv, "student", extra={"cache_shard_images": 2048})
+    require_counts(cfg, CACHE, "mcad cache")
     torch.set_num_threads(int(cfg.get("threads", 2)))
     teachers, data = Path(cfg["teachers"]), Path(cfg["data"])
     out = Path(cfg.get("cache") or teachers / "cache")
@@ -266,13 +301,15 @@ def main(argv: list[str]) -> int:
     for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json"):
         if not (teachers / f).exists():
             raise FileNotFoundError(f"{teachers / f}: missing teacher file (run `make teachers` first)")
-    dual, fusion = load_model(teachers / "dual.safetensors"), load_model(teachers / "fusion.safetensors")
+    dual = load_model(teachers / "dual.safetensors", kind="dual")
+    fusion = load_model(teachers / "fusion.safetensors", kind="fusion")
     tok = Tokenizer.load(teachers / "tokenizer.json")
+    check_tokenizer(dual.config, tok, teachers / "dual.safetensors", teachers / "tokenizer.json")
     pixels, corpus = load_split(data, "train", dual.image_size)
     ids = tok.encode_batch(corpus.captions)
     lists = candidate_lists(dual_neighbours(dual, pixels, int(cfg["neighbours"]), image_keys(corpus)))
-    src = {"teachers": {f: sha256_file(teachers / f) for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json")},
-           "data": str(data), "neighbours": int(cfg["neighbours"])}
+    src = {"teachers": {f: sha256_file(teachers / f) for f in TEACHER_FILES},
+           "data": str(data), "data_key": data_key(pixels, corpus.captions), "neighbours": int(cfg["neighbours"])}
     build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, int(cfg.get("cache_shard_images", 2048)),
                 config=src)
     print(f"teacher cache: {out}")

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcad.config import load_command_config
-from mcad.data.images import normalize
+from mcad.checks import STUDENT as STUDENT_COUNTS, require_counts
+from mcad.data.images import data_key, normalize
 from mcad.distill.cache import (TeacherCache, TeacherOutputs, candidate_lists, dual_neighbours, online_batch)
 from mcad.distill.losses import NEG, WITHIN, FusionAdapters, distribution_loss, feature_loss, kl_rows, mcad_targets, single_teacher_loss
 from mcad.evaluate import evaluate_dual, image_keys
-from mcad.io import write_json, write_manifest
+from mcad.io import sha256_file, write_json, write_manifest
 from mcad.losses import clip_loss
-from mcad.models.checkpoint import load_model, save_model
+from mcad.models.checkpoint import check_tokenizer, load_model, save_model
 from mcad.models.registry import count_params, create_model, with_tokenizer
 from mcad.retrieval import recall_table
 from mcad.sampling import ConfuserBatches, caption_choice
@@ -93,6 +94,7 @@ def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, pixels, ids, cap
 
 
 def distill(cfg: dict, progress: bool = True) -> dict:
+    require_counts(cfg, STUDENT_COUNTS, "mcad student")
     variant = cfg["variant"]
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
@@ -110,20 +112,26 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json"):
         if not (teachers / f).exists():
             raise FileNotFoundError(f"{teachers / f}: missing teacher file (run `make teachers` first)")
-    dual, fusion = load_model(teachers / "dual.safetensors"), load_model(teachers / "fusion.safetensors")
+    dual = load_model(teachers / "dual.safetensors", kind="dual")
+    fusion = load_model(teachers / "fusion.safetensors", kind="fusion")
     dual.requires_grad_(False)
     fusion.requires_grad_(False)
     tok = Tokenizer.load(teachers / "tokenizer.json")
+    check_tokenizer(dual.config, tok, teachers / "dual.safetensors", teachers / "tokenizer.json")
     pixels, corpus = load_split(data, "train", dual.image_size)
     test_px, test_c = load_split(data, cfg["eval"]["split"], dual.image_size)
     ids, test_ids = tok.encode_batch(corpus.captions), tok.encode_batch(test_c.captions)
     caps, keys = corpus.image_captions(), torch.as_tensor(image_keys(corpus))
+    # what the run depends on besides its config: a partial checkpoint of other data or other
+    # teachers (same paths, new contents) is not resumed
+    inputs = {"data": data_key(pixels, corpus.captions),
+              "teachers": {f: sha256_file(teachers / f) for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json")}}
 
     cache = None
     cache_dir = Path(cfg.get("cache") or teachers / "cache")
     if variant != "none" and (cache_dir / "manifest.json").exists():
         cache = TeacherCache(cache_dir)
-        cache.check(len(pixels), caps)
+        cache.check(len(pixels), caps, teachers=teachers, data=inputs["data"])
         if cache.neighbours.shape[1] != int(cfg["neighbours"]):
             raise ValueError(f"{cache_dir}: cache has {cache.neighbours.shape[1]} neighbours per image, the config "
                              f"{cfg['neighbours']}: rebuild it or set neighbours={cache.neighbours.shape[1]}")
@@ -153,7 +161,8 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         forward = student
     tr = Trainer({"student": student, "proj": proj}, cfg, run / "student.ckpt.pt" if rank == 0 else None,
                  desc=f"student ({variant})" + (f" rank {rank}" if world > 1 else ""),
-                 recipe={k: v for k, v in cfg.items() if k not in ("threads", "seeds", "variants", "results", "name", "out")})
+                 recipe={**{k: v for k, v in cfg.items() if k not in ("threads", "seeds", "variants", "results", "name", "out")},
+                         "inputs": inputs})
     tr.resume()
     tau, tau_f = float(L["tau_kd"]), float(L["tau_f"])
     within = str(L.get("within", "order"))

@@ -9,6 +9,7 @@ Every step resumes from its checkpoint; finished models are not retrained.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,17 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from mcad.config import load_command_config
-from mcad.data.images import load_images, normalize
+from mcad.checks import TEACHERS as TEACHER_COUNTS, require_counts
+from mcad.data.images import data_key, load_images, normalize
 from mcad.data.karpathy import load_karpathy
 from mcad.evaluate import encode_images, evaluate_dual, evaluate_rerank, image_keys
 from mcad.io import write_json
 from mcad.losses import candidates_with_positive, clip_loss, itm_listwise_loss
-from mcad.models.checkpoint import load_model, save_model
+from mcad.models.checkpoint import check_tokenizer, load_model, read_metadata, save_model
 from mcad.models.registry import count_params, create_model, with_tokenizer
 from mcad.retrieval import recall_table
 from mcad.sampling import ConfuserBatches, RandomBatches, caption_choice, nearest_neighbours
 from mcad.tokenizer import Tokenizer, train_bpe
-from mcad.trainer import Trainer
+from mcad.trainer import Trainer, recipe_diff
 
 log = logging.getLogger("mcad.teachers")
 
@@ -54,13 +56,49 @@ def load_split(data: Path, split: str, size: int):
     return pixels, corpus
 
 
-def train_dual(cfg: dict, tok: Tokenizer, pixels, ids, corpus, out: Path, seed: int):
+def teacher_recipes(cfg: dict, data: str | None) -> dict[str, dict]:
+    """What decides each teacher: its own section, the tokenizer, the seed and the data (`data_key`
+    of the training images and captions); the fusion teacher's includes the dual's, on which it
+    is built. Saved in each checkpoint (and training checkpoint), compared before any reuse."""
+    dual = {"seed": cfg.get("seed"), "tokenizer": cfg.get("tokenizer"), "data": data, "dual": cfg.get("dual")}
+    recipes = {"dual": dual, "fusion": {**dual, "fusion": cfg.get("fusion")}}
+    return json.loads(json.dumps(recipes, default=str))  # as it reads back from a file
+
+
+def saved_recipe(path: Path, out: Path, name: str) -> dict | None:
+    """The recipe `path` was trained with; for a checkpoint from before recipes were saved, the
+    one metrics.json recorded beside it (without the data, which it did not record)."""
+    extra = json.loads(read_metadata(path).get("extra") or "{}")
+    if "recipe" in extra:
+        return extra["recipe"]
+    old = out / "metrics.json"
+    if old.exists():
+        recipe = teacher_recipes(json.loads(old.read_text()).get("config") or {}, None)[name]
+        recipe.pop("data")
+        return recipe
+    return None
+
+
+def check_reuse(path: Path, out: Path, name: str, recipe: dict) -> None:
+    """A finished teacher is reused only for the recipe it was trained with: anything else would
+    evaluate (and record in metrics.json) a model the config does not describe."""
+    saved = saved_recipe(path, out, name)
+    if saved is None:
+        log.warning("%s: records no recipe (saved by an older mcad); reused as it is", path)
+        return
+    diff = recipe_diff(saved, {k: v for k, v in recipe.items() if k in saved})
+    if diff:
+        raise ValueError(f"{path}: trained with another recipe (differs in {', '.join(diff)}); delete it "
+                         f"(and what was made from it: fusion, cache/) to retrain, or give another out=")
+
+
+def train_dual(cfg: dict, tok: Tokenizer, pixels, ids, corpus, out: Path, seed: int, recipe: dict | None = None):
     torch.manual_seed(seed)
     model = create_model(cfg["model"], **with_tokenizer({}, tok))
     keys = torch.as_tensor(image_keys(corpus))
     caps = corpus.image_captions()
     batches = RandomBatches(len(pixels), int(cfg["batch_size"]), seed)
-    trainer = Trainer({"model": model}, cfg, out / "dual.ckpt.pt", desc="dual teacher")
+    trainer = Trainer({"model": model}, cfg, out / "dual.ckpt.pt", desc="dual teacher", recipe=recipe)
     trainer.resume()
 
     def loss_fn(step: int):
@@ -74,7 +112,7 @@ def train_dual(cfg: dict, tok: Tokenizer, pixels, ids, corpus, out: Path, seed: 
     return model, time.time() - t0
 
 
-def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int):
+def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, recipe: dict | None = None):
     torch.manual_seed(seed + 1)
     fcfg = create_model(cfg["model"]).config
     fcfg["dual"] = dual.config
@@ -89,7 +127,7 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int):
     emb = encode_images(dual, pixels)
     nb = nearest_neighbours(emb, int(cfg.get("neighbours", 3)), keys=keys.numpy())  # other scenes: confusers
     batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg.get("neighbours", 3)) + 1)
-    trainer = Trainer({"fusion": fusion}, cfg, out / "fusion.ckpt.pt", desc="fusion teacher")
+    trainer = Trainer({"fusion": fusion}, cfg, out / "fusion.ckpt.pt", desc="fusion teacher", recipe=recipe)
     trainer.resume()
 
     def loss_fn(step: int):
@@ -123,6 +161,7 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int):
 
 def main(argv: list[str]) -> int:
     cfg = load_command_config(argv, "teachers")  # keys checked against the recipe: a typo is an error
+    require_counts(cfg, TEACHER_COUNTS, "mcad teachers")
     torch.set_num_threads(int(cfg.get("threads", 2)))
     data, out, seed = Path(cfg["data"]), Path(cfg["out"]), int(cfg["seed"])
     out.mkdir(parents=True, exist_ok=True)
@@ -136,8 +175,11 @@ def main(argv: list[str]) -> int:
     test_px, test_c = load_split(data, "test", size)
     timings["load_data_s"] = time.time() - t0
 
+    recipes = teacher_recipes(cfg, data_key(train_px, train_c.captions))
     tok_path = out / "tokenizer.json"
-    if tok_path.exists():
+    # the tokenizer belongs to the dual teacher (finished or partial) whose recipe is checked below;
+    # without one it is trained again, so a tokenizer of other captions is never picked up
+    if tok_path.exists() and ((out / "dual.safetensors").exists() or (out / "dual.ckpt.pt").exists()):
         tok = Tokenizer.load(tok_path)
     else:
         tc = cfg["tokenizer"]
@@ -149,13 +191,18 @@ def main(argv: list[str]) -> int:
         """A teacher already saved is loaded (make does not redo it); otherwise trained and saved."""
         path = out / f"{name}.safetensors"
         if path.exists():
-            return load_model(path)
-        model, timings[f"{name}_train_s"] = train()
-        save_model(model, path)
+            check_reuse(path, out, name, recipes[name])
+            model = load_model(path, kind=name)
+        else:
+            model, timings[f"{name}_train_s"] = train()
+            save_model(model, path, extra={"recipe": recipes[name]})
+        check_tokenizer(model.config, tok, path, tok_path)
         return model
 
-    dual = load_or_train("dual", lambda: train_dual(cfg["dual"], tok, train_px, train_ids, train_c, out, seed))
-    fusion = load_or_train("fusion", lambda: train_fusion(cfg["fusion"], dual, train_px, train_ids, train_c, out, seed))
+    dual = load_or_train("dual", lambda: train_dual(cfg["dual"], tok, train_px, train_ids, train_c, out, seed,
+                                                    recipes["dual"]))
+    fusion = load_or_train("fusion", lambda: train_fusion(cfg["fusion"], dual, train_px, train_ids, train_c, out, seed,
+                                                          recipes["fusion"]))
 
     t0 = time.time()
     d_metrics, sim = evaluate_dual(dual, test_px, test_ids, test_c.caption_to_image)

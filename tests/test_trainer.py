@@ -83,8 +83,9 @@ def test_teacher_recipe_two_steps(synth_root, tmp_path):
     from mcad.teachers import main
 
     out = tmp_path / "teachers"
-    rc = main([f"data={synth_root}", f"out={out}", "dual.steps=2", "fusion.steps=2", "dual.batch_size=16",
-               "fusion.batch_size=8", "threads=1", "eval.rerank_k=4"])
+    args = [f"data={synth_root}", f"out={out}", "dual.steps=2", "fusion.steps=2", "dual.batch_size=16",
+            "fusion.batch_size=8", "threads=1", "eval.rerank_k=4"]
+    rc = main(args)
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     rows = m["test"]
@@ -93,7 +94,7 @@ def test_teacher_recipe_two_steps(synth_root, tmp_path):
         assert 0 <= r["rsum"] <= 600
     assert (out / "dual.safetensors").exists() and (out / "fusion.safetensors").exists()
     assert m["params"]["fusion"] > m["params"]["dual"]
-    # finished models are not retrained: a second call only evaluates
+    # finished models are not retrained: a second call of the same recipe only evaluates
     before = (out / "dual.safetensors").stat().st_mtime_ns
-    assert main([f"data={synth_root}", f"out={out}", "threads=1", "eval.rerank_k=4"]) == 0
+    assert main(args) == 0
     assert (out / "dual.safetensors").stat().st_mtime_ns == before

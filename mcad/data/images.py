@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,10 @@ class ImageTooLarge(ValueError):
 def decode_image(src: str | Path | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode, centre-crop to square and resize (bicubic) to `size`; returns uint8 [3, size, size]."""
     f = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
-    with Image.open(f) as im:  # reads the header only: the size is known before any decoding
+    with warnings.catch_warnings():  # PIL's warning zone lies above our limit: refused below, not warned
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(f)  # reads the header only: the size is known before any decoding
+    with im:
         limit = MAX_PIXELS if max_pixels is None else max_pixels
         if im.size[0] * im.size[1] > limit:
             raise ImageTooLarge(f"{im.size[0]} x {im.size[1]} = {im.size[0] * im.size[1]:,} pixels, over the "
@@ -62,6 +66,16 @@ def content_digest(paths: list[str], size: int) -> str:
                 h.update(hashlib.sha256(f.read()).digest())
         except OSError as e:  # decoding will report it; the digest only has to differ
             h.update(f"unreadable {type(e).__name__}".encode())
+    return h.hexdigest()
+
+
+def data_key(pixels: np.ndarray, captions: list[str]) -> str:
+    """sha256 of decoded images and their captions: what a model trained or a cache computed on
+    them depends on (same sizes and caption counts are not the same data)."""
+    h = hashlib.sha256(f"{pixels.shape}|{pixels.dtype}".encode())
+    h.update(np.ascontiguousarray(pixels).data)
+    for c in captions:
+        h.update(c.encode("utf-8") + b"\0")
     return h.hexdigest()
 
 

@@ -190,11 +190,20 @@ def generate(out_dir: str | Path, seed: int = 0, n_train: int = 20000, n_val: in
 
     Deterministic by seed. Test and val images have unique descriptions, in confuser groups of 4;
     train mixes confuser groups (so confusers co-occur) with random scenes."""
+    from mcad.checks import DATA, integer
+
+    given = {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size,
+             "captions_per_image": captions_per_image}
+    for key, value in given.items():  # "wrote -4 images" is not a data set
+        integer(value, key, DATA[key], "mcad data")
     if n_test % 4 or n_val % 4:
-        raise ValueError("n_test and n_val must be multiples of 4 (confuser groups)")
+        raise ValueError(f"mcad data: n_test={n_test}, n_val={n_val}: must be multiples of 4 (confuser groups)")
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        img_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # out= under a file, or unwritable
+        raise ValueError(f"{out_dir}: cannot create the data folder ({e.strerror}); choose another out=") from None
     rng = random.Random(seed)
     test_groups = confuser_groups(n_test // 4, rng, set())
     val_groups = confuser_groups(n_val // 4, rng, {s.key for g in test_groups for s in g})
