@@ -11,32 +11,61 @@ METRICS = ("p50_ms", "p90_ms", "memory_mb")
 
 
 def load_budgets(path: str | Path | None = None) -> dict:
+    """The budgets file, checked whole before any bench runs: every mapping where one belongs,
+    every gallery size an integer, every limit a positive number (one line naming the key)."""
     path = Path(path) if path else BUDGETS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no budgets file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = {} if data is None else data
+    _mapping(data, path, "the top level", "a mapping with 'devices:'")
     devices = data.get("devices")
     if not isinstance(devices, dict):
         raise ValueError(f"{path}: expected a top-level 'devices:' mapping")
     for name, entry in devices.items():
-        subj = (entry or {}).get("budgets")
-        if not isinstance(subj, dict):
-            raise ValueError(f"{path}: devices.{name}: expected a 'budgets:' mapping of subject -> gallery -> limits")
-        for s, per in subj.items():
-            for g, lim in (per or {}).items():
-                try:
-                    int(g)
-                except (TypeError, ValueError):
-                    raise ValueError(f"{path}: devices.{name}.budgets.{s}: gallery size {g!r} is not an integer") from None
-                bad = set(lim or {}) - set(METRICS)
-                if bad:
-                    raise ValueError(f"{path}: devices.{name}.budgets.{s}.{g}: unknown metric(s) {sorted(bad)} "
-                                     f"(known: {', '.join(METRICS)})")
+        _check_device(path, name, {} if entry is None else entry)
     data["_path"] = str(path)
     return data
+
+
+def _mapping(value, path: Path, key: str, what: str) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {key}: expected {what}, got {type(value).__name__} {value!r:.40}")
+
+
+def _check_device(path: Path, name: str, entry) -> None:
+    key = f"devices.{name}"
+    _mapping(entry, path, key, "a mapping with 'match:' and 'budgets:'")
+    match = entry.get("match", [])
+    if not isinstance(match, list) or not all(isinstance(m, (str, int)) for m in match):
+        raise ValueError(f"{path}: {key}.match: expected a list of device names, got {match!r:.40}")
+    subj = entry.get("budgets")
+    if not isinstance(subj, dict):
+        raise ValueError(f"{path}: {key}: expected a 'budgets:' mapping of subject -> gallery -> limits")
+    for s, per in subj.items():
+        per = {} if per is None else per
+        _mapping(per, path, f"{key}.budgets.{s}", "a mapping of gallery size -> limits")
+        for g, lim in per.items():
+            try:
+                int(g)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: {key}.budgets.{s}: gallery size {g!r} is not an integer") from None
+            _check_limits(path, f"{key}.budgets.{s}.{g}", {} if lim is None else lim)
+
+
+def _check_limits(path: Path, key: str, lim) -> None:
+    _mapping(lim, path, key, f"a mapping of {', '.join(METRICS)}")
+    bad = set(lim) - set(METRICS)
+    if bad:
+        raise ValueError(f"{path}: {key}: unknown metric(s) {sorted(bad)} (known: {', '.join(METRICS)})")
+    for metric, value in lim.items():  # found now, not after the whole bench ran
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{path}: {key}.{metric}: {value!r} is not a positive number")
 
 
 def match_device(budgets: dict, names: list[str], override: str | None = None) -> tuple[str | None, dict | None]:

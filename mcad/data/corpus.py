@@ -2,10 +2,16 @@
 
 Bad rows are never dropped silently: every loader records each problem (file + what is wrong) in a
 `LoadReport`, logs the counts, and a corpus with nothing usable is an error, not an empty run.
+
+Image paths stay inside their image root: a path (relative, or absolute) that lies outside it once
+`..` are resolved is a bad row ("path leaves the image root"), reported and counted, never read.
+The check is on the path as written: symlinks under the root are the data set's own layout and are
+followed. For images elsewhere, set `image_root` to a folder that holds them.
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +110,18 @@ def clean_caption(raw: object, where: str, report: LoadReport) -> str | None:
     return text
 
 
-def resolve_image(root: Path, rel: str, where: str, report: LoadReport) -> str | None:
+def under_root(root: Path, rel: str) -> tuple[Path, bool]:
+    """(the image path, whether it stays inside `root`) for a path as a data file writes it."""
     p = Path(rel) if Path(rel).is_absolute() else root / rel
+    base, full = os.path.abspath(root), os.path.abspath(p)  # abspath also folds `..`
+    return p, full == base or full.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def resolve_image(root: Path, rel: str, where: str, report: LoadReport) -> str | None:
+    p, inside = under_root(root, rel)
+    if not inside:
+        report.add(where, f"path leaves the image root ({root}): {rel}")
+        return None
     if not p.is_file():
         report.add(where, f"missing image: {p}")
         return None

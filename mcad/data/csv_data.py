@@ -2,17 +2,24 @@
 `--csv-caption-key`, `--csv-separator`).
 
 A header row names the columns; the image column (`img_key`, default `filepath`) holds a path
-relative to `image_root` (default: the CSV's folder) or an absolute one; the caption column
-(`caption_key`, default `caption`, else open_clip's `title`) holds one caption. Several rows with
-the same image become one image with several captions. The separator follows the extension
+relative to `image_root` (default: the CSV's folder) or an absolute one, which must lie inside the
+image root all the same (see `mcad.data.corpus`: a path that leaves it is a bad row); the caption
+column (`caption_key`, default `caption`, else open_clip's `title`) holds one caption. Several rows
+with the same image become one image with several captions. The separator follows the extension
 (`.tsv` -> tab, otherwise comma) unless given. Bad rows are reported as `file:line` and skipped.
+
+One record is one physical line. A quote left open at the end of a line is that row's error
+("unclosed quote"), and the lines after it are read as rows of their own: an unclosed quote can
+no longer swallow the rest of the file into one caption. (Captions are one line; a quoted field
+spanning lines is reported on each of its lines rather than joined.)
 """
 from __future__ import annotations
 
+import codecs
 import csv
 from pathlib import Path
 
-from mcad.data.corpus import Corpus, DataError, LoadReport, clean_caption
+from mcad.data.corpus import Corpus, DataError, LoadReport, clean_caption, under_root
 
 DEFAULT_IMG_KEYS = ("filepath",)
 DEFAULT_CAPTION_KEYS = ("caption", "title")
@@ -42,43 +49,65 @@ def load_csv(path: str | Path, image_root: str | Path | None = None, split: str 
     if not path.is_file():
         raise DataError(f"{path}: no such CSV/TSV file")
     root = Path(image_root) if image_root is not None else path.parent
-    delimiter = _separator(path, sep)
     report = LoadReport(str(path))
+    lines = physical_lines(read_text(path))
+    return _read(lines, path, root, _separator(path, sep), report, split, img_key, caption_key, max_images, name)
+
+
+def read_text(path: Path) -> str:
+    """The file as text; not UTF-8 is one line with the byte offset in the file and its line."""
+    data = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return _read(f, path, root, delimiter, report, split, img_key, caption_key, max_images, name)
+        return data[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        at = skip + e.start  # e.start counts from after the BOM
+        line = data[:at].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {at}, line {line})") from None
 
 
-def _read(f, path: Path, root: Path, delimiter: str, report: LoadReport, split: str,
-          img_key: str | None, caption_key: str | None, max_images: int | None, name: str | None) -> Corpus:
-    reader = csv.reader(f, delimiter=delimiter)
+def physical_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line without its \\n or \\r\\n) of every line (str.splitlines would also
+    split at form feeds and Unicode separators inside captions)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [(n, ln[:-1] if ln.endswith("\r") else ln) for n, ln in enumerate(lines, 1)]
+
+
+def parse_record(line: str, delimiter: str) -> list[str]:
+    """One line as one record (strict: a quote left open or a stray one raises csv.Error)."""
+    if "\x00" in line:
+        raise csv.Error("NUL byte in line")
     try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        raise DataError(f"{path}: empty file (expected a header row)") from None
+        return next(csv.reader([line], delimiter=delimiter, strict=True))
     except csv.Error as e:
-        raise DataError(f"{path}: unreadable header ({e})") from None
+        if "unexpected end of data" in str(e):
+            raise csv.Error("unclosed quote") from None
+        raise
+
+
+def _read(lines: list[tuple[int, str]], path: Path, root: Path, delimiter: str, report: LoadReport, split: str,
+          img_key: str | None, caption_key: str | None, max_images: int | None, name: str | None) -> Corpus:
+    rows = [(n, ln) for n, ln in lines if ln.strip()]  # blank lines are not rows
+    if not rows:
+        raise DataError(f"{path}: empty file (expected a header row)")
+    try:
+        header = [h.strip() for h in parse_record(rows[0][1], delimiter)]
+    except csv.Error as e:
+        raise DataError(f"{path}:{rows[0][0]}: unreadable header ({e})") from None
     i_img = _pick_column(header, img_key, DEFAULT_IMG_KEYS, "image", path)
     i_cap = _pick_column(header, caption_key, DEFAULT_CAPTION_KEYS, "caption", path)
 
     by_image: dict[str, list[str]] = {}  # resolved image path -> captions, insertion-ordered
     exists: dict[str, bool] = {}
-    n_rows = 0
-    while True:
+    for n, line in rows[1:]:
+        where = f"{path}:{n}"
         try:
-            row = next(reader)
-        except StopIteration:
-            break
+            row = parse_record(line, delimiter)
         except csv.Error as e:
-            n_rows += 1
-            report.add(f"{path}:{reader.line_num}", f"malformed row ({e})")
+            report.add(where, f"malformed row ({e})")
             continue
-        where = f"{path}:{reader.line_num}"
-        if not row or all(not c.strip() for c in row):
-            continue  # blank line
-        n_rows += 1
         if len(row) != len(header):
             report.add(where, f"wrong column count: {len(row)} columns, header has {len(header)}")
             continue
@@ -89,7 +118,10 @@ def _read(f, path: Path, root: Path, delimiter: str, report: LoadReport, split: 
         cap = clean_caption(row[i_cap], where, report)
         if cap is None:
             continue
-        p = Path(rel) if Path(rel).is_absolute() else root / rel
+        p, inside = under_root(root, rel)
+        if not inside:
+            report.add(where, f"path leaves the image root ({root}): {rel}")
+            continue
         key = str(p)
         if key not in exists:
             exists[key] = p.is_file()
@@ -102,7 +134,7 @@ def _read(f, path: Path, root: Path, delimiter: str, report: LoadReport, split: 
             by_image[key] = []
         by_image[key].append(cap)
     report.log_summary()
-    if n_rows == 0:
+    if len(rows) == 1:
         raise DataError(f"{path}: header only, no data rows")
     paths, captions, c2i = [], [], []
     for idx, (img, caps) in enumerate(by_image.items()):

@@ -10,13 +10,31 @@ from mcad.data.corpus import Corpus, DataError, LoadReport, clean_caption, resol
 SPLIT_ALIASES = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}}
 
 
+def entry_problem(entry: object) -> str | None:
+    """What makes an `images` entry unreadable as such (wrong types crash later, or read wrongly)."""
+    if not isinstance(entry, dict) or "filename" not in entry:
+        return "entry without 'filename'"
+    if not isinstance(entry["filename"], str) or not entry["filename"].strip() or "\x00" in entry["filename"]:
+        return f"'filename' is not a file name ({entry['filename']!r:.60})"
+    fp = entry.get("filepath")
+    if fp is not None and (not isinstance(fp, str) or "\x00" in fp):
+        return f"'filepath' is not a path ({fp!r:.60})"
+    if not isinstance(entry.get("split"), (str, type(None))):
+        return f"'split' is not text ({entry['split']!r:.60})"
+    if not isinstance(entry.get("sentences"), (list, type(None))):
+        return f"'sentences' is not a list ({type(entry['sentences']).__name__})"
+    return None
+
+
 def load_karpathy(json_path: str | Path, image_root: str | Path | None = None, split: str = "test",
                   max_images: int | None = None) -> Corpus:
     json_path = Path(json_path)
     if not json_path.exists():
         raise DataError(f"{json_path}: no such Karpathy JSON file")
     try:
-        data = json.loads(json_path.read_text())
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{json_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{json_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -28,17 +46,18 @@ def load_karpathy(json_path: str | Path, image_root: str | Path | None = None, s
     paths, captions, c2i, meta = [], [], [], []
     for k, entry in enumerate(data["images"]):
         where = f"{json_path}[images][{k}]"
-        if not isinstance(entry, dict) or "filename" not in entry:
-            report.add(where, "entry without 'filename'")
+        problem = entry_problem(entry)
+        if problem:
+            report.add(where, problem)
             continue
         if entry.get("split") not in SPLIT_ALIASES[split]:
             continue
-        rel = str(Path(entry.get("filepath", "")) / entry["filename"])
+        rel = str(Path(entry.get("filepath") or "") / entry["filename"])
         img = resolve_image(root, rel, f"{where} ({entry['filename']})", report)
         if img is None:
             continue
         caps = []
-        for j, s in enumerate(entry.get("sentences", [])):
+        for j, s in enumerate(entry.get("sentences") or []):
             raw = s.get("raw") if isinstance(s, dict) else s
             text = clean_caption(raw, f"{where}[sentences][{j}] ({entry['filename']})", report)
             if text is not None:

@@ -42,16 +42,38 @@ MAX_SKIPPED_LISTED = 200
 
 # -- gallery sources -------------------------------------------------------------------------------
 def scan_folder(root: str | Path) -> list[str]:
+    """Image files under `root`, recursively, as resolved paths. A symlink (to a file or a folder)
+    is followed only when its target lies inside `root`: the index covers the folder it was given,
+    not what links reach. A folder reached twice (a link loop, or two links to one place) is
+    scanned once. Links left out are counted in one warning."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such image folder")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+    top = root.resolve()
+    out, seen, outside, loops = [], {top}, 0, 0
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = (Path(dirpath) / d).resolve()
+            if not real.is_relative_to(top):
+                outside += 1
+            elif real in seen:
+                loops += 1
+            else:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for f in sorted(filenames):
             if Path(f).suffix.lower() in IMAGE_EXTS:
-                out.append(str((Path(dirpath) / f).resolve()))
-    return out
+                real = (Path(dirpath) / f).resolve()
+                if real.is_relative_to(top):
+                    out.append(str(real))
+                else:
+                    outside += 1
+    if outside or loops:
+        log.warning("%s: %d symlink(s) lead out of the folder and %d folder(s) were reached twice (link loops); "
+                    "not followed", root, outside, loops)
+    return list(dict.fromkeys(out))  # a file linked inside the folder is indexed once
 
 
 def dataset_paths(data: str, split: str = "test", data_root: str | Path | None = None) -> list[str]:
