@@ -171,7 +171,8 @@ class Trainer:
         stop = threading.Event()
         import torch.distributed as dist
 
-        if threading.current_thread() is not threading.main_thread() or (dist.is_available() and dist.is_initialized()):
+        if threading.current_thread() is not threading.main_thread() or (dist.is_available() and dist.is_initialized()) \
+                or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a background job ignores Ctrl-C: keep it so
             yield stop
             return
 
