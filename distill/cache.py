@@ -293,7 +293,7 @@ def main(argv: list[str]) -> int:
 
     # the student recipe (data, teachers, neighbours, cache) + the shard size, which only the cache reads
     cfg = load_command_config(argv, "student", extra={"cache_shard_images": 2048})
-    require_counts(cfg, CACHE, "mcad cache")
+    require_counts(cfg, CACHE)
     torch.set_num_threads(int(cfg.get("threads", 2)))
     teachers, data = Path(cfg["teachers"]), Path(cfg["data"])
     out = Path(cfg.get("cache") or teachers / "cache")

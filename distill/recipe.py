@@ -94,7 +94,7 @@ def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, pixels, ids, cap
 
 
 def distill(cfg: dict, progress: bool = True) -> dict:
-    require_counts(cfg, STUDENT_COUNTS, "mcad student")
+    require_counts(cfg, STUDENT_COUNTS)
     variant = cfg["variant"]
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")

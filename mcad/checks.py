@@ -10,7 +10,7 @@ from mcad.config import get
 _MISSING = object()
 
 
-def integer(value: Any, key: str, minimum: int, where: str) -> int:
+def integer(value: Any, key: str, minimum: int, where: str = "") -> int:
     """`value` as an int >= minimum; bools and fractional numbers are refused (`steps=true` is
     not a step count)."""
     ok = isinstance(value, int) and not isinstance(value, bool)
@@ -18,11 +18,12 @@ def integer(value: Any, key: str, minimum: int, where: str) -> int:
         value, ok = int(value), True
     if not ok or value < minimum:
         want = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{where}: {key}={value!r}: must be {want}")
+        # the CLI prefixes "mcad <command>: error:"; `where` is for callers outside it
+        raise ValueError(f"{key}={value!r}: must be {want}" + (f" ({where})" if where else ""))
     return value
 
 
-def require_counts(cfg: Mapping, minimums: Mapping[str, int], where: str) -> None:
+def require_counts(cfg: Mapping, minimums: Mapping[str, int], where: str = "") -> None:
     """Each dotted key of `minimums` present in `cfg` must be an integer >= its minimum (absent
     keys are the command's defaults: left to it)."""
     for key, minimum in minimums.items():

@@ -161,7 +161,7 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, rec
 
 def main(argv: list[str]) -> int:
     cfg = load_command_config(argv, "teachers")  # keys checked against the recipe: a typo is an error
-    require_counts(cfg, TEACHER_COUNTS, "mcad teachers")
+    require_counts(cfg, TEACHER_COUNTS)
     torch.set_num_threads(int(cfg.get("threads", 2)))
     data, out, seed = Path(cfg["data"]), Path(cfg["out"]), int(cfg["seed"])
     out.mkdir(parents=True, exist_ok=True)

@@ -440,9 +440,9 @@ def test_counts_are_checked_at_each_command_naming_the_key(tmp_path, synth_root,
         teachers_main([f"data={synth_root}", f"out={tmp_path / 't'}", "dual.steps=-5"])
     with pytest.raises(ValueError, match=r"fusion.batch_size=0"):
         teachers_main([f"data={synth_root}", f"out={tmp_path / 't'}", "fusion.batch_size=0"])
-    with pytest.raises(ValueError, match=r"mcad student: steps=-5: must be a positive integer"):
+    with pytest.raises(ValueError, match=r"^steps=-5: must be a positive integer"):
         student_main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "steps=-5"])
-    with pytest.raises(ValueError, match=r"mcad cache: neighbours=0"):
+    with pytest.raises(ValueError, match=r"^neighbours=0: must be a positive integer"):
         cache_main([f"data={synth_root}", f"teachers={teachers}", f"cache={tmp_path / 'c'}", "neighbours=0"])
     with pytest.raises(ValueError, match=r"steps=-5"):  # and the loop itself never "trains" nothing
         Trainer({"m": torch.nn.Linear(2, 2)}, {"steps": -5, "lr": 1e-3})

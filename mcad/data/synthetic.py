@@ -195,9 +195,9 @@ def generate(out_dir: str | Path, seed: int = 0, n_train: int = 20000, n_val: in
     given = {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size,
              "captions_per_image": captions_per_image}
     for key, value in given.items():  # "wrote -4 images" is not a data set
-        integer(value, key, DATA[key], "mcad data")
+        integer(value, key, DATA[key])
     if n_test % 4 or n_val % 4:
-        raise ValueError(f"mcad data: n_test={n_test}, n_val={n_val}: must be multiples of 4 (confuser groups)")
+        raise ValueError(f"n_test={n_test}, n_val={n_val}: must be multiples of 4 (confuser groups)")
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
     try:
