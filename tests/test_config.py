@@ -26,6 +26,15 @@ CASES: dict[str, tuple[list[str], str, list[str], str]] = {
 }
 
 
+def _command(name: str):
+    """the module behind `mcad <name>`, wherever its stage keeps it (mcad.cli.COMMANDS)"""
+    import importlib
+
+    from mcad.cli import COMMANDS
+
+    return importlib.import_module(COMMANDS[name][0])
+
+
 def _cli(argv, capsys, monkeypatch, tmp_path) -> tuple[int, list[str]]:
     from mcad.cli import main
 
@@ -184,7 +193,7 @@ def test_export_defaults_come_from_the_options_dataclass():
 
 
 def test_bench_options_keep_their_quick_defaults():
-    from mcad.benchmarks.cli import parse_args
+    parse_args = _command("bench").parse_args
 
     q = parse_args(["quick=1", "--min-time=0.5", "keep=1", "timeout=3"])
     assert q.threads == [1] and q.galleries == [1000] and q.peers == "none" and q.results is None
@@ -201,7 +210,7 @@ def test_results_go_to_the_working_checkout_not_the_package(monkeypatch, tmp_pat
     import mcad.benchmarks
     from mcad.benchmarks import search_bench
     from mcad.benchmarks.search import BenchOptions
-    from mcad.benchmarks.cli import parse_args
+    parse_args = _command("bench").parse_args
 
     monkeypatch.chdir(tmp_path)
     package = mcad.benchmarks.__file__.rsplit("/", 1)[0]
