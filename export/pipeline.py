@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mcad.artifacts import MANIFEST, Artifact, ExportManifest, Tensor
+from mcad.export import folder
 from mcad.export import parity as P
 from mcad.export.programs import INPUT_NAMES, NAMES, OUTPUT_NAMES, ROLES, SEARCH_K, example_inputs, program
+from mcad.export.towers import Towers
 from mcad.io import atomic_path, now_iso, sha256_file, versions, write_json
 
 log = logging.getLogger("mcad.export")
@@ -37,7 +41,6 @@ PLAN = {
 }
 BACKEND_RUNTIME = {"xnnpack": "executorch", "qnn": "executorch", "mediatek": "executorch",
                    "onnx": "onnxruntime", "tflite": "litert", "tflite_full": "litert"}
-ARTIFACT_SUFFIXES = (".pte", ".onnx", ".tflite", ".bin", ".so")
 DEFAULT_SOC = {"snapdragon": "SM8650", "dimensity": "mt6989"}
 # TFLite tensor names of ops that sit directly in the program wrapper (not in its encoder core)
 WRAPPER_OPS = r"^mcad\.export\.programs\.[A-Za-z]+(;|$)"
@@ -76,19 +79,16 @@ class Options:
 
 
 @dataclass
-class Artifact:
+class Built:
+    """One file this export wrote, while it is checked (the manifest's Artifact is made from it)."""
     role: str
     backend: str
     runtime: str
     path: Path
     quantization: str
-    notes: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)     # notes["group"]: the backend that built it
     meta: dict = field(default_factory=dict)      # I/O as the runtime reports it
     outputs: list | None = None                   # runtime outputs on the held-out inputs
-
-    @property
-    def group(self) -> str:
-        return self.backend
 
 
 class SdkMissing(RuntimeError):
@@ -163,9 +163,12 @@ def _eager_embed_b1(module, x: torch.Tensor) -> np.ndarray:
 
 
 class Exporter:
-    def __init__(self, opts: Options):
+    """`towers` / `calib` given (the bench): those encoders, calibrated on those samples, no run's
+    data needed; otherwise the run's student and samples of `opts.data`."""
+
+    def __init__(self, opts: Options, towers: Towers | None = None, calib=None):
         from mcad.quantize.pt2e import parse_keep
-        from mcad.runs import latest_run, load_student
+        from mcad.runs import STUDENT, latest_run, load_student
 
         if opts.target not in TARGETS:
             raise ValueError(f"target={opts.target!r}: unknown target (one of {', '.join(TARGETS)})")
@@ -175,30 +178,58 @@ class Exporter:
         self.keep_opt = opts.keep_fp32
         parse_keep(self.keep_opt)  # unknown names: one line, before any work
         self.soc = str(opts.soc or DEFAULT_SOC.get(opts.target, "SM8650"))
-        self.run = Path(opts.run) if opts.run is not None else latest_run()
-        self.model, self.tokenizer = load_student(self.run)
-        if getattr(self.model, "kind", None) != "dual":
-            raise ValueError(f"{self.run}: the run's student is not a dual encoder")
-        self.model.eval()
+        self.tokenizer = None
+        if towers is None:
+            self.run = Path(opts.run) if opts.run is not None else latest_run()
+            model, self.tokenizer = load_student(self.run)
+            if getattr(model, "kind", None) != "dual":
+                raise ValueError(f"{self.run}: the run's student is not a dual encoder")
+            towers = Towers.of(model.eval())
+        else:
+            self.run = Path(opts.run) if opts.run is not None else None
+        self.towers = towers
+        self.student_sha = sha256_file(self.run / STUDENT) if self.run and (self.run / STUDENT).exists() else None
+        self.given_calib = calib
+        if opts.parity and self.tokenizer is None:
+            raise ValueError("parity needs the run's student and data (towers were given): pass parity=False")
         self.plan = effective_plan(opts)
         unknown = set(opts.roles) - set(ROLES)
         if unknown or not opts.roles:
             raise ValueError(f"roles={','.join(opts.roles)}: expected a subset of {', '.join(ROLES)}")
+        if set(opts.roles) - set(towers.roles):
+            raise ValueError(f"roles={','.join(opts.roles)}: {towers.name} makes only {', '.join(towers.roles)}")
         self.roles = tuple(r for r in ROLES if r in opts.roles)
         self.missing = check_sdks(opts)
+        if opts.out is None and self.run is None:
+            raise ValueError("out= is needed when no run folder is exported")
         self.out = Path(opts.out) if opts.out is not None else self.run / "export" / opts.target
-        self.artifacts: list[Artifact] = []
+        self.previous = folder.claim(self.out, self.planned_files())  # a user's folder: refused before any work
+        self.artifacts: list[Built] = []
         self.skipped: list[dict] = []
         self.simulated: dict[str, dict] = {}
-        self.encoders = {"text": self.model.text_encoder().eval(), "image": self.model.image_encoder().eval()}
+        self.test = None
+        self.encoders = {r: towers.encoder(r) for r in ("text", "image") if towers.encoder(r) is not None}
+
+    def planned_files(self) -> set[str]:
+        """Every file name this export may write (hub downloads aside)."""
+        names = {MANIFEST, "tokenizer.json", "golden.npz"}
+        names.update(_file_name(r, b, self.opts.precision, self.soc) for b in self.plan if b != "hub" for r in self.roles)
+        return names
 
     # -- data ---------------------------------------------------------------------------------
     def load_data(self) -> None:
         from mcad.quantize.calib import load_samples
 
         o = self.opts
-        self.calib = load_samples(self.model, self.tokenizer, o.data, n=o.calib, split="train", seed=o.seed)
-        self.test = load_samples(self.model, self.tokenizer, o.data, n=o.parity_images, split="test",
+        if self.given_calib is not None:
+            self.calib = self.given_calib
+        else:
+            self.calib = load_samples(self.towers, self.tokenizer, o.data, n=o.calib, split="train", seed=o.seed)
+        if "search" in self.roles:  # a calibration gallery for quantizers that see the whole search program
+            self.calib_gallery = _eager_embed(self.encoders["image"], torch.as_tensor(self.calib.pixels)).astype(np.float32)
+        if self.tokenizer is None or (self.given_calib is not None and not o.parity):
+            return  # calibration given, nothing checked: no held-out data, no golden file (the bench)
+        self.test = load_samples(self.towers, self.tokenizer, o.data, n=o.parity_images, split="test",
                                  seed=o.seed, captions_per_image=0)
         ids, px = torch.as_tensor(self.test.ids), torch.as_tensor(self.test.pixels)
         self.ref = {"text": _eager_embed(self.encoders["text"], ids), "image": _eager_embed(self.encoders["image"], px)}
@@ -209,8 +240,6 @@ class Exporter:
         if "search" in self.roles and len(self.gallery) < SEARCH_K:
             raise ValueError(f"{self.test.source}: {len(self.gallery)} test images, the search program needs "
                              f">= {SEARCH_K}")
-        # a calibration gallery for quantizers that see the whole search program
-        self.calib_gallery = _eager_embed(self.encoders["image"], torch.as_tensor(self.calib.pixels)).astype(np.float32)
 
     def inputs(self, role: str) -> list[list[np.ndarray]]:
         if role == "text":
@@ -220,14 +249,14 @@ class Exporter:
         return [[self.test.ids[i:i + 1], self.gallery] for i in self.q_idx]
 
     # -- building -----------------------------------------------------------------------------
-    def _write(self, role: str, backend: str, build, quantization: str, **notes) -> Artifact | None:
+    def _write(self, role: str, backend: str, build, quantization: str, **notes) -> Built:
         name = _file_name(role, backend, self.opts.precision, self.soc)
         path = self.out / name
         log.info("building %s", name)
         with atomic_path(path) as tmp:
             build(tmp)
-        art = Artifact(role, "tflite" if backend == "tflite_full" else backend, BACKEND_RUNTIME[backend], path,
-                       quantization, notes)
+        art = Built(role, "tflite" if backend == "tflite_full" else backend, BACKEND_RUNTIME[backend], path,
+                    quantization, notes)
         art.notes.setdefault("group", backend)
         self.artifacts.append(art)
         return art
@@ -235,11 +264,15 @@ class Exporter:
     def _skip(self, artifact: str, reason: str) -> None:
         self.skipped.append({"artifact": artifact, "reason": reason})
 
+    def _needed(self) -> list[str]:
+        """The encoders the programs need (search needs the text encoder)."""
+        return [r for r in ("text", "image") if r in self.roles or (r == "text" and "search" in self.roles)]
+
     def _cores(self, backend: str):
         """{role: (core module, pt2e quantizer or None)} for text/image."""
         from mcad.quantize.pt2e import Core, quantize_core
 
-        need = [r for r in ("text", "image") if r in self.roles or (r == "text" and "search" in self.roles)]
+        need = self._needed()
         if self.opts.precision == "fp32":
             return {r: (Core(self.encoders[r]).eval(), None) for r in need}
         calib = {"text": self.calib.ids, "image": self.calib.pixels}
@@ -254,7 +287,7 @@ class Exporter:
     def _float_programs(self):
         from mcad.quantize.pt2e import Core
 
-        return {r: program(r, Core(self.encoders["text"]).eval(), Core(self.encoders["image"]).eval()) for r in ROLES}
+        return self._programs({r: (Core(self.encoders[r]).eval(), None) for r in self._needed()})
 
     def _scheme(self, kind: str) -> str:
         from mcad.quantize import onnx_quant, pt2e, tflite_quant
@@ -273,13 +306,16 @@ class Exporter:
 
         return ({}, {0: Dim("n", min=SEARCH_K, max=int(self.opts.max_gallery))})
 
+    def _example(self, role: str, gallery: int = 64):
+        return example_inputs(self.towers, role, gallery)
+
     def build_xnnpack(self) -> None:
         from mcad.export.builders import build_xnnpack
 
         cores = self._cores("xnnpack")
         progs = self._programs(cores)
         for role in self.roles:
-            ex = example_inputs(self.model, role)
+            ex = self._example(role)
             dyn = self._dyn() if role == "search" else None
             self._write(role, "xnnpack", lambda p, m=progs[role], e=ex, d=dyn, r=role:
                         build_xnnpack(m, e, p, dynamic_shapes=d, alloc_inputs=r != "search"),
@@ -293,7 +329,7 @@ class Exporter:
         # HTP int8 will do, even where the .pte cannot be made.
         cores = self._cores("qnn")
         progs = self._programs(cores)
-        if self.opts.precision == "int8":
+        if self.opts.precision == "int8" and self.test is not None:
             x = {"text": torch.as_tensor(self.test.ids), "image": torch.as_tensor(self.test.pixels)}
             self.simulated[f"qnn-{self.soc.lower()}"] = {r: _eager_embed_b1(progs[r], x[r])
                                                          for r in ("text", "image") if r in progs}
@@ -302,7 +338,7 @@ class Exporter:
                 self._skip(_file_name(role, "qnn", self.opts.precision, self.soc), QNN_SDK_MSG)
             return
         for role in self.roles:
-            ex = example_inputs(self.model, role, self.opts.fixed_gallery)
+            ex = self._example(role, self.opts.fixed_gallery)
             self._write(role, "qnn", lambda p, m=progs[role], e=ex: build_qnn(m, e, p, self.soc),
                         self._scheme("qnn"), soc=self.soc,
                         gallery_rows=self.opts.fixed_gallery if role == "search" else None)
@@ -321,7 +357,9 @@ class Exporter:
         from mcad.quantize.pt2e import Core, as_quantizer, batches, parse_keep
 
         cores = {}
-        for r, x in (("text", self.calib.ids), ("image", self.calib.pixels)):
+        calib = {"text": self.calib.ids, "image": self.calib.pixels}
+        for r in self._needed():
+            x = calib[r]
             core = Core(self.encoders[r]).eval()
             gm = torch.export.export(core, (torch.as_tensor(x[:1]),)).module()
             prepared = prepare_pt2e(gm, as_quantizer(mediatek_quantizer(), parse_keep(self.keep_opt, "mediatek")))
@@ -331,7 +369,7 @@ class Exporter:
             cores[r] = (convert_pt2e(prepared), None)
         progs = self._programs(cores)
         for role in self.roles:
-            ex = example_inputs(self.model, role, self.opts.fixed_gallery)
+            ex = self._example(role, self.opts.fixed_gallery)
             self._write(role, "mediatek", lambda p, m=progs[role], e=ex: build_mediatek(m, e, p, self.soc.lower()),
                         "int8 PT2E static (NeuroPilot quantizer A8W8)", platform=self.soc.lower(),
                         gallery_rows=self.opts.fixed_gallery if role == "search" else None)
@@ -342,7 +380,7 @@ class Exporter:
 
         float_progs = self._float_programs()
         for role in self.roles:
-            ex = example_inputs(self.model, role)
+            ex = self._example(role)
             dyn = self._dyn() if role == "search" else None
 
             def build(p, role=role, ex=ex, dyn=dyn):
@@ -352,8 +390,8 @@ class Exporter:
                 fp = p.with_name(p.name + ".fp32.onnx")
                 try:
                     build_onnx(float_progs[role], ex, fp, INPUT_NAMES[role], OUTPUT_NAMES[role], dynamic_shapes=dyn)
-                    calib = {"text": {"ids": self.calib.ids}, "image": {"pixels": self.calib.pixels},
-                             "search": {"ids": self.calib.ids, "gallery": self.calib_gallery}}[role]
+                    calib = {"text": lambda: {"ids": self.calib.ids}, "image": lambda: {"pixels": self.calib.pixels},
+                             "search": lambda: {"ids": self.calib.ids, "gallery": self.calib_gallery}}[role]()
                     quantize_onnx(fp, p, calib, self.keep_opt)
                 finally:
                     if fp.exists():
@@ -368,7 +406,7 @@ class Exporter:
         cores = self._cores("litert")
         progs = self._programs(cores)
         for role in self.roles:
-            ex = example_inputs(self.model, role, self.opts.fixed_gallery)
+            ex = self._example(role, self.opts.fixed_gallery)
             self._write(role, "tflite", lambda p, m=progs[role], e=ex, r=role, q=cores["text" if role == "search" else role][1]:
                         build_tflite(m, e, p, INPUT_NAMES[r], pt2e_quantizer=q),
                         self._scheme("litert"),
@@ -381,7 +419,7 @@ class Exporter:
 
         float_progs = self._float_programs()
         for role in self.roles:
-            ex = example_inputs(self.model, role, self.opts.fixed_gallery)
+            ex = self._example(role, self.opts.fixed_gallery)
 
             def build(p, role=role, ex=ex):
                 if self.opts.precision == "fp32":
@@ -396,7 +434,7 @@ class Exporter:
                     # the text encoder and the search program, and no int8 rounding of the output
                     full_integer(fp, p, calib, self.keep_opt, float_regex=WRAPPER_OPS,
                                  fixed={"gallery": np.resize(self.calib_gallery, (self.opts.fixed_gallery,
-                                                                                  self.model.embed_dim))}
+                                                                                  self.towers.embed_dim))}
                                  if role == "search" else None)
                 finally:
                     if fp.exists():
@@ -415,8 +453,8 @@ class Exporter:
         onnx = [a for a in self.artifacts if a.backend == "onnx"]
         try:
             for art, path, info in compile_on_hub(onnx, self.out, self.soc):
-                a = Artifact(art.role, "qnn", "qnn", path, art.quantization + "; compiled by Qualcomm AI Hub",
-                             dict(info, group="hub", source=art.path.name))
+                a = Built(art.role, "qnn", "qnn", path, art.quantization + "; compiled by Qualcomm AI Hub",
+                          dict(info, group="hub", source=art.path.name))
                 self.artifacts.append(a)
         except Exception as e:  # network, credentials, quota: say so, keep the local artifacts
             if self.opts.strict:
@@ -425,20 +463,14 @@ class Exporter:
 
     # -- running ------------------------------------------------------------------------------
     def run_artifacts(self) -> None:
-        from mcad.export.runtimes import run_executorch_many, run_onnx, run_tflite
+        """Every artifact this machine can run, in its real runtime, on the held-out inputs."""
+        from mcad.runtimes import HOST_RUNTIMES, ExecuTorchWorker, run_artifact
 
-        runnable = [a for a in self.artifacts if a.runtime in ("executorch", "onnxruntime", "litert")]
-        et = {str(i): (a.path, self.inputs(a.role)) for i, a in enumerate(runnable) if a.runtime == "executorch"}
-        if et:
-            log.info("running %d ExecuTorch programs", len(et))
-            res = run_executorch_many(et)
-            for i, (outs, meta) in res.items():
-                runnable[int(i)].outputs, runnable[int(i)].meta = outs, meta
-        for a in runnable:
-            if a.runtime == "onnxruntime":
-                a.outputs, a.meta = run_onnx(a.path, self.inputs(a.role))
-            elif a.runtime == "litert":
-                a.outputs, a.meta = run_tflite(a.path, self.inputs(a.role), INPUT_NAMES[a.role])
+        with ExecuTorchWorker() as worker:  # one child process for every .pte (started when needed)
+            for a in self.artifacts:
+                if a.runtime in HOST_RUNTIMES:
+                    a.outputs, a.meta = run_artifact(a.path, self.inputs(a.role), a.runtime,
+                                                     names=INPUT_NAMES[a.role], worker=worker)
 
     def check(self) -> dict:
         from mcad.retrieval import retrieval_metrics
@@ -498,8 +530,7 @@ class Exporter:
         ie = _eager_embed(self.encoders["image"], torch.as_tensor(px))
         g = self.gallery[:max(gallery, SEARCH_K)]
         _, v, i = brute_force_topk(torch.as_tensor(te), torch.as_tensor(g), SEARCH_K)
-        caps = self.tokenizer.decode  # noqa: F841 (ids are what a device feeds; texts for humans)
-        texts = np.array([self.tokenizer.decode(r) for r in ids])
+        texts = np.array([self.tokenizer.decode(r) for r in ids])  # ids are what a device feeds; texts for humans
         path = self.out / "golden.npz"
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -509,58 +540,62 @@ class Exporter:
                          topk_indices=i.numpy().astype(np.int64))
         return path
 
-    def io_spec(self, a: Artifact) -> tuple[list, list]:
+    def io_spec(self, a: Built) -> tuple[list[Tensor], list[Tensor]]:
         """Inputs/outputs as the runtime reports them, named after the program's arguments."""
-        ins, outs = a.meta.get("inputs"), a.meta.get("outputs")
-        if not ins:  # not run here: what the program was traced with
-            ex = example_inputs(self.model, a.role)
-            ins = [{"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} for x in ex]
-            outs = [{"shape": [1, self.model.embed_dim], "dtype": "float32"}] if a.role != "search" else \
+        spec = a.meta or self._reported(a)
+        ins, outs = spec.get("inputs"), spec.get("outputs")
+        if not ins:  # not openable here (a device-only runtime): what the program was traced with
+            D = self.towers.embed_dim
+            ins = [{"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} for x in self._example(a.role)]
+            outs = [{"shape": [1, D], "dtype": "float32"}] if a.role != "search" else \
                 [{"shape": [1, SEARCH_K], "dtype": "float32"}, {"shape": [1, SEARCH_K], "dtype": "int64"}]
-        ins = [{"name": n, **{k: v for k, v in x.items() if k != "name"}} for x, n in zip(ins, INPUT_NAMES[a.role])]
-        outs = [{"name": n, **{k: v for k, v in x.items() if k != "name"}} for x, n in zip(outs, OUTPUT_NAMES[a.role])]
+        ins = [Tensor(n, list(x["shape"]), x["dtype"], x.get("quantization")) for x, n in zip(ins, INPUT_NAMES[a.role])]
+        outs = [Tensor(n, list(x["shape"]), x["dtype"], x.get("quantization")) for x, n in zip(outs, OUTPUT_NAMES[a.role])]
         if a.role == "search":
-            ins[1]["shape"] = ["N", self.model.embed_dim]
+            ins[1].shape = ["N", self.towers.embed_dim]
         return ins, outs
 
-    def manifest(self, parity: dict | None) -> dict:
+    def _reported(self, a: Built) -> dict:
+        """Not run (parity off): ONNX Runtime and LiteRT still say what the file takes (cheap)."""
+        from mcad.runtimes import open_artifact
+
+        if a.runtime not in ("onnxruntime", "litert"):
+            return {}
+        with open_artifact(a.path, a.runtime, names=INPUT_NAMES[a.role]) as s:
+            return s.spec()
+
+    def manifest(self, parity: dict | None, golden: str | None) -> ExportManifest:
         from mcad.quantize.pt2e import parse_keep
 
         arts = []
         for a in self.artifacts:
             ins, outs = self.io_spec(a)
-            entry = {"name": NAMES[a.role], "role": a.role, "runtime": a.runtime, "backend": a.backend,
-                     "file": a.path.name, "bytes": a.path.stat().st_size, "sha256": sha256_file(a.path),
-                     "quantization": a.quantization, "inputs": ins, "outputs": outs}
-            if a.role == "search":
-                entry["k"] = SEARCH_K
-            extra = {k: v for k, v in a.notes.items() if v is not None and k != "group"}
-            if extra:
-                entry["notes"] = extra
-            if parity is not None and a.path.name in parity["artifacts"]:
-                entry["parity_pass"] = parity["artifacts"][a.path.name].get("pass")
-            arts.append(entry)
-        m = self.model
-        return {"target": self.opts.target, "run": str(self.run), "created": now_iso(),
-                "model": m.config.get("name", "?"), "embed_dim": m.embed_dim, "context_length": m.context_length,
-                "image_size": m.image_size, "image_mean": list(m.image_mean), "image_std": list(m.image_std),
-                "tokenizer": "tokenizer.json", "golden": "golden.npz", "soc": self.soc if self.opts.target != "cpu" else None,
-                "precision": self.opts.precision,
-                "keep_fp32": {b: ["l2-normalize", *parse_keep(self.keep_opt, "litert" if b == "tflite" else b)]
-                              for b in self.plan if b != "hub"},
-                "calibration": {"source": self.calib.source, "images": int(len(self.calib)),
-                                "captions": int(len(self.calib.ids)), "seed": self.opts.seed},
-                "artifacts": arts, "skipped": self.skipped, "parity": parity, "versions": versions()}
-
-    def clean_stale(self, keep: set[str]) -> None:
-        if not self.out.exists():
-            return
-        for p in self.out.iterdir():
-            if p.is_file() and p.suffix in ARTIFACT_SUFFIXES and p.name not in keep:
-                p.unlink()
+            rec = (parity or {}).get("artifacts", {}).get(a.path.name, {})
+            arts.append(Artifact(name=NAMES[a.role], role=a.role, runtime=a.runtime, backend=a.backend,
+                                 file=a.path.name, bytes=a.path.stat().st_size, sha256=sha256_file(a.path),
+                                 quantization=a.quantization, inputs=ins, outputs=outs,
+                                 k=SEARCH_K if a.role == "search" else None,
+                                 notes={k: v for k, v in a.notes.items() if v is not None and k != "group"},
+                                 parity_pass=rec.get("pass")))
+        t = self.towers
+        calib = self.calib
+        return ExportManifest(
+            target=self.opts.target, run=str(self.run) if self.run else None, model=t.name,
+            student_sha256=self.student_sha, created=now_iso(), embed_dim=t.embed_dim,
+            context_length=t.context_length if t.text_encoder is not None else 0,
+            image_size=t.image_size if t.image_encoder is not None else 0,
+            image_mean=list(t.image_mean), image_std=list(t.image_std),
+            tokenizer="tokenizer.json" if self.tokenizer is not None else None, golden=golden,
+            soc=self.soc if self.opts.target != "cpu" else None, precision=self.opts.precision,
+            keep_fp32={b: ["l2-normalize", *parse_keep(self.keep_opt, "litert" if b == "tflite" else b)]
+                       for b in self.plan if b != "hub"},
+            calibration={"source": calib.source, "images": int(len(calib)), "captions": int(len(calib.ids)),
+                         "seed": self.opts.seed},
+            artifacts=arts, skipped=self.skipped, parity=parity, versions=versions())
 
     # -- all --------------------------------------------------------------------------------------
     def export(self) -> dict:
+        """Build, check, and write the manifest; returns the manifest as written (JSON)."""
         o = self.opts
         self.out.mkdir(parents=True, exist_ok=True)
         for backend, reason in self.missing:
@@ -571,25 +606,24 @@ class Exporter:
                     "hub": self.build_hub}
         from tqdm import tqdm
 
-        import time
-
         for backend in tqdm(self.plan, desc=f"export {o.target}", unit="backend", disable=not o.progress):
             t0 = time.perf_counter()
             builders[backend]()
             log.info("%s: %s built in %.1f s", o.target, backend, time.perf_counter() - t0)
-        tok = self.out / "tokenizer.json"
-        with atomic_path(tok) as tmp:
-            shutil.copyfile(self.run / "tokenizer.json", tmp)
-        self.write_golden()
+        if self.tokenizer is not None:
+            with atomic_path(self.out / "tokenizer.json") as tmp:
+                shutil.copyfile(self.run / "tokenizer.json", tmp)
+        golden = self.write_golden().name if self.test is not None else None
         parity = None
         if o.parity:
             t0 = time.perf_counter()
             self.run_artifacts()
             parity = self.check()
             log.info("%s: parity checks in %.1f s", o.target, time.perf_counter() - t0)
-        manifest = self.manifest(parity)
-        self.clean_stale({a.path.name for a in self.artifacts})
-        write_json(self.out / "manifest.json", manifest)
+        manifest = self.manifest(parity, golden).to_json()
+        write_json(self.out / MANIFEST, manifest)
+        # only now, with the new record in place: what the previous export wrote and this one did not
+        folder.clean(self.out, self.previous, folder.recorded(self.out) or set())
         return manifest
 
 

@@ -58,16 +58,17 @@ def program(role: str, text_core: nn.Module | None = None, image_core: nn.Module
     return m
 
 
-def example_inputs(model, role: str, gallery_size: int = 64):
+def example_inputs(towers, role: str, gallery_size: int = 64):
     """Batch-1 example inputs (what is traced; the gallery's row count is a dynamic dim where the
-    backend allows it)."""
-    L, S, D = model.context_length, model.image_size, model.embed_dim
-    ids = torch.zeros(1, L, dtype=torch.long)
-    ids[0, 0], ids[0, 1] = 1, model.text.eot_id
-    if role == "text":
-        return (ids,)
+    backend allows it). `towers`: export.towers.Towers, or a DualEncoder."""
+    L, S, D = towers.context_length, towers.image_size, towers.embed_dim
     if role == "image":
         return (torch.zeros(1, 3, S, S),)
+    eot = towers.eot_id if hasattr(towers, "eot_id") else towers.text.eot_id
+    ids = torch.zeros(1, L, dtype=torch.long)
+    ids[0, 0], ids[0, 1] = 1, eot
+    if role == "text":
+        return (ids,)
     g = l2_normalize(torch.randn(max(gallery_size, SEARCH_K), D, generator=torch.Generator().manual_seed(0)))
     return (ids, g)
 

@@ -76,12 +76,70 @@ def cpu_export(trained_run, synth_root):
     return _export(trained_run, synth_root, target="cpu")
 
 
+def _golden_runs(out, role):
+    z = np.load(out / "golden.npz")
+    if role == "text":
+        return [[z["ids"][i:i + 1]] for i in range(len(z["ids"]))]
+    if role == "image":
+        return [[z["pixels"][i:i + 1]] for i in range(len(z["pixels"]))]
+    return [[z["ids"][i:i + 1], z["gallery"]] for i in range(len(z["ids"]))]
+
+
+def _phone_runner(artifact, runs, tmp_path):
+    """device/runner.py as it is pushed to a phone (one file, run by path, no mcad import), in
+    mode=outputs on `runs`: what the artifact returns there."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mcad.device.base import RUNNER_FILE, parse_runner_output
+
+    work = tmp_path / artifact.file
+    work.mkdir()
+    shutil.copy(RUNNER_FILE, work / "mcad_runner.py")
+    np.savez(work / "in.npz", **{f"in{j}": np.stack([r[j] for r in runs]) for j in range(len(runs[0]))})
+    spec = {"mode": "outputs", "runtime": artifact.runtime, "model": str(artifact.path), "threads": 1,
+            "input_names": [t.name for t in artifact.inputs], "inputs": "in.npz", "outputs": "out.npz"}
+    (work / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "mcad_runner.py", "--spec", "spec.json"], cwd=work, capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    res = parse_runner_output(proc.stdout, f"runner on {artifact.file}")
+    assert res["runs"] == len(runs)
+    with np.load(work / "out.npz") as z:
+        return [z[f"out{j}"] for j in range(len(z.files))]
+
+
+def _check_runner_agrees_with_host(out, tmp_path):
+    """Every artifact of an export, run by the phone runner and by the host runtimes (mcad.runtimes)
+    on the golden inputs: the same outputs."""
+    from mcad.artifacts import load_manifest
+    from mcad.runtimes import ExecuTorchWorker, run_artifact
+
+    m = load_manifest(out)
+    assert m.artifacts
+    with ExecuTorchWorker(threads=1) as worker:
+        for a in m.artifacts:
+            runs = _golden_runs(out, a.role)
+            host, spec = run_artifact(a.path, runs, a.runtime, names=[t.name for t in a.inputs], worker=worker)
+            phone = _phone_runner(a, runs, tmp_path)
+            assert len(phone) == len(host[0]) == len(a.outputs), a.file
+            for j, got in enumerate(phone):
+                want = np.stack([h[j] for h in host])
+                if np.issubdtype(want.dtype, np.integer):  # search indices: runner keeps the runtime's int
+                    np.testing.assert_array_equal(got.astype(np.int64), want, err_msg=a.file)
+                else:
+                    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=a.file)
+
+
 # -- cpu: XNNPACK .pte, ONNX int8, TFLite int8 ----------------------------------------------------
 def test_cpu_manifest(cpu_export, trained_run):
+    from mcad.artifacts import MANIFEST_VERSION, ExportManifest, load_manifest
     from mcad.io import sha256_file
 
     m = cpu_export
     out = trained_run / "export" / "cpu"
+    assert m["version"] == MANIFEST_VERSION and m["student_sha256"] == sha256_file(trained_run / "student.safetensors")
+    assert load_manifest(out, verify=True).to_json() == m == ExportManifest.from_json(m).to_json()
     assert m["target"] == "cpu" and m["embed_dim"] == 64 and m["context_length"] == 24 and m["image_size"] == 64
     assert m["tokenizer"] == "tokenizer.json" and (out / "tokenizer.json").exists()
     assert json.loads((out / "manifest.json").read_text())["artifacts"] == m["artifacts"]
@@ -143,18 +201,26 @@ def test_golden_npz(cpu_export, trained_run):
 
 def test_search_program_runs_any_gallery_size(cpu_export, trained_run):
     """The shipped search programs take a gallery of any row count (>= k)."""
-    from mcad.export.runtimes import run_executorch_many, run_onnx, run_tflite
+    from mcad.runtimes import open_artifact
 
     out = trained_run / "export" / "cpu"
     z = np.load(out / "golden.npz")
-    g = z["gallery"][:37]
     q = z["ids"][:1]
-    ref = np.argsort(-(g @ z["text_emb"][0]))[:10]
-    res = run_executorch_many({"s": (out / "search.xnnpack.int8.pte", [[q, g]])})["s"][0]
-    for idx in (res[0][1], run_onnx(out / "search.int8.onnx", [[q, g]])[0][0][1],
-                run_tflite(out / "search.int8.tflite", [[q, g]], ["ids", "gallery"])[0][0][1]):
-        assert idx.shape == (1, 10) and len(set(idx[0].tolist())) == 10 and idx.max() < 37
-        assert len(set(idx[0].tolist()) & set(ref.tolist())) >= 8  # int8 query vs fp32 reference
+    for name in ("search.xnnpack.int8.pte", "search.int8.onnx", "search.int8.tflite"):
+        with open_artifact(out / name, names=["ids", "gallery"]) as s:
+            for n in (37, 64, 10):  # resized up and down, in one session
+                g = z["gallery"][:n]
+                ref = np.argsort(-(g @ z["text_emb"][0]))[:10]
+                scores, idx = s.run([q, g])
+                assert idx.dtype == np.int64 and scores.dtype == np.float32, name
+                assert idx.shape == (1, 10) and len(set(idx[0].tolist())) == 10 and idx.max() < n, (name, n)
+                assert len(set(idx[0].tolist()) & set(ref.tolist())) >= 8, (name, n)  # int8 query vs fp32
+
+
+def test_phone_runner_agrees_with_host_runtimes(cpu_export, trained_run, tmp_path):
+    """The standalone runner pushed to phones and the host runtime adapter give the same outputs
+    on every cpu artifact (ExecuTorch, ONNX Runtime, LiteRT; encoders and search programs)."""
+    _check_runner_agrees_with_host(trained_run / "export" / "cpu", tmp_path)
 
 
 # -- the other students, targets and backends ----------------------------------------------------
@@ -170,7 +236,7 @@ def test_vit_student_image_encoders(tokenizer, synth_root, tmp_path):
             assert rec["cos_mean"] >= 0.99 and rec["cos_min"] >= 0.97, (name, rec)
 
 
-def test_dimensity_full_integer(trained_run, synth_root):
+def test_dimensity_full_integer(trained_run, synth_root, tmp_path):
     m = _export(trained_run, synth_root, target="dimensity", backends=("tflite_full", "mediatek"),
                 parity_images=40)
     arts = {a["file"]: a for a in m["artifacts"]}
@@ -197,6 +263,8 @@ def test_dimensity_full_integer(trained_run, synth_root):
             "text_encoder.mediatek.mt6989.int8.pte", "image_encoder.mediatek.mt6989.int8.pte",
             "search.mediatek.mt6989.int8.pte"}
         assert all("mtk_converter" in s["reason"] for s in m["skipped"])
+    # int8 inputs (quantized from float pixels) and int32 ids: the phone runner agrees with the host
+    _check_runner_agrees_with_host(trained_run / "export" / "dimensity", tmp_path)
 
 
 def test_snapdragon_qnn_without_sdk(trained_run, synth_root, monkeypatch, tmp_path):
@@ -247,6 +315,35 @@ def test_mobile_student_fp32_onnx(tokenizer, synth_root, tmp_path):
     for name, rec in m["parity"]["artifacts"].items():
         assert rec["cos_min"] >= 0.9999, (name, rec)
     assert all(a["quantization"].startswith("fp32") for a in m["artifacts"])
+
+
+# -- the export folder: only the tool's own files are ever deleted -------------------------------
+def test_out_folder_is_the_tools_own(trained_run, synth_root, tmp_path, capsys):
+    """`out=` a user's folder (files there, no export manifest) is refused with one line and
+    nothing in it touched; a re-export removes what the previous export there recorded and did not
+    write again, and nothing else."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "holiday.onnx").write_bytes(b"not the tool's")
+    (user / "notes.txt").write_text("mine")
+    fp32 = ["target=cpu", f"run={trained_run}", f"data={synth_root}", "backends=onnx", "roles=text",
+            "precision=fp32", "parity=false", "calib=4", "progress=false"]
+    code, err = _cli([*fp32, f"out={user}"], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert "holds files mcad export did not write (holiday.onnx, notes.txt) and no export manifest" in err[0]
+    assert sorted(p.name for p in user.iterdir()) == ["holiday.onnx", "notes.txt"]
+    assert (user / "holiday.onnx").read_bytes() == b"not the tool's"
+
+    out = tmp_path / "exp"
+    opts = dict(target="cpu", backends=("onnx",), precision="fp32", parity=False, calib=4, out=out)
+    first = _export(trained_run, synth_root, roles=("text",), **opts)
+    assert [a["file"] for a in first["artifacts"]] == ["text_encoder.fp32.onnx"]
+    (out / "mine.onnx").write_bytes(b"the user's")  # put beside the export: not in its record
+    (out / "search.int8.onnx").write_bytes(b"also the user's, under a name export uses")
+    second = _export(trained_run, synth_root, roles=("image",), **opts)
+    assert [a["file"] for a in second["artifacts"]] == ["image_encoder.fp32.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["golden.npz", "image_encoder.fp32.onnx", "manifest.json",
+                                                     "mine.onnx", "search.int8.onnx", "tokenizer.json"]
 
 
 # -- bad input: one line -------------------------------------------------------------------------

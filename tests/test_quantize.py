@@ -129,8 +129,8 @@ def test_onnx_qdq_int8(runs, samples, tmp_path):
 
     from mcad.export.builders import build_onnx
     from mcad.export.programs import example_inputs, program
-    from mcad.export.runtimes import run_onnx
     from mcad.quantize.onnx_quant import quantize_onnx
+    from mcad.runtimes import run_artifact
     from mcad.quantize.pt2e import Core
 
     model = runs["student-tiny"]
@@ -142,7 +142,7 @@ def test_onnx_qdq_int8(runs, samples, tmp_path):
         quantize_onnx(fp, q8, {name: x})
         ops = {n.op_type for n in onnx.load(str(q8)).graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-        got, meta = run_onnx(q8, [[xt[i:i + 1]] for i in range(len(xt))])
+        got, meta = run_artifact(q8, [[xt[i:i + 1]] for i in range(len(xt))])
         ref = enc(torch.as_tensor(xt)).detach().numpy()
         c = _cos(np.concatenate([g[0] for g in got]), ref)
         assert c.mean() >= 0.99 and c.min() >= 0.97, (role, c.mean(), c.min())
@@ -152,9 +152,9 @@ def test_onnx_qdq_int8(runs, samples, tmp_path):
 def test_full_integer_tflite(runs, samples, tmp_path):
     from mcad.export.builders import build_tflite
     from mcad.export.programs import example_inputs, program
-    from mcad.export.runtimes import litert_interpreter, run_tflite
     from mcad.quantize.pt2e import Core
     from mcad.quantize.tflite_quant import full_integer
+    from mcad.runtimes import litert_interpreter, run_artifact
 
     model = runs["student-tiny"]
     enc = model.image_encoder()
@@ -165,7 +165,7 @@ def test_full_integer_tflite(runs, samples, tmp_path):
     assert it.get_input_details()[0]["dtype"] == np.int8  # full integer: int8 model I/O
     assert it.get_output_details()[0]["dtype"] == np.int8
     xt = samples["test"].pixels
-    got, meta = run_tflite(q8, [[xt[i:i + 1]] for i in range(len(xt))], ["pixels"])
+    got, meta = run_artifact(q8, [[xt[i:i + 1]] for i in range(len(xt))], names=["pixels"])
     ref = enc(torch.as_tensor(xt)).detach().numpy()
     c = _cos(np.concatenate([g[0] for g in got]), ref)
     assert c.mean() >= 0.99 and c.min() >= 0.97, (c.mean(), c.min())
