@@ -146,6 +146,21 @@ def build_subjects(opts: BenchOptions, run: Path, work: Path, texts: list[str]):
     return subjects
 
 
+def runnable_runtimes(device, opts: BenchOptions) -> list[str]:
+    """Keep the runtimes the connected device can run (the others are said once, not failed per
+    job after every artifact was built); none at all is one line."""
+    reasons = {r: device.cannot_run(r) for r in opts.runtimes}
+    ok = [r for r in opts.runtimes if reasons[r] is None]
+    if not ok:
+        raise DeviceError(f"{device.name} runs none of runtimes={','.join(opts.runtimes)}; "
+                          f"{next(iter(reasons.values()))}")
+    dropped = [f"{r} not benchmarked: {why}" for r, why in reasons.items() if why is not None]
+    for line in dropped:
+        log.warning("%s", line)
+    opts.runtimes = ok
+    return dropped
+
+
 def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     from tqdm import tqdm
 
@@ -159,6 +174,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     device = get_device(opts.device, **opts.device_options)
     info = device.connect()  # missing/unauthorized device: one line, before any export work
     try:
+        dropped = runnable_runtimes(device, opts)  # nothing is built for a runtime the device cannot run
         budget_name, budget_entry = match_device(budgets, device.budget_names(), opts.budget)
         if opts.target is None:  # the export made for this device's SoC family, when there is one
             fam = next((f for f in ("snapdragon", "dimensity") if (budget_name or "").startswith(f)), None)
@@ -170,6 +186,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
         with tempfile.TemporaryDirectory(prefix="mcad-bench-inputs-") as work:
             subjects = build_subjects(opts, run, Path(work), texts)
             jobs, notes = plan_jobs(subjects, opts, texts)
+            notes = dropped + notes
             if not jobs:
                 raise ValueError(f"{run}: nothing to benchmark for runtimes {opts.runtimes} "
                                  f"(no artifacts; see the subjects' skipped lists)")

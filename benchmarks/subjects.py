@@ -1,8 +1,9 @@
-"""What gets benchmarked: the run's trained student (its export, or artifacts made here while no
-export exists), the mobile-size student config (random weights), and the peers: the CLIP ViT-B/32
-text tower (63M params) and a MobileViT-small image tower (random weights, transformers).
+"""What gets benchmarked: the run's trained student (its export, or artifacts exported here while
+no export exists), the mobile-size student config (random weights), and the peers: the CLIP
+ViT-B/32 text tower (63M params) and a MobileViT-small image tower (random weights, transformers).
+Whatever is exported here goes through mcad.export (benchmarks/artifacts.py).
 
-Each subject carries export-manifest artifacts (docs/interfaces.md) plus the inputs its jobs need:
+Each subject carries export-manifest artifacts (mcad.artifacts) plus the inputs its jobs need:
 token ids for its encoder, and the tokenizer whose cost is timed as the `tokenize` stage."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcad.device.manifest import Artifact, ExportManifest, find_manifests, golden_ids, load_manifest
+from mcad.artifacts import Artifact, ExportManifest, find_manifests, load_manifest
 from mcad.io import sha256_file
 
 log = logging.getLogger("mcad.benchmarks")
@@ -93,20 +94,19 @@ def quant_family(q: str) -> str:
     return q
 
 
-def _text_io(L: int, D: int) -> tuple[list, list]:
-    return [{"name": "ids", "shape": [1, L], "dtype": "int64"}], [{"name": "emb", "shape": [1, D], "dtype": "float32"}]
+def calib_samples(ids: np.ndarray | None, image_size: int, what: str, n_images: int = 4, seed: int = 0):
+    """Calibration of a bench-made int8 variant: the queries' token ids and a few random images
+    (normalised-pixel scale); no data set needed."""
+    from mcad.quantize.calib import Samples
+
+    ids = np.zeros((0, 1), np.int64) if ids is None else ids[:8].astype(np.int64)
+    rng = np.random.default_rng(seed)
+    px = rng.standard_normal((n_images if image_size else 0, 3, image_size or 1, image_size or 1), dtype=np.float32)
+    return Samples(px, ids, np.zeros(len(ids), np.int64), f"bench: {len(ids)} {what} queries, {len(px)} random images")
 
 
-def _image_io(S: int, D: int) -> tuple[list, list]:
-    return ([{"name": "pixels", "shape": [1, 3, S, S], "dtype": "float32"}],
-            [{"name": "emb", "shape": [1, D], "dtype": "float32"}])
-
-
-def _pixels_calib(S: int, n: int = 4, seed: int = 0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(1, 3, S, S, generator=g),) for _ in range(n)]
+def _made(manifests: list[ExportManifest], runtimes: list[str], quants: list[str]) -> list[Artifact]:
+    return [a for m in manifests for a in _select(m.artifacts, runtimes, quants)]
 
 
 def _save_ids(path: Path, ids: np.ndarray) -> Path:
@@ -143,9 +143,9 @@ def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str
                 arts.append(a)
             skipped += [dict(s, target=m.target) for s in m.skipped]
             if ids is None:
-                ids = golden_ids(m)
-            if m.tokenizer is not None:
-                tok_path = m.tokenizer
+                ids = m.golden_ids()
+            if m.tokenizer_path is not None:
+                tok_path = m.tokenizer_path
         tok = Tokenizer.load(tok_path, context_length=first.context_length)
         if ids is None or ids.shape[-1] != first.context_length:
             ids = tok.encode_batch(texts)
@@ -161,28 +161,21 @@ def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str
                        embed_dim=first.embed_dim, image_size=first.image_size or None,
                        params=_params_from_run(run), source=f"export: {src}", notes=notes, skipped=skipped)
 
-    from mcad.benchmarks.artifacts import build_artifacts, cache_key
+    from mcad.benchmarks.artifacts import build_variants, cache_key
     from mcad.runs import load_student
 
     model, tok = load_student(run)
     L, D, S = model.context_length, model.embed_dim, model.image_size
     quants = list(quants or make_quants)
-    key = cache_key("student", sha256_file(run / "student.safetensors"), runtimes, quants)
-    out = (cache or run / "bench" / "artifacts") / f"student-{key}"
-    import torch
-
-    calib_ids = [(torch.from_numpy(r[None]),) for r in tok.encode_batch(texts[:8])]
-    man = build_artifacts(out, {"text_encoder": (model.text_encoder(), "text", *_text_io(L, D)),
-                                "image_encoder": (model.image_encoder(), "image", *_image_io(S, D))},
-                          runtimes, quants, _meta(L, D, S, model, target="bench-made"),
-                          {"text_encoder": calib_ids, "image_encoder": _pixels_calib(S)})
-    m = load_manifest(man)
+    folder = (cache or run / "bench" / "artifacts") / f"student-{cache_key('student', sha256_file(run / 'student.safetensors'))}"
     ids = tok.encode_batch(texts)
-    return Subject("student", "ours", _select(m.artifacts, runtimes, quants), ids=_save_ids(work / "ids_student.npy", ids),
+    manifests, skipped = build_variants(folder, runtimes, quants, calib_samples(ids, S, "tokenized"), run=run)
+    return Subject("student", "ours", _made(manifests, runtimes, quants), ids=_save_ids(work / "ids_student.npy", ids),
                    tokenizer=tok_path, tokenizer_feeds_encoder=True, context_length=L, embed_dim=D, image_size=S,
-                   params=_params(model), source=f"bench-made from {run.name}/student.safetensors (no export found)",
-                   notes=["no runs/<name>/export/*/manifest.json: artifacts made by the bench (fp32/int8 as listed)"],
-                   skipped=m.skipped)
+                   params=_params(model), source=f"bench-made by mcad.export from {run.name}/student.safetensors "
+                                                 f"(no export found)",
+                   notes=["no runs/<name>/export/*/manifest.json: exported here (fp32/int8 as listed)"],
+                   skipped=skipped)
 
 
 def pick_manifests(run: Path, target: str | None) -> list[Path]:
@@ -214,41 +207,29 @@ def _params_from_run(run: Path) -> dict:
         return {}
 
 
-def _meta(L, D, S, model=None, target="bench-made") -> dict:
-    meta = {"target": target, "embed_dim": D, "context_length": L, "image_size": S}
-    if model is not None:
-        meta.update({"image_mean": list(model.image_mean), "image_std": list(model.image_std)})
-    return meta
-
-
 # -- the mobile-size student (random weights) --------------------------------------------------
 def mobile_subject(work: Path, runtimes: list[str], quants: list[str], tokenizer: Path | None, texts: list[str],
                    cache: Path = DEFAULT_CACHE, seed: int = 0) -> Subject:
     import torch
 
-    from mcad.benchmarks.artifacts import build_artifacts, cache_key, random_ids
+    from mcad.benchmarks.artifacts import build_variants, cache_key, random_ids
+    from mcad.export.towers import Towers
     from mcad.models.registry import create_model, model_config
 
     cfg = model_config("student-mobile")
-    key = cache_key("student-mobile", cfg, seed, runtimes, quants)
     torch.manual_seed(seed)
     model = create_model("student-mobile").eval()
     L, D, S = model.context_length, model.embed_dim, model.image_size
     t = cfg["text"]
     ids = random_ids(len(texts), L, t["vocab_size"], CLIP_SOT, t.get("eot_id", CLIP_EOT), t.get("pad_id", 0), seed)
-    calib = [(torch.from_numpy(r[None]),) for r in ids[:8]]
-    man = build_artifacts(cache / f"student-mobile-{key}",
-                          {"text_encoder": (model.text_encoder(), "text", *_text_io(L, D)),
-                           "image_encoder": (model.image_encoder(), "image", *_image_io(S, D))},
-                          runtimes, quants, _meta(L, D, S, model, target="bench-made"),
-                          {"text_encoder": calib, "image_encoder": _pixels_calib(S)})
-    m = load_manifest(man)
-    return Subject("student-mobile", "ours", _select(m.artifacts, runtimes, quants),
+    manifests, skipped = build_variants(cache / f"student-mobile-{cache_key('student-mobile', cfg, seed)}", runtimes,
+                                        quants, calib_samples(ids, S, "random-id"), towers=Towers.of(model))
+    return Subject("student-mobile", "ours", _made(manifests, runtimes, quants),
                    ids=_save_ids(work / "ids_student_mobile.npy", ids), tokenizer=tokenizer,
                    tokenizer_feeds_encoder=False, context_length=L, embed_dim=D, image_size=S, params=_params(model),
-                   source="student-mobile config, random weights, bench-made artifacts",
+                   source="student-mobile config, random weights, exported here by mcad.export",
                    notes=["random CLIP-vocabulary ids (no CLIP BPE offline); tokenize timed with the run's tokenizer"],
-                   skipped=m.skipped)
+                   skipped=skipped)
 
 
 # -- peers ---------------------------------------------------------------------------------------
@@ -256,51 +237,46 @@ def clip_text_subject(work: Path, runtimes: list[str], quants: list[str], tokeni
                       cache: Path = DEFAULT_CACHE, seed: int = 0, tiny: bool = False) -> Subject:
     import torch
 
-    from mcad.benchmarks.artifacts import build_artifacts, cache_key, random_ids
+    from mcad.benchmarks.artifacts import build_variants, cache_key, random_ids
+    from mcad.benchmarks.peers import ClipTextTower
+    from mcad.export.towers import Towers
 
     cfg = CLIP_TINY_TEXT if tiny else CLIP_B32_TEXT
     name = "clip-tiny-text" if tiny else "clip-vit-b32-text"
     L, D = cfg["max_position_embeddings"], cfg["projection_dim"]
     ids = random_ids(len(texts), L, cfg["vocab_size"], CLIP_SOT, CLIP_EOT, 0, seed)
-    key = cache_key(name, cfg, seed, runtimes, quants)
-    out = cache / f"{name}-{key}"
     torch.manual_seed(seed)
-    from mcad.benchmarks.peers import ClipTextTower
-
     module = ClipTextTower(cfg).eval()
     n_params = sum(p.numel() for p in module.parameters())
-    man = build_artifacts(out, {"text_encoder": (module, "text", *_text_io(L, D))}, runtimes, quants,
-                          _meta(L, D, 0, target="bench-made"),
-                          {"text_encoder": [(torch.from_numpy(r[None]),) for r in ids[:8]]})
-    m = load_manifest(man)
-    return Subject(name, "peer", _select(m.artifacts, runtimes, quants), ids=_save_ids(work / f"ids_{name}.npy", ids),
+    towers = Towers(name, module, None, embed_dim=D, context_length=L, eot_id=CLIP_EOT)
+    manifests, skipped = build_variants(cache / f"{name}-{cache_key(name, cfg, seed)}", runtimes, quants,
+                                        calib_samples(ids, 0, "random-id"), towers=towers)
+    return Subject(name, "peer", _made(manifests, runtimes, quants), ids=_save_ids(work / f"ids_{name}.npy", ids),
                    tokenizer=tokenizer, tokenizer_feeds_encoder=False, context_length=L, embed_dim=D,
                    params={"text": n_params}, source="transformers CLIPTextModelWithProjection, random weights",
                    notes=["random CLIP-vocabulary ids; tokenize timed with the run's tokenizer (no CLIP BPE offline)"],
-                   skipped=m.skipped)
+                   skipped=skipped)
 
 
 def mobilevit_subject(runtimes: list[str], quants: list[str], cache: Path = DEFAULT_CACHE, seed: int = 0,
                       tiny: bool = False) -> Subject:
     import torch
 
-    from mcad.benchmarks.artifacts import build_artifacts, cache_key
+    from mcad.benchmarks.artifacts import build_variants, cache_key
+    from mcad.benchmarks.peers import MobileViTTower
+    from mcad.export.towers import Towers
 
     cfg = MOBILEVIT_TINY if tiny else MOBILEVIT_SMALL
     name = "mobilevit-tiny" if tiny else "mobilevit-small"
     torch.manual_seed(seed)
-    from mcad.benchmarks.peers import MobileViTTower
-
     module = MobileViTTower(cfg).eval()
     S = cfg["image_size"]
     with torch.no_grad():
         D = int(module(torch.zeros(1, 3, S, S)).shape[-1])
-    key = cache_key(name, cfg, seed, runtimes, quants)
-    man = build_artifacts(cache / f"{name}-{key}", {"image_encoder": (module, "image", *_image_io(S, D))},
-                          runtimes, quants, _meta(0, D, S, target="bench-made"),
-                          {"image_encoder": _pixels_calib(S)})
-    m = load_manifest(man)
-    return Subject(name, "peer", _select(m.artifacts, runtimes, quants), embed_dim=D, image_size=S,
+    towers = Towers(name, None, module, embed_dim=D, image_size=S)
+    manifests, skipped = build_variants(cache / f"{name}-{cache_key(name, cfg, seed)}", runtimes, quants,
+                                        calib_samples(None, S, "no"), towers=towers)
+    return Subject(name, "peer", _made(manifests, runtimes, quants), embed_dim=D, image_size=S,
                    params={"image": sum(p.numel() for p in module.parameters())},
                    source="transformers MobileViTModel, random weights (pooled 640-d, no projection)",
-                   skipped=m.skipped)
+                   skipped=skipped)

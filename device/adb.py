@@ -26,13 +26,11 @@ import numpy as np
 from mcad.device import native
 from mcad.device.base import RUNNER_FILE, Device, Job, log, memory_summary, parse_runner_output
 from mcad.device.errors import DeviceError, DeviceGone, one_line
-from mcad.device.local import parse_cpus
+from mcad.device.local import RUNTIME_MODULES, parse_cpus
 
 SOC_PROPS = ("ro.soc.model", "ro.soc.manufacturer", "ro.board.platform", "ro.hardware", "ro.product.model",
              "ro.product.manufacturer", "ro.build.version.release")
 PY_MODULES = ("numpy", "onnxruntime", "ai_edge_litert", "tflite_runtime", "executorch", "faiss", "tokenizers")
-RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "litert": ("ai_edge_litert", "tflite_runtime"),
-                   "executorch": ("executorch",)}
 STATE_HELP = {
     "unauthorized": "unauthorized: accept the 'Allow USB debugging' prompt on the device, then retry",
     "offline": "offline: reconnect the cable or run `adb kill-server && adb start-server`",
@@ -221,6 +219,13 @@ class AdbDevice(Device):
         return env
 
     # -- jobs -----------------------------------------------------------------------------------
+    def cannot_run(self, runtime: str) -> str | None:
+        try:
+            self.runner_for(runtime)
+        except DeviceError as e:
+            return str(e)
+        return None
+
     def runner_for(self, runtime: str) -> str:
         has_py = "numpy" in self.py_modules and any(m in self.py_modules for m in RUNTIME_MODULES[runtime])
         native_bin = {"executorch": self.et_runner, "litert": self.tflite_runner}.get(runtime)
@@ -302,13 +307,13 @@ class AdbDevice(Device):
             ids = np.load(job.ids)[:1] if job.ids is not None else None
             if ids is None:
                 raise DeviceError(f"adb: {job.key}: native runners need token ids (golden ids)")
-            dt = (a.inputs[0].get("dtype") if a.inputs else None) or ("int32" if a.runtime == "litert" else "int64")
-            arrays = [((a.inputs[0].get("name") if a.inputs else None) or "ids", ids.astype(dt))]
+            dt = a.inputs[0].dtype if a.inputs else ("int32" if a.runtime == "litert" else "int64")
+            arrays = [(a.inputs[0].name if a.inputs else "ids", ids.astype(dt))]
             if a.role == "search":
                 d = int(job.embed_dim or (a.input_shape(1) or [0, 64])[-1])
                 g = np.random.default_rng(job.seed).standard_normal((int(job.gallery), d), dtype=np.float32)
                 g /= np.linalg.norm(g, axis=1, keepdims=True)
-                arrays.append(((a.inputs[1].get("name") if len(a.inputs) > 1 else None) or "gallery", g))
+                arrays.append((a.inputs[1].name if len(a.inputs) > 1 else "gallery", g))
         for name, arr in arrays:
             f = tmp / f"{a.path.stem}_{name}_{arr.shape[0]}.bin"
             np.ascontiguousarray(arr).tofile(f)

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mcad.artifacts import Artifact
 from mcad.device.errors import DeviceError
-from mcad.device.manifest import Artifact
 
 log = logging.getLogger("mcad.device")
 RUNNER_FILE = Path(__file__).with_name("runner.py")
@@ -65,6 +65,7 @@ class Job:
             return None if x is None else names.get(str(x), str(x))
 
         spec = {"mode": self.mode, "runtime": self.artifact.runtime, "model": p(self.artifact.path),
+                "input_names": [t.name for t in self.artifact.inputs],
                 "threads": self.threads, "program": self.program, "k": self.k,
                 "warmup": self.timing.warmup, "min_runs": self.timing.min_runs,
                 "max_runs": self.timing.max_runs, "min_time_s": self.timing.min_time_s,
@@ -152,6 +153,11 @@ class Device:
 
     def run(self, job: Job) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def cannot_run(self, runtime: str) -> str | None:
+        """Why this (connected) device cannot run `runtime`'s artifacts, None when it can: asked
+        before anything is built for it."""
+        return None
 
     def close(self) -> None:
         pass

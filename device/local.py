@@ -14,6 +14,10 @@ from mcad.device.base import Device, Job, log, parse_runner_output
 from mcad.device.errors import DeviceError
 from mcad.io import machine
 
+# what the runner imports for each runtime (device/runner.py import_runtime)
+RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "litert": ("ai_edge_litert", "tflite_runtime"),
+                   "executorch": ("executorch",)}
+
 
 def cpu_model() -> str:
     try:
@@ -68,6 +72,13 @@ class LocalDevice(Device):
 
     def budget_names(self) -> list[str]:
         return ["local"]
+
+    def cannot_run(self, runtime: str) -> str | None:
+        import importlib.util
+
+        if any(importlib.util.find_spec(m) is not None for m in RUNTIME_MODULES.get(runtime, ())):
+            return None
+        return f"local: {self.python} has no {' or '.join(RUNTIME_MODULES.get(runtime, (runtime,)))} for {runtime}"
 
     def pick_cpus(self, threads: int) -> list[int]:
         pool = self.cpus or self.available

@@ -107,6 +107,11 @@ class QaiHubDevice(Device):
         names += [v for k, v in HUB_SOC_HINTS.items() if k in low]
         return [n for n in names if n]
 
+    def cannot_run(self, runtime: str) -> str | None:
+        if runtime in PROFILABLE:
+            return None
+        return f"qaihub: AI Hub profiles .tflite/.onnx (and its own compiled assets), not {runtime} programs"
+
     def _profile(self, job: Job) -> dict:
         a = job.artifact
         key = str(a.path)

@@ -14,6 +14,9 @@ Modes (spec["mode"]):
 - `image`: one image [1,3,S,S] -> embedding (gallery indexing cost per image).
 - `bare`: import the same runtime and libraries, load nothing: the baseline that the model and
   gallery are measured against.
+- `outputs`: run the model on given inputs (spec["inputs"]: an .npz with `in0`, `in1`, ...
+  stacked over runs) and write what it returns (`out0`, ... to spec["outputs"]): what the
+  artifact computes on this device, to compare with the host's runtimes or the golden outputs.
 
 Memory: VmHWM (peak resident set) and VmRSS from /proc/self/status at the end (ru_maxrss where
 /proc is missing). Output: one line `MCAD_RESULT {...json...}` on stdout (and --out FILE).
@@ -136,9 +139,12 @@ def import_runtime(runtime: str):
 
 
 class Model:
-    """One artifact in its runtime: `run(list of numpy arrays) -> list of numpy arrays`."""
+    """One artifact in its runtime: `run(list of numpy arrays) -> list of numpy arrays`, int8
+    outputs dequantized (the same contract as the package's mcad.runtimes, kept here so the
+    runner stands alone). `names`: the program's input names in the order inputs are given (a
+    TFLite signature lists them alphabetically)."""
 
-    def __init__(self, runtime: str, path: str, threads: int):
+    def __init__(self, runtime: str, path: str, threads: int, names: list | None = None):
         import numpy as np
 
         self.np = np
@@ -162,9 +168,19 @@ class Model:
             self.it.allocate_tensors()
             self.ins = self.it.get_input_details()
             self.outs = self.it.get_output_details()
+            sig = self.it.get_signature_list()
+            if sig:  # the signature's order is the program's; tensor order may be another
+                key = next(iter(sig))
+                runner = self.it.get_signature_runner(key)
+                by_name = runner.get_input_details()
+                order = names if names and set(names) == set(sig[key]["inputs"]) else sig[key]["inputs"]
+                self.ins = [by_name[n] for n in order]
+                out_d = runner.get_output_details()
+                self.outs = [out_d[n] for n in sig[key]["outputs"]]
+                del runner  # it holds views into the interpreter, which would block resizing
             self.in_dtypes = [d["dtype"] for d in self.ins]
             self.in_shapes = [list(d["shape_signature"]) for d in self.ins]
-            self._shapes = [tuple(d["shape"]) for d in self.ins]
+            self._shapes = None
         else:
             try:  # XNNPACK's threadpool (the Python runtime has no per-program thread option)
                 from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
@@ -190,33 +206,45 @@ class Model:
             except Exception:
                 pass
 
+    def quantize(self, d: dict, x):
+        np = self.np
+        scale, zero = d.get("quantization", (0.0, 0))
+        if scale and np.issubdtype(np.dtype(d["dtype"]), np.integer) and np.issubdtype(x.dtype, np.floating):
+            info = np.iinfo(d["dtype"])
+            return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(d["dtype"])
+        return x
+
     def cast(self, i: int, x):
         dt = self.in_dtypes[i] if i < len(self.in_dtypes) else None
         return x if dt is None or x.dtype == dt else x.astype(dt)
 
     def run(self, inputs: list):
         np = self.np
+        if self.runtime == "litert":  # float values into an integer input: quantize with its scale
+            inputs = [self.quantize(d, x) for d, x in zip(self.ins, inputs)]
         inputs = [self.cast(i, x) for i, x in enumerate(inputs)]
         if self.runtime == "onnxruntime":
             return self.sess.run(None, dict(zip(self.in_names, inputs)))
         if self.runtime == "litert":
-            for d, x, shp in zip(self.ins, inputs, self._shapes):
-                if tuple(x.shape) != shp:
-                    self.it.resize_tensor_input(d["index"], list(x.shape))
-                    self.it.allocate_tensors()
-                    self._shapes = [tuple(dd["shape"]) for dd in self.it.get_input_details()]
-                self.it.set_tensor(d["index"], x)
+            shapes = [tuple(x.shape) for x in inputs]
+            if shapes != self._shapes:
+                for d, x in zip(self.ins, inputs):
+                    self.it.resize_tensor_input(d["index"], list(x.shape), strict=False)
+                self.it.allocate_tensors()
+                self._shapes = shapes
+            for d, x in zip(self.ins, inputs):
+                self.it.set_tensor(d["index"], np.ascontiguousarray(x))
             self.it.invoke()
             outs = []
             for d in self.outs:
                 y = self.it.get_tensor(d["index"])
                 scale, zero = d.get("quantization", (0.0, 0))
-                if y.dtype in (np.int8, np.uint8) and scale:
+                if y.dtype in (np.int8, np.uint8, np.int16) and scale:
                     y = (y.astype(np.float32) - zero) * scale
-                outs.append(y)
+                outs.append(y.copy())
             return outs
         res = self.method.execute([self.torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
-        return [r.numpy() if hasattr(r, "numpy") else np.asarray(r) for r in res]
+        return [np.array(r.numpy() if hasattr(r, "numpy") else r) for r in res]  # a copy: buffers are reused
 
 
 # -- gallery and scoring ----------------------------------------------------------------------
@@ -313,6 +341,22 @@ class Scorer:
 
 
 # -- the job ----------------------------------------------------------------------------------
+def run_outputs(model: Model, inputs_file: str, outputs_file: str) -> dict:
+    """Run `in0`, `in1`, ... of an .npz (each stacked over runs) and write `out0`, ... likewise."""
+    import numpy as np
+
+    with np.load(inputs_file) as z:
+        ins = [z[f"in{j}"] for j in range(len(z.files))]
+    runs = len(ins[0]) if ins else 0
+    outs = [model.run([x[r] for x in ins]) for r in range(runs)]
+    arrays = {f"out{j}": np.stack([o[j] for o in outs]) for j in range(len(outs[0]))} if outs else {}
+    tmp = outputs_file + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, outputs_file)
+    return {"runs": runs, "outputs": os.path.basename(outputs_file)}
+
+
 def _pin(spec: dict) -> list | None:
     cpus = spec.get("cpus")
     if cpus and hasattr(os, "sched_setaffinity"):
@@ -368,10 +412,12 @@ def run_job(spec: dict) -> dict:
         return result
 
     t = time.perf_counter()
-    model = Model(runtime, spec["model"], threads)
+    model = Model(runtime, spec["model"], threads, spec.get("input_names"))
     result["load_model_s"] = round(time.perf_counter() - t, 3)
     stages: dict = {}
 
+    if mode == "outputs":
+        return dict(result, **run_outputs(model, spec["inputs"], spec["outputs"]), memory=memory_status())
     if mode == "image":
         size = int(spec.get("image_size", 224))
         rng = np.random.default_rng(0)
@@ -449,7 +495,7 @@ def run_job(spec: dict) -> dict:
         result["top_ids_last"] = [int(x) for x in np.asarray(last["top"]).ravel()[:k]]
         result["tokenizer_feeds_encoder"] = use_tok_ids
     else:
-        raise RunnerError(f"unknown mode {mode!r} (search, image, bare)")
+        raise RunnerError(f"unknown mode {mode!r} (search, image, outputs, bare)")
 
     for name, vals in times.items():
         stages[name] = summarize_ms(vals)
@@ -470,8 +516,8 @@ def main(argv: list | None = None) -> int:
     try:
         spec = json.load(sys.stdin) if args.spec == "-" else json.load(open(args.spec))
         base = os.path.dirname(os.path.abspath(args.spec)) if args.spec != "-" else os.getcwd()
-        for key in ("model", "ids", "tokenizer"):
-            if spec.get(key) and not os.path.isabs(spec[key]):
+        for key in ("model", "ids", "tokenizer", "inputs", "outputs"):
+            if isinstance(spec.get(key), str) and not os.path.isabs(spec[key]):
                 spec[key] = os.path.join(base, spec[key])
         if spec.get("gallery", {}).get("file") and not os.path.isabs(spec["gallery"]["file"]):
             spec["gallery"]["file"] = os.path.join(base, spec["gallery"]["file"])

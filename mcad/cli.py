@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "student": ("mcad.distill.recipe", "distill the student (MCAD) and evaluate it"),
     "ablation": ("mcad.distill.ablation", "no-KD / dual-KD / single-KD / MCAD over seeds"),
     "export": ("mcad.export.cli", "quantize and export the student for a target (cpu, snapdragon, dimensity)"),
-    "bench": ("mcad.device.cli", "search latency and running memory on a device, against budgets"),
+    "bench": ("mcad.benchmarks.cli", "search latency and running memory on a device, against budgets"),
     "index": ("mcad.search.index", "build or extend a faiss index over a gallery"),
     "search": ("mcad.search.query", "query an index with text"),
     "report": ("mcad.report", "write the HTML report of a run"),

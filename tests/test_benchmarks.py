@@ -16,7 +16,7 @@ PERMISSIVE = """devices:
 
 
 def test_quick_bench_with_peers(tiny_run, tmp_path, capsys):
-    from mcad.device.cli import main
+    from mcad.benchmarks.cli import main
 
     (tmp_path / "b.yaml").write_text(PERMISSIVE)
     code = main([f"run={tiny_run}", "quick=1", "runtimes=onnxruntime", "make_quant=fp32", "peers=tiny", "mobile=1",
@@ -52,9 +52,20 @@ def test_quick_bench_with_peers(tiny_run, tmp_path, capsys):
     assert (tmp_path / "res" / "quick-test.md").exists() and (tmp_path / "res" / "quick-test.json").exists()
     assert "ok     local/student/N=1000/onnxruntime/fp32/t1 search latency p50" in out
     assert "ratio student/clip-tiny-text onnxruntime fp32 t1 N=1000" in out
-    # bench-made artifacts live in hashed folders with their manifest (re-used by the next run)
+    # bench-made artifacts are mcad.export exports, one folder per variant with its manifest, in
+    # folders keyed by what they are built from (re-used by the next run)
+    from mcad.artifacts import load_manifest
+
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(cached) == 4 and all((tmp_path / "cache" / c / "manifest.json").exists() for c in cached)
+    assert len(cached) == 4 and all(c.startswith(tuple(subjects)) for c in cached)
+    for c in cached:
+        m = load_manifest(tmp_path / "cache" / c / "onnx-fp32", verify=True)
+        assert m.artifacts and all(a.quantization.startswith("fp32") and a.runtime == "onnxruntime"
+                                   for a in m.artifacts), c
+        assert {a.role for a in m.artifacts} <= {"text", "image"}
+    assert {s["name"]: {a["role"] for a in s["artifacts"]} for s in res["subjects"]} == {
+        "student": {"text", "image"}, "student-mobile": {"text", "image"}, "clip-tiny-text": {"text"},
+        "mobilevit-tiny": {"image"}}
 
 
 def test_ratios_and_quant_family():

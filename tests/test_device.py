@@ -15,7 +15,7 @@ import torch
 from mcad.device import get_device
 from mcad.device.base import Job, Timing
 from mcad.device.errors import DeviceError
-from mcad.device.manifest import Artifact, load_manifest
+from mcad.artifacts import Artifact, Tensor, load_manifest
 
 FAKE = Path(__file__).parent / "fake_adb"
 ADB = str(FAKE / "adb")
@@ -30,65 +30,29 @@ STRICT = """devices:
 """
 
 
-class SearchProgram(torch.nn.Module):
-    """ids [1,L] + gallery [N,D] -> (scores [1,k], indices [1,k]) (docs/interfaces.md)."""
+def _fp32_export(run, synth_root, backends, roles, out=None):
+    """What `make export` writes for these backends and programs, in fp32 (quick to lower)."""
+    from mcad.export.pipeline import Options, export
 
-    def __init__(self, text_encoder, k=10):
-        super().__init__()
-        self.te, self.k = text_encoder, k
-
-    def forward(self, ids, gallery):
-        return torch.topk(self.te(ids) @ gallery.T, self.k, dim=-1)
-
-
-def _onnx(module, example, path, in_names, out_names, dynamic_shapes=None):
-    torch.onnx.export(module, example, str(path), dynamo=True, opset_version=18, external_data=False,
-                      input_names=in_names, output_names=out_names, dynamic_shapes=dynamic_shapes)
-
-
-def _entry(path, name, role, runtime, backend, quant, inputs, outputs):
-    from mcad.io import sha256_file
-
-    return {"name": name, "role": role, "runtime": runtime, "backend": backend, "file": path.name,
-            "bytes": path.stat().st_size, "sha256": sha256_file(path), "quantization": quant,
-            "inputs": inputs, "outputs": outputs}
+    return export(Options(run=run, data=synth_root, target="cpu", backends=backends, roles=roles, precision="fp32",
+                          parity=False, calib=4, out=out, progress=False))
 
 
 @pytest.fixture(scope="module")
-def export_run(tiny_run, tmp_path_factory):
-    """A run folder with export/cpu/manifest.json (docs/interfaces.md): fp32 ONNX text encoder and an
-    ONNX search program with a dynamic gallery size (the export stage's own artifacts are int8)."""
-    from mcad.runs import load_student
+def export_run(tiny_run, synth_root, tmp_path_factory):
+    """A run folder with export/cpu/ as mcad.export writes it: an fp32 ONNX text encoder and an ONNX
+    search program with a dynamic gallery size (the int8 artifacts are test_export's), plus one
+    skipped entry as a target without its SDK records it."""
+    from mcad.artifacts import MANIFEST
+    from mcad.io import read_json, write_json
 
     run = tmp_path_factory.mktemp("exported") / "tiny"
     shutil.copytree(tiny_run, run)
-    model, tok = load_student(run)
-    L, D = model.context_length, model.embed_dim
-    exp = run / "export" / "cpu"
-    exp.mkdir(parents=True)
-    ids = tok.encode_batch(TEXTS)
-    with torch.no_grad():
-        _onnx(model.text_encoder().eval(), (torch.from_numpy(ids[:1]),), exp / "text_encoder.fp32.onnx", ["ids"], ["emb"])
-        g = torch.nn.functional.normalize(torch.randn(64, D), dim=-1)
-        _onnx(SearchProgram(model.text_encoder()).eval(), (torch.from_numpy(ids[:1]), g), exp / "search.fp32.onnx",
-              ["ids", "gallery"], ["scores", "indices"],
-              {"ids": None, "gallery": {0: torch.export.Dim("N", min=16, max=1_000_000)}})
-    tok.save(exp / "tokenizer.json")
-    np.savez(exp / "golden.npz", ids=ids)
-    ids_spec = [{"name": "ids", "shape": [1, L], "dtype": "int64"}]
-    manifest = {"target": "cpu", "run": str(run), "embed_dim": D, "context_length": L, "image_size": model.image_size,
-                "image_mean": list(model.image_mean), "image_std": list(model.image_std),
-                "tokenizer": "tokenizer.json", "golden": "golden.npz",
-                "artifacts": [
-                    _entry(exp / "text_encoder.fp32.onnx", "text_encoder", "text", "onnxruntime", "onnx", "fp32",
-                           ids_spec, [{"name": "emb", "shape": [1, D], "dtype": "float32"}]),
-                    _entry(exp / "search.fp32.onnx", "search", "search", "onnxruntime", "onnx", "fp32",
-                           ids_spec + [{"name": "gallery", "shape": ["N", D], "dtype": "float32"}],
-                           [{"name": "scores", "shape": [1, 10], "dtype": "float32"},
-                            {"name": "indices", "shape": [1, 10], "dtype": "int64"}])],
-                "skipped": [{"artifact": "text_encoder.xnnpack.int8.pte", "reason": "test fixture"}],
-                "parity": {}, "versions": {}}
-    (exp / "manifest.json").write_text(json.dumps(manifest))
+    _fp32_export(run, synth_root, ("onnx",), ("text", "search"))
+    path = run / "export" / "cpu" / MANIFEST
+    m = read_json(path)
+    m["skipped"] = [{"artifact": "text_encoder.xnnpack.int8.pte", "reason": "test fixture"}]
+    write_json(path, m)
     return run
 
 
@@ -141,17 +105,24 @@ def test_percentiles_match_numpy():
 
 
 def test_manifest_errors(export_run, tmp_path):
-    m = load_manifest(export_run / "export" / "cpu")
+    m = load_manifest(export_run / "export" / "cpu", verify=True)
     assert [a.role for a in m.artifacts] == ["text", "search"] and m.embed_dim == 64
-    assert m.tokenizer.name == "tokenizer.json" and m.skipped
-    bad = json.loads((export_run / "export/cpu/manifest.json").read_text())
-    bad["artifacts"][0]["file"] = "missing.onnx"
-    (tmp_path / "manifest.json").write_text(json.dumps(bad))
-    with pytest.raises(FileNotFoundError, match="missing.onnx"):
-        load_manifest(tmp_path / "manifest.json")
-    bad["artifacts"][0]["runtime"] = "tensorrt"
-    (tmp_path / "manifest.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="unknown runtime"):
+    assert m.tokenizer_path.name == "tokenizer.json" and m.skipped
+    assert m.golden_ids().shape == (4, 24) and m.artifacts[1].gallery_rows() == (10, None)
+    good = json.loads((export_run / "export/cpu/manifest.json").read_text())
+    for change, error, match in (({"file": "missing.onnx"}, FileNotFoundError, "missing.onnx"),
+                                 ({"runtime": "tensorrt"}, ValueError, "unknown runtime 'tensorrt'"),
+                                 ({"file": "../x.onnx"}, ValueError, "must be a name in the manifest's folder"),
+                                 ({"bytes": "12"}, ValueError, "bytes='12' is not a int")):
+        bad = json.loads(json.dumps(good))
+        bad["artifacts"][0].update(change)
+        (tmp_path / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(error, match=match):
+            load_manifest(tmp_path / "manifest.json")
+    # a manifest of another version (the unversioned ones before it) is refused with the command to rebuild it
+    old = {k: v for k, v in good.items() if k != "version"}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=rf"version absent .*make export TARGET=cpu RUN={export_run}`"):
         load_manifest(tmp_path / "manifest.json")
 
 
@@ -191,22 +162,16 @@ def test_local_search_program_agrees_with_encoder_plus_faiss(export_run):
 
 
 @pytest.fixture(scope="module")
-def litert_pte(tiny_run, tmp_path_factory):
-    from mcad.benchmarks.artifacts import export_pte, export_tflite
-    from mcad.runs import load_student
-
-    out = tmp_path_factory.mktemp("rt")
-    model, tok = load_student(tiny_run)
-    ex = (torch.from_numpy(tok.encode_batch(TEXTS[:1])),)
-    with torch.no_grad():
-        export_tflite(model.text_encoder().eval(), ex, out / "text.tflite", False, [ex])
-        export_pte(model.text_encoder().eval(), ex, out / "text.pte", False, [ex])
-    return out
+def litert_pte(tiny_run, synth_root, tmp_path_factory):
+    """fp32 LiteRT and ExecuTorch XNNPACK text encoders (and image encoders), made by mcad.export."""
+    out = tmp_path_factory.mktemp("rt") / "export"
+    _fp32_export(tiny_run, synth_root, ("xnnpack", "tflite"), ("text", "image"), out=out)
+    return load_manifest(out)
 
 
 def test_local_litert_and_executorch(litert_pte, export_run):
-    arts = [Artifact("text_encoder", "text", "litert", litert_pte / "text.tflite", "tflite", "fp32"),
-            Artifact("text_encoder", "text", "executorch", litert_pte / "text.pte", "xnnpack", "fp32")]
+    arts = [a for a in litert_pte.artifacts if a.role == "text"]
+    assert [a.runtime for a in arts] == ["executorch", "litert"]
     with get_device("local") as dev:
         rows = [dev.run(_search_job(a, export_run, gallery=2000)) for a in arts]
     for a, row in zip(arts, rows):
@@ -217,7 +182,7 @@ def test_local_litert_and_executorch(litert_pte, export_run):
 
 # -- budgets and the CLI ------------------------------------------------------------------------
 def test_bench_cli_budget_pass_and_fail(export_run, tmp_path, capsys):
-    from mcad.device.cli import main
+    from mcad.benchmarks.cli import main
 
     (tmp_path / "ok.yaml").write_text(PERMISSIVE)
     (tmp_path / "strict.yaml").write_text(STRICT)
@@ -285,7 +250,7 @@ def _adb_log(root):
 
 
 def test_fake_adb_end_to_end_python_runner(export_run, fake_adb, tmp_path, capsys):
-    from mcad.device.cli import main
+    from mcad.benchmarks.cli import main
 
     (tmp_path / "ok.yaml").write_text(PERMISSIVE)
     code = main(["device=fake-1", f"adb={ADB}", f"run={export_run}", "quick=1", "runtimes=onnxruntime",
@@ -316,10 +281,12 @@ def test_fake_adb_native_runners(export_run, fake_adb, tmp_path, monkeypatch):
     exp = export_run / "export" / "cpu"
     ids = np.load(exp / "golden.npz")["ids"]
     np.save(tmp_path / "ids.npy", ids)
-    arts = [Artifact("text_encoder", "text", "executorch", tmp_path / "m.pte", "xnnpack", "int8",
-                     inputs=[{"name": "ids", "shape": [1, 24], "dtype": "int64"}]),
-            Artifact("text_encoder", "text", "litert", tmp_path / "m.tflite", "tflite", "int8",
-                     inputs=[{"name": "ids", "shape": [1, 24], "dtype": "int32"}])]
+    def art(runtime, backend, file, dtype):
+        return Artifact("text_encoder", "text", runtime, backend, file, 300, "", "int8",
+                        inputs=[Tensor("ids", [1, 24], dtype)], outputs=[Tensor("emb", [1, 64], "float32")],
+                        root=tmp_path)
+
+    arts = [art("executorch", "xnnpack", "m.pte", "int64"), art("litert", "tflite", "m.tflite", "int32")]
     dev = get_device("fake-1", adb=ADB, et_runner=str(FAKE / "executor_runner"),
                      tflite_runner=str(FAKE / "benchmark_model"))
     with dev:
@@ -361,9 +328,11 @@ def test_adb_missing_binary_runner_and_timeout(export_run, fake_adb, tmp_path, m
     monkeypatch.delenv("FAKE_ADB_PYTHON")  # no Python on the device, no native runner configured
     args = ["bench", "device=fake-1", f"adb={ADB}", f"run={export_run}", "quick=1", "runtimes=onnxruntime",
             f"out={tmp_path / 'o'}", "results=none"]
-    assert main(args) == 1
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("bench: 2 job(s) failed; first: adb: fake-1: no native runner for onnxruntime")
+    assert main(args) == 1  # said before anything is built, pushed or run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fake-1 runs none of runtimes=onnxruntime" in err[0], err
+    assert "adb: fake-1: no native runner for onnxruntime" in err[0]
+    assert not (tmp_path / "o").exists() and not [c for c in _adb_log(fake_adb) if "push" in c]
 
     monkeypatch.setenv("FAKE_ADB_PYTHON", sys.executable)
     monkeypatch.setenv("FAKE_ADB_HANG_ON", "mcad_runner.py --spec")

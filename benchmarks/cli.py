@@ -1,4 +1,5 @@
 """`mcad bench [run] key=value ...`: search latency and running memory on a device, against budgets.
+(The command lives with the benchmarks: it drives mcad.device and mcad.export, never the reverse.)
 
   mcad bench device=local run=runs/x threads=1,2 galleries=1000,10000,100000
   mcad bench device=R5CX123ABC runner=python            # a phone over adb (Python + runtime wheels)
@@ -27,7 +28,10 @@ import re
 import sys
 from pathlib import Path
 
+from mcad.benchmarks.search import ALL_RUNTIMES, RESULTS_DIR, BenchOptions, command_line, console_summary, run_bench
 from mcad.device.base import Timing
+from mcad.device.errors import DeviceError
+from mcad.models.checkpoint import CheckpointError
 
 log = logging.getLogger("mcad.bench")
 # key -> default. None: derived (from quick=, the run, the device); BENCH_TYPES then gives the type.
@@ -69,7 +73,6 @@ def _normalize(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str]):
-    from mcad.benchmarks.search import ALL_RUNTIMES, RESULTS_DIR, BenchOptions, command_line
     from mcad.config import parse_overrides
 
     p = parse_overrides(_normalize(argv), {**BENCH_OPTIONS, **DEVICE_OPTIONS}, positional=1, types=BENCH_TYPES)
@@ -142,10 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__)
         return 0
-    from mcad.benchmarks.search import console_summary, run_bench
-    from mcad.device.errors import DeviceError
-    from mcad.models.checkpoint import CheckpointError
-
     try:
         opts = parse_args(argv)
         res, code = run_bench(opts)
