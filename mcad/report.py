@@ -271,28 +271,27 @@ def section_results(page: Page, results: Path) -> None:
 
 def section_export(page: Page, run: Path) -> None:
     page.add("<h2 id=\"export\">Exported artifacts</h2>")
-    mans = sorted((run / "export").glob("*/manifest.json"))
+    from mcad.artifacts import find_manifests, load_manifest
+
+    mans = find_manifests(run)
     if not mans:
         page.missing.append(str(run / "export/*/manifest.json"))
         page.add("<p class=\"missing\">no export manifests (run <code>make export</code>)</p>")
     for mp in mans:
         page.note_file(mp)
         try:
-            m = read_json(mp)
-        except ValueError as e:
+            m = load_manifest(mp)
+        except (ValueError, FileNotFoundError) as e:  # another version, a missing file: say which, go on
             page.add(f"<p class=\"err\">{esc(e)}</p>")
             continue
         page.add(f"<h3>{esc(mp.parent.name)} <span class=\"meta\">({esc(mp)})</span></h3>")
-        arts = m.get("artifacts") or []
-        if arts:
+        if m.artifacts:
             cols = ["name", "role", "runtime", "backend", "file", "bytes", "quantization"]
-            page.add(table_html(cols, [[_fmt(a.get(c, "")) for c in cols] for a in arts]))
-        if m.get("parity"):
-            page.add("<h4>Parity</h4>" + (records_table(m["parity"]) if isinstance(m["parity"], list)
-                                           else kv_table(m["parity"])))
-        if m.get("skipped"):
-            page.add("<h4>Skipped</h4>" + (records_table(m["skipped"]) if isinstance(m["skipped"], list)
-                                           else kv_table(m["skipped"])))
+            page.add(table_html(cols, [[_fmt(getattr(a, c)) for c in cols] for a in m.artifacts]))
+        if m.parity:
+            page.add("<h4>Parity</h4>" + kv_table(m.parity))
+        if m.skipped:
+            page.add("<h4>Skipped</h4>" + records_table(m.skipped))
 
 
 def section_bench(page: Page, run: Path) -> None:

@@ -62,12 +62,16 @@ def full_run(tiny_run, tmp_path_factory):
                                    "| student | 12.5 | 208.5 |\n| dual teacher | 30.1 | 400.2 |\n\nstudent 123,456 params\n")
     exp = run / "export" / "cpu"
     exp.mkdir(parents=True)
-    write_json(exp / "manifest.json", {
-        "target": "cpu", "run": str(run), "embed_dim": 64,
-        "artifacts": [{"name": "text_encoder", "role": "text", "runtime": "onnxruntime", "backend": "onnx",
-                       "file": "text_encoder.onnx", "bytes": 1234, "quantization": "int8"}],
-        "skipped": [{"artifact": "image_encoder.qnn", "reason": "no QNN SDK"}],
-        "parity": export_parity()})
+    from mcad.artifacts import Artifact, ExportManifest, Tensor
+
+    (exp / "text_encoder.onnx").write_bytes(b"\0" * 1234)
+    write_json(exp / "manifest.json", ExportManifest(  # the type mcad.export writes
+        target="cpu", run=str(run), model="student-tiny", embed_dim=64, context_length=24, image_size=64,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        artifacts=[Artifact("text_encoder", "text", "onnxruntime", "onnx", "text_encoder.onnx", 1234, "0" * 64, "int8",
+                            [Tensor("ids", [1, 24], "int64")], [Tensor("emb", [1, 64], "float32")])],
+        skipped=[{"artifact": "image_encoder.qnn", "reason": "no QNN SDK"}],
+        parity=export_parity()).to_json())
     (run / "bench").mkdir()
     write_json(run / "bench" / "bench.json", {"rows": bench_rows()})  # json only: no bench.md to show instead
     results = root / "results"

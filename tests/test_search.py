@@ -315,16 +315,18 @@ def test_onnx_encoders(tokenizer, synth_root, photo_dir, tmp_path):
                           dynamic_axes={"pixels": {0: "b"}, "emb": {0: "b"}})
         torch.onnx.export(model.text_encoder(), (torch.zeros(1, 24, dtype=torch.long),), str(exp / "text_encoder.onnx"),
                           input_names=["ids"], output_names=["emb"], opset_version=18, dynamo=False)
+    from mcad.artifacts import Artifact, ExportManifest, Tensor
+
     arts = []
-    for name, role, shape in (("image_encoder.onnx", "image", [-1, 3, 64, 64]), ("text_encoder.onnx", "text", [1, 24])):
-        arts.append({"name": name.split(".")[0], "role": role, "runtime": "onnxruntime", "backend": "onnx",
-                     "file": name, "bytes": (exp / name).stat().st_size, "sha256": sha256_file(exp / name),
-                     "quantization": "fp32", "inputs": [{"name": "x", "shape": shape}],
-                     "outputs": [{"name": "emb", "shape": [1, 64], "dtype": "float32"}]})
-    write_json(exp / "manifest.json", {"target": "cpu", "run": str(run), "embed_dim": 64, "context_length": 24,
-                                       "image_size": 64, "image_mean": list(model.image_mean),
-                                       "image_std": list(model.image_std), "tokenizer": "tokenizer.json",
-                                       "artifacts": arts})
+    for name, role, shape, dtype in (("image_encoder.onnx", "image", ["N", 3, 64, 64], "float32"),
+                                     ("text_encoder.onnx", "text", [1, 24], "int64")):
+        arts.append(Artifact(name.split(".")[0], role, "onnxruntime", "onnx", name, (exp / name).stat().st_size,
+                             sha256_file(exp / name), "fp32", [Tensor("x", shape, dtype)],
+                             [Tensor("emb", [1, 64], "float32")]))
+    write_json(exp / "manifest.json", ExportManifest(  # the type mcad.export writes
+        target="cpu", run=str(run), model="student-tiny", embed_dim=64, context_length=24, image_size=64,
+        image_mean=list(model.image_mean), image_std=list(model.image_std), tokenizer="tokenizer.json",
+        student_sha256=sha256_file(run / "student.safetensors"), artifacts=arts).to_json())
     d, _ = photo_dir
     out = tmp_path / "idx_onnx"
     from mcad.search.encoders import ArtifactEncoder
@@ -348,3 +350,9 @@ def test_onnx_encoders(tokenizer, synth_root, photo_dir, tmp_path):
         f.write(b"\0")
     with pytest.raises(SearchError, match="sha256 differs"):
         Searcher(out, encoder=exp / "text_encoder.onnx")
+    # a manifest of an older version: refused with the command that rebuilds it
+    old = json.loads((exp / "manifest.json").read_text())
+    del old["version"]
+    write_json(exp / "manifest.json", old)
+    with pytest.raises(SearchError, match=rf"version absent .*rebuild it: `make export TARGET=cpu RUN={run}`"):
+        ArtifactEncoder(exp / "image_encoder.onnx", "image")
