@@ -17,14 +17,6 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def sample_hard_negatives(sim: torch.Tensor, keys: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """For each row, a column drawn with probability softmax(sim) among columns of another key
-    (ALBEF's hard-negative mining)."""
-    w = sim.float().softmax(dim=1).masked_fill(keys[:, None] == keys[None, :], 0.0) + 1e-12
-    w = w.masked_fill(keys[:, None] == keys[None, :], 0.0)
-    return torch.multinomial(w, 1, generator=generator).squeeze(1)
-
-
 def candidates_with_positive(sim: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
     """[B, k] column indices per row: the row's own column (the positive, first) and its k-1
     highest-scoring columns of another key (the candidates a re-ranker is shown)."""

@@ -149,7 +149,3 @@ def check_tokenizer(model_config: dict, tok, model_path, tok_path) -> None:
     if diff:
         raise CheckpointError(f"{tok_path}: tokenizer does not match {model_path} ({', '.join(diff)}); "
                               "use the tokenizer.json saved with the checkpoint (tokenizer=...)")
-
-
-def state_dict_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
