@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from mcad.artifacts import Artifact, Tensor, load_manifest
 from mcad.device import get_device
 from mcad.device.base import Job, Timing
 from mcad.device.errors import DeviceError
-from mcad.artifacts import Artifact, Tensor, load_manifest
 
 FAKE = Path(__file__).parent / "fake_adb"
 ADB = str(FAKE / "adb")
