@@ -76,6 +76,8 @@ class LocalDevice(Device):
     def cannot_run(self, runtime: str) -> str | None:
         import importlib.util
 
+        if self.python != sys.executable:  # another interpreter: its jobs say what it lacks
+            return None
         if any(importlib.util.find_spec(m) is not None for m in RUNTIME_MODULES.get(runtime, ())):
             return None
         return f"local: {self.python} has no {' or '.join(RUNTIME_MODULES.get(runtime, (runtime,)))} for {runtime}"
