@@ -179,6 +179,26 @@ def test_local_litert_and_executorch(litert_pte, export_run):
         assert row["embed_dim"] == 64
 
 
+def test_host_runtimes_refuse_in_one_line(litert_pte, tmp_path):
+    """mcad.runtimes: a broken program is one line naming it and the ExecuTorch worker stays up for
+    the next; a runtime this machine has not and a wrong input count are refused."""
+    from mcad.runtimes import ExecuTorchWorker, open_artifact
+
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"not a program")
+    text = {a.runtime: a for a in litert_pte.artifacts if a.role == "text"}
+    ids = np.zeros((1, 24), np.int64)
+    with ExecuTorchWorker() as worker:
+        with pytest.raises(RuntimeError, match=r"bad\.pte: ExecuTorch could not load it"):
+            open_artifact(bad, worker=worker)
+        with open_artifact(text["executorch"].path, worker=worker) as s:
+            assert s.run([ids])[0].shape == (1, 64) and s.inputs[0]["dtype"] == "int64"
+            with pytest.raises(ValueError, match="takes 1 input"):
+                s.run([ids, ids])
+    with pytest.raises(ValueError, match="no host runtime for 'qnn'"):
+        open_artifact(text["litert"].path, "qnn")
+
+
 # -- budgets and the CLI ------------------------------------------------------------------------
 def test_bench_cli_budget_pass_and_fail(export_run, tmp_path, capsys):
     from mcad.benchmarks.cli import main
