@@ -433,7 +433,7 @@ def test_counts_are_checked_at_each_command_naming_the_key(tmp_path, synth_root,
     from mcad.teachers import main as teachers_main
     from mcad.trainer import Trainer
 
-    with pytest.raises(ValueError, match=r"n_train=-4: must be a positive integer"):
+    with pytest.raises(ValueError, match=r"n_train=-4: must be an integer >= 0"):
         make_synthetic({"out": str(tmp_path / "d"), "n_train": -4, "progress": False})
     assert not (tmp_path / "d" / "dataset_synth.json").exists()
     with pytest.raises(ValueError, match=r"dual.steps=-5: must be a positive integer"):

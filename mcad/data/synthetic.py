@@ -196,6 +196,8 @@ def generate(out_dir: str | Path, seed: int = 0, n_train: int = 20000, n_val: in
              "captions_per_image": captions_per_image}
     for key, value in given.items():  # "wrote -4 images" is not a data set
         integer(value, key, DATA[key])
+    if n_train + n_val + n_test == 0:
+        raise ValueError("n_train=0, n_val=0, n_test=0: no images to write (give at least one split a size)")
     if n_test % 4 or n_val % 4:
         raise ValueError(f"n_test={n_test}, n_val={n_val}: must be multiples of 4 (confuser groups)")
     out_dir = Path(out_dir)
