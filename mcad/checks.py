@@ -40,4 +40,5 @@ TEACHERS = {"seed": 0, "threads": 1, "tokenizer.vocab_size": 8, "tokenizer.conte
 STUDENT = {"seed": 0, "threads": 1, "neighbours": 1, **TRAIN, "adapters.steps": 1, "adapters.batch_size": 2}
 CACHE = {"threads": 1, "neighbours": 1, "cache_shard_images": 1}
 # a split may be empty (a test-only set for a report or an index), not all three
-DATA = {"seed": 0, "n_train": 0, "n_val": 0, "n_test": 0, "image_size": 16, "captions_per_image": 1}
+DATA = {"seed": 0, "n_train": 0, "n_val": 0, "n_test": 0, "image_size": 16, "captions_per_image": 1,
+        "n_distill": 0, "distill_captions": 1}

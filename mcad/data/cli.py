@@ -1,8 +1,11 @@
 """`mcad data`: make the synthetic benchmark and prove its ceiling, or check any data set.
 
     mcad data [out=data/synth] [seed=0] [n_train=20000] [n_val=500] [n_test=1000] [force=true]
+              [n_distill=0 distill_captions=5 web_partial=0.0 web_wrong=0.0] [templates=default|heldout]
         Generates the benchmark unless out/dataset_synth.json exists (force=true regenerates), then
-        writes and prints out/ceiling.json (ceiling_check of test and val + split sizes).
+        writes and prints out/ceiling.json (ceiling_check of test and val + split sizes). n_distill > 0
+        adds a `distill` split with web-like captions (exact shares partial / wrong; its measured
+        kinds go in ceiling.json under `web`); templates=heldout words every split anew.
     mcad data check [format=synthetic|karpathy|csv|wds] [split=test] [decode=false] [size=64] <spec keys>
         Loads one split in any format (see `mcad.data`) and prints counts and the LoadReport
         summary as JSON; decode=true also decodes every image (wds always does).
@@ -19,8 +22,16 @@ from mcad.config import parse_overrides, unknown
 log = logging.getLogger("mcad.data")
 
 GEN_DEFAULTS = {"out": "data/synth", "seed": 0, "n_train": 20000, "n_val": 500, "n_test": 1000,
-                "image_size": 64, "captions_per_image": 5, "force": False, "progress": True}
-_GENERATED_NAME = re.compile(r"^(train|val|test)_\d{6}\.png$")
+                "image_size": 64, "captions_per_image": 5, "force": False, "progress": True,
+                # issue 15: a distillation split with web-like captions, and held-out wording
+                "n_distill": 0, "distill_captions": 5, "web_partial": 0.0, "web_wrong": 0.0,
+                "templates": "default"}
+# what `generate` takes besides out/force and what an existing benchmark is compared on
+_GEN_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size", "captions_per_image", "progress",
+             "n_distill", "distill_captions", "web_partial", "web_wrong", "templates")
+_COMPARED = ("seed", "n_train", "n_val", "n_test", "image_size", "n_distill", "distill_captions",
+             "web_partial", "web_wrong", "templates")
+_GENERATED_NAME = re.compile(r"^(train|val|test|distill)_\d{6}\.png$")
 
 
 def check_defaults() -> dict:
@@ -54,9 +65,14 @@ def _check_existing(json_path: Path, asked: dict) -> None:
     silent reuse."""
     data = json.loads(json_path.read_text())
     sizes = split_sizes(json_path)
+    web = data.get("web") or {}  # absent: written without a distillation split (or before it existed)
     have = {"seed": data.get("seed"), "image_size": data.get("image_size"),
             "n_train": sizes.get("train", {}).get("images", 0) + sizes.get("restval", {}).get("images", 0),
-            "n_val": sizes.get("val", {}).get("images", 0), "n_test": sizes.get("test", {}).get("images", 0)}
+            "n_val": sizes.get("val", {}).get("images", 0), "n_test": sizes.get("test", {}).get("images", 0),
+            "n_distill": sizes.get("distill", {}).get("images", 0),
+            "distill_captions": web.get("distill_captions", GEN_DEFAULTS["distill_captions"]),
+            "web_partial": web.get("web_partial", 0.0), "web_wrong": web.get("web_wrong", 0.0),
+            "templates": data.get("templates", "default")}
     diff = [f"{k}={have[k]} (asked {asked[k]})" for k in have if k in asked and have[k] != asked[k]]
     if diff:
         raise ValueError(f"{json_path}: exists with {', '.join(diff)}; pass force=true to regenerate "
@@ -75,7 +91,7 @@ def _remove_stale_images(out: Path, json_path: Path) -> int:
 
 
 def make_synthetic(args: dict) -> dict:
-    from mcad.data.synthetic import ceiling_check, generate
+    from mcad.data.synthetic import ceiling_check, generate, web_check
     from mcad.io import write_json
 
     for k in args:  # callers that pass a dict, not argv
@@ -85,14 +101,11 @@ def make_synthetic(args: dict) -> dict:
     out = Path(str(cfg["out"]))
     json_path = out / "dataset_synth.json"
     if json_path.exists() and not cfg["force"]:
-        _check_existing(json_path, {k: v for k, v in args.items()
-                                    if k in ("seed", "n_train", "n_val", "n_test", "image_size")})
+        _check_existing(json_path, {k: v for k, v in args.items() if k in _COMPARED})
         log.info("%s exists; reusing it (force=true regenerates)", json_path)
         generated = False
     else:
-        generate(out, seed=int(cfg["seed"]), n_train=int(cfg["n_train"]), n_val=int(cfg["n_val"]),
-                 n_test=int(cfg["n_test"]), image_size=int(cfg["image_size"]),
-                 captions_per_image=int(cfg["captions_per_image"]), progress=bool(cfg["progress"]))
+        generate(out, **{k: cfg[k] for k in _GEN_KEYS})
         stale = _remove_stale_images(out, json_path)
         if stale:
             log.info("removed %d stale images of an earlier benchmark from %s", stale, out / "images")
@@ -102,6 +115,8 @@ def make_synthetic(args: dict) -> dict:
     result = {"dataset": str(json_path), "generated": generated, "seed": data.get("seed"),
               "image_size": data.get("image_size"), "splits": sizes,
               "ceiling": {s: ceiling_check(json_path, s) for s in ("test", "val") if s in sizes}}
+    if "distill" in sizes:  # the stated shares, measured on the files
+        result["web"] = web_check(json_path)
     write_json(out / "ceiling.json", result)
     return result
 

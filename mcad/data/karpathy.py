@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mcad.data.corpus import Corpus, DataError, LoadReport, clean_caption, resolve_image
 
-SPLIT_ALIASES = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}}
+# "distill": the synthetic benchmark's distillation split with web-like captions (issue 15)
+SPLIT_ALIASES = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}, "distill": {"distill"}}
 
 
 def entry_problem(entry: object) -> str | None:
@@ -40,7 +41,7 @@ def load_karpathy(json_path: str | Path, image_root: str | Path | None = None, s
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{json_path}: not a Karpathy split file (no top-level 'images' list)")
     if split not in SPLIT_ALIASES:
-        raise DataError(f"{json_path}: unknown split {split!r} (train, val, test)")
+        raise DataError(f"{json_path}: unknown split {split!r} ({', '.join(SPLIT_ALIASES)})")
     root = Path(image_root) if image_root is not None else json_path.parent / "images"
     report = LoadReport(str(json_path))
     paths, captions, c2i, meta = [], [], [], []
