@@ -77,12 +77,14 @@ class _Reader:
 
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, np.ndarray],
-                  keep_fp32: Iterable[str] | None = None) -> dict:
+                  keep_fp32: Iterable[str] | None = None, method: str = "minmax",
+                  extra: dict | None = None) -> dict:
     """Write the QDQ int8 model of `fp32_path` to `out_path` (a temp path the caller renames).
     `calib` maps input names to samples [N, ...], fed one at a time; `gallery` (the search
     program's [rows, D] input) is fed whole with every sample."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     keep = parse_keep(keep_fp32, "onnx")
@@ -115,7 +117,9 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, 
         quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=list(OPS_TO_QUANTIZE), nodes_to_exclude=exclude,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                          "percentile": CalibrationMethod.Percentile}[method],
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **(extra or {})})
     finally:
         if pre.exists():
             pre.unlink()

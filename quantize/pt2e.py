@@ -222,9 +222,6 @@ def litert_quantizer():
     return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
 
 
-QNN_SOCS = ("SM8450", "SM8475", "SM8550", "SM8650", "SM8750", "SM8850")
-
-
 def qnn_sdk_root() -> str | None:
     """$QNN_SDK_ROOT when it points at a real QNN SDK (one with the HTP backend library)."""
     root = os.environ.get("QNN_SDK_ROOT")

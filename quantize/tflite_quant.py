@@ -64,7 +64,7 @@ def _calibrate(qt, data: dict):
 
 def full_integer(float_tflite: str | Path, out_path: str | Path, calib: dict[str, np.ndarray],
                  keep_fp32: Iterable[str] | None = None, float_regex: str | None = None,
-                 fixed: dict[str, np.ndarray] | None = None) -> dict:
+                 fixed: dict[str, np.ndarray] | None = None, activation_bits: int = 8) -> dict:
     """Quantize `float_tflite` with static_wi8_ai8 (+ keep rules); `calib` maps each signature
     input name to samples [N, ...] (run one at a time); `fixed` inputs (the search program's
     gallery) are fed whole with every sample. Writes `out_path`."""
@@ -76,7 +76,9 @@ def full_integer(float_tflite: str | Path, out_path: str | Path, calib: dict[str
 
     keep = parse_keep(keep_fp32, "tflite_full")
     qt = quantizer.Quantizer(str(float_tflite))
-    qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    if activation_bits not in (8, 16):
+        raise ValueError(f"activation_bits={activation_bits}: expected 8 or 16")
+    qt.load_quantization_recipe(recipe.static_wi8_ai8() if activation_bits == 8 else recipe.static_wi8_ai16())
     rules = _keep_rules(keep)
     if float_regex:  # e.g. the ops of the program wrapper around the encoder core
         rules.append((float_regex, "*"))
