@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mcad.config import load_command_config
-from mcad.distill.recipe import UNUSED, VARIANTS, distill
+from mcad.distill.recipe import UNUSED, VARIANTS, comparable, distill
 from mcad.io import machine, now_iso, write_json
 
 log = logging.getLogger("mcad.ablation")
@@ -27,7 +27,7 @@ def _recipe(cfg: dict) -> dict:
     """The part of a run's config that decides its result: not which ablation asked for it or where
     it was written, and
     not the loss settings its variant does not use (changing λ does not retrain the no-KD runs)."""
-    out = json.loads(json.dumps({k: v for k, v in cfg.items() if k not in ("seeds", "variants", "results", "out")}))
+    out = {k: v for k, v in comparable(cfg).items() if k not in ("seeds", "variants", "results", "out")}
     for key in UNUSED.get(cfg.get("variant"), ()):
         top, _, sub = key.partition(".")
         if sub and isinstance(out.get(top), dict):
@@ -92,7 +92,9 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    base = load_command_config(argv, "student", extra=OWN)
+    from mcad.teacher_spec import shorthands
+
+    base = load_command_config(argv, "student", extra=OWN, shorthands=shorthands())
     own = {k: base.pop(k) for k in OWN}  # not part of any run's recipe
     try:
         seeds = [int(s) for s in own["seeds"].split(",") if s.strip()]

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mcad.config import load_command_config
-from mcad.data.images import data_key, normalize
+from mcad.data.images import data_key
 from mcad.evaluate import encode_images, encode_texts, image_keys
 from mcad.io import atomic_path, read_json, sha256_file, write_manifest
 from mcad.sampling import nearest_neighbours
@@ -40,7 +40,8 @@ TEACHER_FILES = ("dual.safetensors", "fusion.safetensors", "tokenizer.json")
 def rebuild_hint(root: Path, teachers: str | Path | None = None, data: str | None = None) -> str:
     # `make cache` is keyed by runs/teachers/metrics.json's time: it does nothing while an older
     # cache's manifest is newer, so the command given is the one that always rebuilds
-    return (f"rebuild it with `mcad cache teachers={teachers or '<teachers>'} data={data or '<data>'} "
+    data_args = data if data and "=" in str(data) else f"data={data or '<data>'}"  # a spec: data.format=...
+    return (f"rebuild it with `mcad cache teachers={teachers or '<teachers>'} {data_args} "
             f"cache={root}` (or `rm -r {root}` then `make cache`)")
 
 
@@ -101,17 +102,21 @@ def caption_table(image_captions: list[list[int]]) -> np.ndarray:
 
 @torch.no_grad()
 def online_batch(dual, fusion, px: torch.Tensor, ids_b: torch.Tensor, idx: np.ndarray,
-                 lists: np.ndarray, with_fusion: bool = True) -> TeacherOutputs:
+                 lists: np.ndarray, with_fusion: bool = True, f_px: torch.Tensor | None = None,
+                 f_ids: torch.Tensor | None = None) -> TeacherOutputs:
     """Run the teachers on one batch (px normalised for the dual teacher). `with_fusion=False`
-    skips the fusion teacher (a run that never reads F: its h and m come back as zeros)."""
+    skips the fusion teacher (a run that never reads F: its h and m come back as zeros). `f_px`,
+    `f_ids`: the fusion teacher's own view of the batch where it differs from the dual's (a BLIP
+    after a CLIP: other size and mean/std, BERT ids; mcad.teacher_spec)."""
     v, t = dual.encode_image(px), dual.encode_text(ids_b)
     mask, _ = batch_positions(idx, lists)
     if not with_fusion:
         B = len(idx)
         return TeacherOutputs(v, t, torch.zeros(B, fusion.width), mask, torch.zeros(B, B), torch.zeros(B, B))
     pairs = (mask | mask.T).nonzero()  # image a, caption b: both directions' candidates at once
-    img_tok, txt_tok = fusion.image_tokens(px), fusion.text_tokens(ids_b)
-    h_all, m_all = fusion.score_pairs(img_tok, txt_tok, ids_b, pairs[:, 0], pairs[:, 1])
+    f_px, f_ids = (px if f_px is None else f_px), (ids_b if f_ids is None else f_ids)
+    img_tok, txt_tok = fusion.image_tokens(f_px), fusion.text_tokens(f_ids)
+    h_all, m_all = fusion.score_pairs(img_tok, txt_tok, f_ids, pairs[:, 0], pairs[:, 1])
     B = len(idx)
     g = torch.zeros(B, B)
     g[pairs[:, 0], pairs[:, 1]] = m_all
@@ -160,7 +165,7 @@ class TeacherCache:
         """Refuse a cache of another data set (sizes, caption table; with `data`, the `data_key` of
         the images and captions) or, with `teachers`, of other teacher files than those there now."""
         cfg = self.manifest.get("config") or {}
-        hint = rebuild_hint(self.root, teachers, cfg.get("data"))
+        hint = rebuild_hint(self.root, None if isinstance(teachers, dict) else teachers, cfg.get("data"))
         if len(self.lists) != n_images or not np.array_equal(self.captions, caption_table(image_captions)):
             raise ValueError(f"{self.root}: cache was built for another data set ({len(self.lists)} images, "
                              f"this one has {n_images}): {hint}")
@@ -172,11 +177,18 @@ class TeacherCache:
                 raise ValueError(f"{self.root}: cache was built from other images or captions than "
                                  f"{cfg.get('data', 'the data')} holds now: {hint}")
         if teachers is not None:
-            self.check_teachers(Path(teachers), hint)
+            self.check_teachers(teachers if isinstance(teachers, dict) else Path(teachers), hint)
 
-    def check_teachers(self, teachers: Path, hint: str) -> None:
-        """The teachers' sha256 recorded at build time against the files there now."""
+    def check_teachers(self, teachers: Path | dict, hint: str) -> None:
+        """The teachers' sha256 recorded at build time against the files there now (`teachers`: their
+        folder, or the hashes of the teachers a recipe names, mcad.teacher_spec.hashes)."""
         recorded = (self.manifest.get("config") or {}).get("teachers") or {}
+        if isinstance(teachers, dict):
+            changed = sorted(f for f in set(recorded) | set(teachers) if recorded.get(f) != teachers.get(f))
+            if changed:
+                raise ValueError(f"{self.root}: cache was built from other teachers ({', '.join(changed[:4])}"
+                                 f"{' ...' if len(changed) > 4 else ''} changed since): {hint}")
+            return
         changed = [f for f in TEACHER_FILES if not (teachers / f).exists() or recorded.get(f) != sha256_file(teachers / f)]
         if changed:
             raise ValueError(f"{self.root}: cache was built from other teachers ({', '.join(changed)} in "
@@ -199,7 +211,11 @@ class TeacherCache:
 @torch.no_grad()
 def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_captions: list[list[int]],
                 lists: np.ndarray, out: Path, shard_images: int = 2048, pair_batch: int = 1024,
-                config: dict | None = None, progress: bool = True) -> Path:
+                config: dict | None = None, progress: bool = True, fusion_ids: np.ndarray | None = None) -> Path:
+    """`fusion_ids`: the captions as the fusion teacher reads them, where its tokenizer is not the
+    dual's (BLIP's BERT ids); pixels reach each teacher at its own size and mean/std."""
+    from mcad.preprocess import model_input
+
     dual.eval()
     fusion.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +228,8 @@ def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_caption
     t_all = encode_texts(dual, ids)
     shards = []
     n_pairs = 0
-    lengths = (np.asarray(ids) != fusion.pad_id).sum(1)
+    f_ids = ids if fusion_ids is None else fusion_ids
+    lengths = (np.asarray(f_ids) != fusion.pad_id).sum(1)
     bar = tqdm(total=N, desc="teacher cache", unit="img", disable=not progress)
     for s in range(0, N, shard_images):
         e = min(N, s + shard_images)
@@ -222,9 +239,9 @@ def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_caption
         img_map = {g: i for i, g in enumerate(img_need.tolist())}
         cap_map = np.full(len(ids), -1, dtype=np.int64)
         cap_map[cap_need] = np.arange(len(cap_need))
-        img_tok = torch.cat([fusion.image_tokens(normalize(pixels[img_need[j:j + 256]], dual.image_mean, dual.image_std))
+        img_tok = torch.cat([fusion.image_tokens(model_input(fusion, pixels[img_need[j:j + 256]]))
                              for j in range(0, len(img_need), 256)])
-        ids_need = torch.as_tensor(ids[cap_need])
+        ids_need = torch.as_tensor(f_ids[cap_need])
         txt_tok = torch.cat([fusion.text_tokens(ids_need[j:j + 1024]) for j in range(0, len(ids_need), 1024)])
         n = e - s
         # pair lists: (image, caption, destination)
@@ -286,31 +303,29 @@ def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_caption
 
 
 def main(argv: list[str]) -> int:
+    from mcad import teacher_spec
+    from mcad.accelerator import resolve_device
     from mcad.checks import CACHE, require_counts
-    from mcad.models.checkpoint import check_tokenizer, load_model
-    from mcad.teachers import add_file_log, load_split
-    from mcad.tokenizer import Tokenizer
+    from mcad.data import spec as data_spec
+    from mcad.teachers import add_file_log
 
-    # the student recipe (data, teachers, neighbours, cache) + the shard size, which only the cache reads
-    cfg = load_command_config(argv, "student", extra={"cache_shard_images": 2048})
+    # the student recipe (data, teachers, neighbours, cache, device) + the shard size, which only the cache reads
+    cfg = load_command_config(argv, "student", extra={"cache_shard_images": 2048}, shorthands=teacher_spec.shorthands())
     require_counts(cfg, CACHE)
     torch.set_num_threads(int(cfg.get("threads", 2)))
-    teachers, data = Path(cfg["teachers"]), Path(cfg["data"])
-    out = Path(cfg.get("cache") or teachers / "cache")
+    data, device = data_spec.parse(cfg["data"]), resolve_device(cfg.get("device"))
+    out = teacher_spec.cache_dir(cfg)
     add_file_log(out / "cache.log")
-    for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json"):
-        if not (teachers / f).exists():
-            raise FileNotFoundError(f"{teachers / f}: missing teacher file (run `make teachers` first)")
-    dual = load_model(teachers / "dual.safetensors", kind="dual")
-    fusion = load_model(teachers / "fusion.safetensors", kind="fusion")
-    tok = Tokenizer.load(teachers / "tokenizer.json")
-    check_tokenizer(dual.config, tok, teachers / "dual.safetensors", teachers / "tokenizer.json")
-    pixels, corpus = load_split(data, "train", dual.image_size)
+    tset = teacher_spec.load_teachers(cfg, device)
+    dual, fusion, tok = tset.dual, tset.fusion, tset.tokenizer
+    pixels, corpus = data_spec.load_split(data, "train", dual.image_size)
     ids = tok.encode_batch(corpus.captions)
     lists = candidate_lists(dual_neighbours(dual, pixels, int(cfg["neighbours"]), image_keys(corpus)))
-    src = {"teachers": {f: sha256_file(teachers / f) for f in TEACHER_FILES},
-           "data": str(data), "data_key": data_key(pixels, corpus.captions), "neighbours": int(cfg["neighbours"])}
+    src = {"teachers": tset.hashes, "data": data.describe(), "data_key": data_key(pixels, corpus.captions),
+           "neighbours": int(cfg["neighbours"])}
+    if not teacher_spec.is_default(cfg):
+        src["teacher_specs"] = tset.describe()
     build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, int(cfg.get("cache_shard_images", 2048)),
-                config=src)
+                config=src, fusion_ids=tset.fusion_ids(corpus.captions))
     print(f"teacher cache: {out}")
     return 0

@@ -1,6 +1,7 @@
 """`make student`: the MCAD recipe. One readable file + mcad/configs/student.yaml.
 
-1. load the teachers (`runs/teachers`), the tokenizer and the data;
+1. load the teachers (`dual.*`, `fusion.*`: `runs/teachers` by default, or Hugging Face CLIP / BLIP-ITM
+   folders; mcad.teacher_spec), the dual teacher's tokenizer and the data (`data.*`, mcad.data.spec);
 2. fit the fusion adapters A_img, A_txt (teachers frozen);
 3. distill the student with L_clip + α L_dist + β L_feat on confuser batches;
 4. evaluate, and write the run folder (student.safetensors + config, tokenizer.json,
@@ -9,6 +10,8 @@ Teachers come from the teacher cache (`mcad cache`, `cache=` in the config) when
 run online (forward only, no gradient) otherwise: both give the same TeacherOutputs."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,20 +21,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcad import preprocess, teacher_spec
+from mcad.accelerator import resolve_device
 from mcad.config import load_command_config
 from mcad.checks import STUDENT as STUDENT_COUNTS, require_counts
-from mcad.data.images import data_key, normalize
+from mcad.data import spec as data_spec
+from mcad.data.images import data_key
+from mcad.data.spec import load_split
 from mcad.distill.cache import (TeacherCache, TeacherOutputs, candidate_lists, dual_neighbours, online_batch)
 from mcad.distill.losses import NEG, WITHIN, FusionAdapters, distribution_loss, feature_loss, kl_rows, mcad_targets, single_teacher_loss
 from mcad.evaluate import evaluate_dual, image_keys
 from mcad.io import sha256_file, write_json, write_manifest
 from mcad.losses import clip_loss
-from mcad.models.checkpoint import check_tokenizer, load_model, save_model
-from mcad.models.registry import count_params, create_model, with_tokenizer
+from mcad.models.checkpoint import save_model
+from mcad.models.registry import count_params, create_model, student_overrides
+from mcad.preprocess import model_input, same_input
 from mcad.retrieval import recall_table
 from mcad.sampling import ConfuserBatches, caption_choice
-from mcad.teachers import add_file_log, load_split
-from mcad.tokenizer import Tokenizer
+from mcad.teacher_spec import load_teachers
+from mcad.teachers import add_file_log
 from mcad.trainer import Trainer
 
 log = logging.getLogger("mcad.distill")
@@ -54,17 +62,44 @@ def loss_weights(variant: str, loss_cfg: dict) -> dict[str, float]:
 
 
 class Teachers:
-    """The teachers' outputs for a batch: from the cache, or by running them."""
+    """The teachers' outputs for a batch: from the cache, or by running them; on `device`."""
 
-    def __init__(self, dual, fusion, lists: np.ndarray, cache: TeacherCache | None, with_fusion: bool = True):
+    def __init__(self, dual, fusion, lists: np.ndarray, cache: TeacherCache | None, with_fusion: bool = True,
+                 fusion_ids: np.ndarray | None = None, device: torch.device | None = None):
         self.dual, self.fusion, self.lists, self.cache = dual, fusion, lists, cache
         self.with_fusion = with_fusion
+        self.fusion_ids = fusion_ids  # None: the fusion teacher reads the dual's ids (the mcad teachers)
+        self.own_pixels = not same_input(dual, fusion)  # BLIP at 384 beside CLIP at 224, other mean/std
+        self.device = device or torch.device("cpu")
 
     def __call__(self, pixels, ids, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
         if self.cache is not None:
-            return self.cache.batch(idx, cap)
-        px = normalize(pixels[idx], self.dual.image_mean, self.dual.image_std)
-        return online_batch(self.dual, self.fusion, px, torch.as_tensor(ids[cap]), idx, self.lists, self.with_fusion)
+            return on_device(self.cache.batch(idx, cap), self.device)
+        px = model_input(self.dual, pixels[idx])
+        f_px = model_input(self.fusion, pixels[idx]) if self.own_pixels and self.with_fusion else None
+        f_ids = torch.as_tensor(self.fusion_ids[cap]) if self.fusion_ids is not None else None
+        out = online_batch(self.dual, self.fusion, px, torch.as_tensor(ids[cap]), idx, self.lists, self.with_fusion,
+                           f_px=f_px, f_ids=f_ids)
+        return on_device(out, self.device)
+
+
+def on_device(tb: TeacherOutputs, device: torch.device) -> TeacherOutputs:
+    """The batch's teacher outputs where the student is (the same tensors on the CPU)."""
+    return dataclasses.replace(tb, **{f.name: getattr(tb, f.name).to(device) for f in dataclasses.fields(tb)})
+
+
+def comparable(cfg: dict) -> dict:
+    """The config as records compare it: the data as one value (`DataSpec.describe`: the synthetic
+    root, as `data=` was before specs), the project's own teachers (the default) and the device left
+    out, so a run of the embedded default records the recipe it recorded before and resumes (and the
+    ablation reuses) runs made then."""
+    out = json.loads(json.dumps({k: v for k, v in cfg.items() if k != "device"}, default=str))
+    if "data" in out:
+        out["data"] = data_spec.parse(out["data"]).describe()
+    for role in ("dual", "fusion"):
+        if role in out and teacher_spec.parse(role, out[role]).is_default:
+            out.pop(role)
+    return out
 
 
 def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, pixels, ids, caps, batches, seed,
@@ -72,7 +107,7 @@ def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, pixels, ids, cap
     """A_img/A_txt such that ṽ_i·t_j over each row's candidates follows F's ITM judgement (and
     symmetrically)."""
     torch.manual_seed(seed + 5)
-    ad = FusionAdapters(h_dim, dim)
+    ad = FusionAdapters(h_dim, dim).to(teachers.device)
     acfg = {"steps": int(cfg["adapters"]["steps"]), "lr": float(cfg["adapters"]["lr"]), "warmup": 10, "weight_decay": 0.0}
     tr = Trainer({"adapters": ad}, acfg, desc="fusion adapters")
     bs, tau, tau_f = int(cfg["adapters"]["batch_size"]), float(cfg["adapters"]["tau"]), float(cfg["loss"]["tau_f"])
@@ -102,36 +137,31 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         raise ValueError(f"loss.within={cfg['loss']['within']!r}: expected one of {', '.join(WITHIN)}")
     from mcad import distributed
 
-    rank, world = distributed.init()
+    data = data_spec.parse(cfg["data"])
+    device = resolve_device(cfg.get("device"))
+    rank, world = distributed.init(device)
+    device = distributed.local_device(device)
     torch.set_num_threads(max(1, int(cfg.get("threads", 2)) // world))
     seed = int(cfg["seed"])
-    teachers, data = Path(cfg["teachers"]), Path(cfg["data"])
+    teachers = Path(cfg["teachers"])
     run = Path(cfg["out"]) / cfg["name"]
     run.mkdir(parents=True, exist_ok=True)
     add_file_log(run / "train.log")
-    for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json"):
-        if not (teachers / f).exists():
-            raise FileNotFoundError(f"{teachers / f}: missing teacher file (run `make teachers` first)")
-    dual = load_model(teachers / "dual.safetensors", kind="dual")
-    fusion = load_model(teachers / "fusion.safetensors", kind="fusion")
-    dual.requires_grad_(False)
-    fusion.requires_grad_(False)
-    tok = Tokenizer.load(teachers / "tokenizer.json")
-    check_tokenizer(dual.config, tok, teachers / "dual.safetensors", teachers / "tokenizer.json")
+    tset = load_teachers(cfg, device)
+    dual, fusion, tok = tset.dual, tset.fusion, tset.tokenizer
     pixels, corpus = load_split(data, "train", dual.image_size)
     test_px, test_c = load_split(data, cfg["eval"]["split"], dual.image_size)
     ids, test_ids = tok.encode_batch(corpus.captions), tok.encode_batch(test_c.captions)
     caps, keys = corpus.image_captions(), torch.as_tensor(image_keys(corpus))
     # what the run depends on besides its config: a partial checkpoint of other data or other
     # teachers (same paths, new contents) is not resumed
-    inputs = {"data": data_key(pixels, corpus.captions),
-              "teachers": {f: sha256_file(teachers / f) for f in ("dual.safetensors", "fusion.safetensors", "tokenizer.json")}}
+    inputs = {"data": data_key(pixels, corpus.captions), "teachers": tset.hashes}
 
     cache = None
-    cache_dir = Path(cfg.get("cache") or teachers / "cache")
+    cache_dir = teacher_spec.cache_dir(cfg)
     if variant != "none" and (cache_dir / "manifest.json").exists():
         cache = TeacherCache(cache_dir)
-        cache.check(len(pixels), caps, teachers=teachers, data=inputs["data"])
+        cache.check(len(pixels), caps, teachers=tset.hashes, data=inputs["data"])
         if cache.neighbours.shape[1] != int(cfg["neighbours"]):
             raise ValueError(f"{cache_dir}: cache has {cache.neighbours.shape[1]} neighbours per image, the config "
                              f"{cfg['neighbours']}: rebuild it or set neighbours={cache.neighbours.shape[1]}")
@@ -145,36 +175,42 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     w = loss_weights(variant, L)
     alpha, beta, mu, lam = w["alpha"], w["beta"], w["mu"], w["lam"]
     # dual KD with μ = λ = 0 never reads F: online runs skip it
-    teacher_out = Teachers(dual, fusion, candidate_lists(nb), cache, with_fusion=variant == "single" or mu > 0 or lam > 0)
+    uses_f = variant == "single" or mu > 0 or lam > 0
+    teacher_out = Teachers(dual, fusion, candidate_lists(nb), cache, with_fusion=uses_f,
+                           fusion_ids=tset.fusion_ids(corpus.captions) if cache is None and uses_f else None,
+                           device=device)
     batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg["neighbours"]) + 1)
     adapters = fit_adapters(cfg, teacher_out, fusion.width, dual.embed_dim, pixels, ids, caps, batches, seed, progress) \
         if variant == "mcad" and lam > 0 else None
 
     torch.manual_seed(seed)  # same student initialisation for every variant
-    student = create_model(cfg["model"], **with_tokenizer({}, tok))
+    student = create_model(cfg["model"], **student_overrides(cfg["model"], dual, tok)).to(device)
     proj = nn.ModuleDict({"img": nn.Linear(student.embed_dim, dual.embed_dim, bias=False),
-                          "txt": nn.Linear(student.embed_dim, dual.embed_dim, bias=False)})
+                          "txt": nn.Linear(student.embed_dim, dual.embed_dim, bias=False)}).to(device)
     if world > 1:
-        student_ddp = torch.nn.parallel.DistributedDataParallel(student)
+        student_ddp = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
         forward = student_ddp
     else:
         forward = student
     tr = Trainer({"student": student, "proj": proj}, cfg, run / "student.ckpt.pt" if rank == 0 else None,
                  desc=f"student ({variant})" + (f" rank {rank}" if world > 1 else ""),
-                 recipe={**{k: v for k, v in cfg.items() if k not in ("threads", "seeds", "variants", "results", "name", "out")},
+                 recipe={**{k: v for k, v in comparable(cfg).items()
+                            if k not in ("threads", "seeds", "variants", "results", "name", "out")},
                          "inputs": inputs})
     tr.resume()
     tau, tau_f = float(L["tau_kd"]), float(L["tau_f"])
     within = str(L.get("within", "order"))
+    keys_d = keys.to(device)
 
     def loss_fn(step):
         idx = batches(step)
         cap = caption_choice(len(pixels), caps, seed, step, idx)
-        px, ids_b = normalize(pixels[idx], student.image_mean, student.image_std), torch.as_tensor(ids[cap])
+        px, ids_b = model_input(student, pixels[idx]).to(device), torch.as_tensor(ids[cap]).to(device)
         sl = distributed.local_slice(len(idx))  # this process encodes its slice; losses see all
         u, w, scale = forward(px[sl], ids_b[sl])
         u, w = distributed.gather(u), distributed.gather(w)
-        loss = clip_loss(u, w, scale, keys[idx])
+        loss = clip_loss(u, w, scale, keys_d[idx])
         logs = {"clip": float(loss.detach())}
         if alpha > 0 or beta > 0:
             tb = teacher_out(pixels, ids, idx, cap)
@@ -187,7 +223,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
                 tgt_i, tgt_t = mcad_targets(tb.v, tb.t, v_m if mod else None, t_m if mod else None,
                                             tb.mask_i2t, tb.m_i2t, tb.mask_t2i, tb.m_t2i, mu, within, tau, tau_f)
                 l_dist = distribution_loss(s, tgt_i, tgt_t, tau)
-            l_feat = feature_loss(proj["img"](u), proj["txt"](w), v_m, t_m) if beta > 0 else torch.zeros(())
+            l_feat = feature_loss(proj["img"](u), proj["txt"](w), v_m, t_m) if beta > 0 else torch.zeros((), device=device)
             loss = loss + alpha * l_dist + beta * l_feat
             logs.update(dist=float(l_dist.detach()), feat=float(l_feat.detach()))
         return loss, logs
@@ -201,16 +237,12 @@ def distill(cfg: dict, progress: bool = True) -> dict:
 
     rows = {}
     rows["student"], _ = evaluate_dual(student, test_px, test_ids, test_c.caption_to_image)
-    tm = teachers / "metrics.json"
-    known = {}
-    if tm.exists() and cfg["eval"]["split"] == "test":  # the teachers' own evaluation: not redone per run
-        import json
-
-        known = json.loads(tm.read_text())["test"]
+    known = teachers_own_rows(cfg, data, teachers)
     rows["dual teacher"] = known.get("dual teacher") or evaluate_dual(dual, test_px, test_ids, test_c.caption_to_image)[0]
     rows.update({name: r for name, r in known.items() if name.startswith("fusion")})
     save_model(student, run / "student.safetensors", extra={"variant": variant, "seed": seed})
     tok.save(run / "tokenizer.json")
+    pre = preprocess.record(student)
     metrics = {"variant": variant, "seed": seed, "test": rows,
                "teacher_outputs": "none" if variant == "none" else ("cache " + str(cache_dir) if cache else "online"),
                "params": {"student": count_params(student), "dual_teacher": count_params(dual),
@@ -218,19 +250,38 @@ def distill(cfg: dict, progress: bool = True) -> dict:
                "train_s": train_s, "step_s": train_s / max(1, tr.steps - (tr.history[0]["step"] - 1 if tr.history else 0)),
                "share_of_teacher_r1": {n: {d: rows["student"][f"{d}_r1"] / max(1e-9, r[f"{d}_r1"]) for d in ("i2t", "t2i")}
                                        for n, r in rows.items() if n != "student"},
+               "teachers": tset.describe(), "data": data.describe(), "device": str(device), "preprocess": pre,
                "config": cfg}
     write_json(run / "metrics.json", metrics)
     table = recall_table(rows)
     (run / "report.md").write_text(f"# {cfg['name']} ({variant}, seed {seed})\n\n{table}\n\n"
                                    f"student {count_params(student):,} params; dual teacher {count_params(dual):,}\n")
     write_manifest(run / "manifest.json", kind="student-run", config=cfg,
-                   files=[run / "student.safetensors", run / "tokenizer.json", run / "metrics.json"])
+                   files=[run / "student.safetensors", run / "tokenizer.json", run / "metrics.json"],
+                   teachers={"specs": tset.describe(), "sha256": tset.hashes}, preprocess=pre,
+                   tokenizer={"file": "tokenizer.json", "kind": tok.kind, "of": tset.describe()["dual"]})
     print(table)
     distributed.barrier()
     return metrics
 
 
+def teachers_own_rows(cfg: dict, data: data_spec.DataSpec, teachers: Path) -> dict:
+    """The project's teachers evaluated themselves on this test split (`make teachers` writes
+    metrics.json): reused rather than redone per run, only where they are the run's teachers and
+    were evaluated on the run's data."""
+    tm = teachers / "metrics.json"
+    if not (tm.exists() and cfg["eval"]["split"] == "test" and teacher_spec.is_default(cfg)):
+        return {}
+    m = json.loads(tm.read_text())
+    try:
+        same = data_spec.parse((m.get("config") or {}).get("data") or data_spec.DEFAULT_SYNTH_ROOT).describe() \
+            == data.describe()
+    except ValueError:
+        same = False
+    return m.get("test", {}) if same else {}
+
+
 def main(argv: list[str]) -> int:
-    cfg = load_command_config(argv, "student")  # `mcad student [recipe] key=value ...`, checked against the recipe
+    cfg = load_command_config(argv, "student", shorthands=teacher_spec.shorthands())  # `mcad student [recipe] key=value ...`, checked against the recipe
     distill(cfg)
     return 0

@@ -12,6 +12,11 @@ Types, from the default (or from `types=` / a dataclass's annotations where the 
   None default without a type: anything YAML (`keep_fp32=[proj, softmax]`); `key=` or `key=null` sets None.
 Mappings are reached with dotted keys (`loss.alpha=20`). `open_keys` names the mappings whose
 children are free (any key, any YAML value); a command needing free keys must list them there.
+`shorthands` maps a mapping's key to a function that reads `key=text` as the `key.<child>` values
+it stands for (`data=data/synth` -> data.format=synth data.root=data/synth, mcad.data.spec).
+
+A recipe may start from another: `base: student` at its top takes every key of student.yaml and
+sets only those it names, which must be keys of the base (a typo in a shipped recipe is an error).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from typing import Any, Iterable
 
 import yaml
 
+Shorthands = dict[str, typing.Callable[[str], dict]]
 CONFIG_DIR = Path(__file__).parent / "configs"
 # `key=value`: a key starts like an identifier; anything else (a query text, a path) is positional
 KEY_VALUE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -50,7 +56,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"{name_or_path}: no such config file or registered recipe (known: {known})")
 
 
-def read_yaml(name_or_path: str | Path) -> dict:
+def read_yaml(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     path = resolve_config_path(name_or_path)
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
@@ -58,17 +64,33 @@ def read_yaml(name_or_path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    base = cfg.pop("base", None)
+    if base is not None:
+        if path.resolve() in _seen:
+            raise ConfigError(f"{path}: base: {base} leads back to this recipe")
+        cfg = inherit(read_yaml(base, (*_seen, path.resolve())), cfg, path)
     return cfg
 
 
+def inherit(base: dict, child: dict, path: Path, prefix: str = "") -> dict:
+    """`base` with `child`'s values; every key of `child` must be one of `base` (mappings merge)."""
+    out = copy.deepcopy(base)
+    for k, v in child.items():
+        if k not in base:
+            raise ConfigError(f"{path}: {unknown(prefix + str(k), _keys(base, prefix))}")
+        out[k] = inherit(base[k], v, path, f"{prefix}{k}.") if isinstance(base[k], dict) and isinstance(v, dict) \
+            else copy.deepcopy(v)
+    return out
+
+
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None, *, extra: dict | None = None,
-                open_keys: Iterable[str] = ()) -> dict:
+                open_keys: Iterable[str] = (), shorthands: Shorthands | None = None) -> dict:
     """The recipe's YAML with `overrides` applied, strictly: the YAML is the schema. `extra`: keys a
     command reads besides the recipe's (with their defaults), e.g. the ablation's `seeds`."""
     cfg = read_yaml(name_or_path)
     for k, v in (extra or {}).items():
         cfg.setdefault(k, v)
-    return apply_overrides(cfg, overrides or [], open_keys=open_keys)
+    return apply_overrides(cfg, overrides or [], open_keys=open_keys, shorthands=shorthands)
 
 
 def load_command_config(argv: list[str], default_recipe: str, **kw) -> dict:
@@ -107,7 +129,8 @@ def split_argv(argv: Iterable[str], flags: Iterable[str] = ()) -> tuple[list[str
 
 
 def parse_overrides(argv: Iterable[str], defaults: Any, *, positional: int = 0, flags: Iterable[str] = (),
-                    open_keys: Iterable[str] = (), types: dict[str, Any] | None = None) -> Parsed:
+                    open_keys: Iterable[str] = (), types: dict[str, Any] | None = None,
+                    shorthands: Shorthands | None = None) -> Parsed:
     """`pos ... key=value ... --flag` against `defaults` (a dict, a dataclass type or instance).
 
     `types`: the type of keys whose default is None (`{"run": str, "runs": int}`); a dataclass's
@@ -119,6 +142,7 @@ def parse_overrides(argv: Iterable[str], defaults: Any, *, positional: int = 0, 
         extra = pos[positional:]
         raise ConfigError(f"{extra[0]!r}: expected key=value" if positional == 0 else
                           f"too many positional arguments: {', '.join(map(repr, extra))} (options are key=value)")
+    items = expand_shorthands(items, shorthands)
     cfg = apply_overrides(schema, items, open_keys=open_keys, types=hints)
     given = {}
     for item in items:
@@ -148,13 +172,26 @@ def schema_of(defaults: Any) -> tuple[dict, dict[str, Any]]:
     return dict(defaults), {}
 
 
+def expand_shorthands(items: list[str], shorthands: Shorthands | None) -> list[str]:
+    """`key=text` of a key in `shorthands` -> the `key.<child>=<value>` items it stands for, in place
+    (so a later `key.<child>=...` still overrides one of them)."""
+    if not shorthands:
+        return list(items)
+    out = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        expand = shorthands.get(key.strip()) if sep else None
+        out += [f"{key.strip()}.{k}={'' if v is None else v}" for k, v in expand(text).items()] if expand else [item]
+    return out
+
+
 def apply_overrides(cfg: dict, overrides: list[str], *, open_keys: Iterable[str] = (),
-                    types: dict[str, Any] | None = None) -> dict:
+                    types: dict[str, Any] | None = None, shorthands: Shorthands | None = None) -> dict:
     """A copy of `cfg` with each `key=value` applied; a key must already be in `cfg` (or under one
     of `open_keys`), and its value must fit the default's type (or `types[key]`)."""
     cfg = copy.deepcopy(cfg)
     open_keys, types = set(open_keys), types or {}
-    for item in overrides:
+    for item in expand_shorthands(overrides, shorthands):
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:

@@ -1,4 +1,4 @@
-"""Data parallel through torchrun (gloo on CPU). Each process encodes its slice of the global batch;
+"""Data parallel through torchrun (NCCL on GPUs, gloo on CPUs). Each process encodes its slice of the global batch;
 embeddings are gathered with gradient (open_clip's gather_with_grad), so the contrastive and
 distillation losses see the whole global batch, and DDP's gradient averaging then equals the
 single-process gradient of the global-batch loss."""
@@ -10,12 +10,28 @@ import torch
 import torch.distributed as dist
 
 
-def init() -> tuple[int, int]:
-    """(rank, world_size); initialises gloo when launched by torchrun with WORLD_SIZE > 1."""
+def backend(device: torch.device | str | None = None) -> str:
+    """nccl for processes on GPUs, gloo on CPUs."""
+    return "nccl" if torch.device(device or "cpu").type == "cuda" else "gloo"
+
+
+def init(device: torch.device | str | None = None) -> tuple[int, int]:
+    """(rank, world_size); initialises the process group (`backend(device)`) when launched by
+    torchrun with WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if torch.device(device or "cpu").type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend(device))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def local_device(device: torch.device | str) -> torch.device:
+    """This process's device: under torchrun each process takes the GPU of its LOCAL_RANK."""
+    device = torch.device(device)
+    if device.type == "cuda" and dist.is_initialized() and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def is_main() -> bool:

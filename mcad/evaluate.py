@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcad.data.images import normalize
+from mcad.accelerator import autocast, model_device
+from mcad.preprocess import model_input
 from mcad.retrieval import recall_table, rerank_metrics, retrieval_metrics
 
 log = logging.getLogger("mcad.eval")
@@ -16,17 +17,22 @@ log = logging.getLogger("mcad.eval")
 
 @torch.no_grad()
 def encode_images(model, pixels: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Unit embeddings [N, D] (float32, CPU) of uint8 pixels, computed where the model is."""
     model.eval()
-    out = [model.encode_image(normalize(pixels[s:s + batch_size], model.image_mean, model.image_std))
-           for s in range(0, len(pixels), batch_size)]
+    dev = model_device(model)
+    with autocast(dev):
+        out = [model.encode_image(model_input(model, pixels[s:s + batch_size]).to(dev)).float().cpu()
+               for s in range(0, len(pixels), batch_size)]
     return torch.cat(out)
 
 
 @torch.no_grad()
 def encode_texts(model, ids: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
     model.eval()
-    return torch.cat([model.encode_text(torch.as_tensor(ids[s:s + batch_size]))
-                      for s in range(0, len(ids), batch_size)])
+    dev = model_device(model)
+    with autocast(dev):
+        return torch.cat([model.encode_text(torch.as_tensor(ids[s:s + batch_size]).to(dev)).float().cpu()
+                          for s in range(0, len(ids), batch_size)])
 
 
 @torch.no_grad()
@@ -48,58 +54,96 @@ def evaluate_dual(model, pixels, ids, caption_to_image) -> tuple[dict, torch.Ten
 
 @torch.no_grad()
 def evaluate_rerank(fusion, pixels, ids, caption_to_image, sim, k: int = 16, batch_size: int = 512) -> dict:
-    """Re-rank each row's top-k under `sim` (the dual model's) by the fusion model's ITM logit."""
+    """Re-rank each row's top-k under `sim` (the dual model's) by the fusion model's ITM logit.
+    `ids`: the captions as the fusion model reads them (its own tokenizer's)."""
     fusion.eval()
-    img_tok = torch.cat([fusion.image_tokens(normalize(pixels[s:s + 256], fusion.dual.image_mean, fusion.dual.image_std))
-                         for s in range(0, len(pixels), 256)])
-    ids_t = torch.as_tensor(ids)
-    txt_tok = torch.cat([fusion.text_tokens(ids_t[s:s + 1024]) for s in range(0, len(ids_t), 1024)])
+    dev = model_device(fusion)
+    with autocast(dev):
+        img_tok = torch.cat([fusion.image_tokens(model_input(fusion, pixels[s:s + 256]).to(dev))
+                             for s in range(0, len(pixels), 256)])
+        ids_t = torch.as_tensor(ids).to(dev)
+        txt_tok = torch.cat([fusion.text_tokens(ids_t[s:s + 1024]) for s in range(0, len(ids_t), 1024)])
 
     def scorer(i, t):
-        _, m = fusion.score_pairs(img_tok, txt_tok, ids_t, torch.as_tensor(i), torch.as_tensor(t), batch_size)
-        return m.numpy()
+        with autocast(dev):
+            _, m = fusion.score_pairs(img_tok, txt_tok, ids_t, torch.as_tensor(i), torch.as_tensor(t), batch_size)
+        return m.float().cpu().numpy()
 
     return rerank_metrics(sim, caption_to_image, scorer, scorer, k)
 
 
-# `mcad eval CHECKPOINT key=value ...`: None = derived (tokenizer: beside the checkpoint)
-EVAL_OPTIONS = {"fusion": None, "data": "data/synth", "split": "test", "k": 16, "tokenizer": None, "json": None}
-EVAL_TYPES = {"fusion": str, "tokenizer": str, "json": str}  # paths: kept as text
+# `mcad eval [CHECKPOINT] key=value ...`: None = derived (tokenizer: beside the checkpoint). The data
+# and teacher specs are those of the training commands (mcad.data.spec, mcad.teacher_spec); a
+# fusion teacher given re-ranks the dual model's top-k.
+def eval_options() -> dict:
+    from mcad.data.spec import DATA_DEFAULTS
+    from mcad.teacher_spec import TEACHER_DEFAULTS
+
+    return {"data": dict(DATA_DEFAULTS), **{r: dict(v) for r, v in TEACHER_DEFAULTS.items()}, "split": "test",
+            "k": 16, "tokenizer": None, "json": None, "device": "auto"}
+
+
+EVAL_TYPES = {"tokenizer": str, "json": str}  # paths: kept as text
+USAGE = ("usage: mcad eval CHECKPOINT | dual.source=hf-clip dual.path=FOLDER  [fusion=FUSION.safetensors | "
+         "fusion.source=hf-blip-itm fusion.path=FOLDER] [data=data/synth | data.format=... data.json=...] "
+         "[split=test] [k=16] [tokenizer=PATH] [json=OUT.json] [device=auto]")
 
 
 def parse_args(argv: list[str]):
     from mcad.config import parse_overrides
+    from mcad.teacher_spec import parse, shorthands
 
-    p = parse_overrides(argv, EVAL_OPTIONS, positional=1, types=EVAL_TYPES)
-    if not p.positional:
-        raise ValueError("usage: mcad eval CHECKPOINT [fusion=FUSION.safetensors] [data=data/synth] [split=test] "
-                         "[k=16] [tokenizer=PATH] [json=OUT.json]")
-    return Path(p.positional[0]), p.config
+    p = parse_overrides(argv, eval_options(), positional=1, types=EVAL_TYPES, shorthands=shorthands())
+    if not p.positional and parse("dual", p.config["dual"]).is_default:
+        raise ValueError(USAGE)
+    return (Path(p.positional[0]) if p.positional else None), p.config
 
 
-def main(argv: list[str]) -> int:
-    from mcad.data.images import load_images
-    from mcad.data.karpathy import load_karpathy
+def load_evaluated(ckpt: Path | None, kv: dict):
+    """(name, dual model, its tokenizer, the fusion model it is, if a fusion checkpoint) under evaluation."""
     from mcad.models.checkpoint import check_tokenizer, load_model
+    from mcad.teacher_spec import load_one, parse
     from mcad.tokenizer import Tokenizer
 
-    ckpt, kv = parse_args(argv)
+    if ckpt is None:
+        spec = parse("dual", kv["dual"])
+        model, tok, tok_file = load_one(spec, Path("."))
+        if tok is None:
+            tok_file = Path(kv["tokenizer"] or tok_file)
+            tok = Tokenizer.load(tok_file)
+            check_tokenizer(model.config, tok, spec.path, tok_file)
+        return Path(spec.path).stem or spec.path, model, tok, None
     model = load_model(ckpt)
     tok_path = Path(kv["tokenizer"] or ckpt.parent / "tokenizer.json")
     tok = Tokenizer.load(tok_path)
     check_tokenizer(model.config, tok, ckpt, tok_path)  # another vocabulary: wrong ids, or an IndexError
-    data = Path(kv["data"])
-    corpus = load_karpathy(data / "dataset_synth.json" if data.is_dir() else data, split=kv["split"])
-    pixels, corpus = load_images(corpus, model.image_size if hasattr(model, "image_size") else model.dual.image_size)
+    if model.kind == "fusion":
+        return ckpt.stem, model.dual, tok, model
+    return ckpt.stem, model, tok, None
+
+
+def main(argv: list[str]) -> int:
+    from mcad.accelerator import place, resolve_device
+    from mcad.data.spec import load_split, parse as parse_data
+    from mcad.teacher_spec import load_one, parse
+
+    ckpt, kv = parse_args(argv)
+    device = resolve_device(kv["device"])
+    data = parse_data(kv["data"])
+    name, dual, tok, own_fusion = load_evaluated(ckpt, kv)
+    pixels, corpus = load_split(data, kv["split"], dual.image_size)
     ids = tok.encode_batch(corpus.captions)
-    dual = model if model.kind == "dual" else model.dual
-    metrics, sim = evaluate_dual(dual, pixels, ids, corpus.caption_to_image)
-    rows = {ckpt.stem: metrics}
-    fusion_path = kv.get("fusion") or (ckpt if model.kind == "fusion" else None)
-    if fusion_path:
-        fusion = model if model.kind == "fusion" else load_model(fusion_path, kind="fusion", role="fusion=")
+    metrics, sim = evaluate_dual(place(dual, device), pixels, ids, corpus.caption_to_image)
+    rows = {name: metrics}
+    fspec = parse("fusion", kv["fusion"])
+    fusion, f_ids, f_name = own_fusion, ids, name
+    if not fspec.is_default:  # a fusion teacher given: it re-ranks (with its own tokenizer, where it has one)
+        fusion, ftok, _ = load_one(fspec, Path("."))
+        f_ids, f_name = (ftok or tok).encode_batch(corpus.captions), Path(fspec.path).stem
+    if fusion is not None:
         k = int(kv["k"])
-        rows[f"{Path(fusion_path).stem} re-rank top-{k}"] = evaluate_rerank(fusion, pixels, ids, corpus.caption_to_image, sim, k)
+        rows[f"{f_name} re-rank top-{k}"] = evaluate_rerank(place(fusion, device), pixels, f_ids,
+                                                           corpus.caption_to_image, sim, k)
     print(recall_table(rows))
     if kv["json"]:
         from mcad.io import write_json

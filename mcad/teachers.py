@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from mcad.config import load_command_config
 from mcad.checks import TEACHERS as TEACHER_COUNTS, require_counts
-from mcad.data.images import data_key, load_images, normalize
-from mcad.data.karpathy import load_karpathy
+from mcad.accelerator import resolve_device
+from mcad.data.images import data_key, normalize
 from mcad.evaluate import encode_images, evaluate_dual, evaluate_rerank, image_keys
 from mcad.io import write_json
 from mcad.losses import candidates_with_positive, clip_loss, itm_listwise_loss
@@ -50,10 +50,11 @@ def add_file_log(path: Path) -> None:
     logging.getLogger().setLevel(logging.INFO)
 
 
-def load_split(data: Path, split: str, size: int):
-    corpus = load_karpathy(data / "dataset_synth.json", split=split)
-    pixels, corpus = load_images(corpus, size, cache_dir=data)
-    return pixels, corpus
+def load_split(data, split: str, size: int):
+    """(pixels, Corpus) of one split of a data spec (`data.*` keys, or a synthetic root): mcad.data.spec."""
+    from mcad.data.spec import load_split as load
+
+    return load(data, split, size)
 
 
 def teacher_recipes(cfg: dict, data: str | None) -> dict[str, dict]:
@@ -92,10 +93,12 @@ def check_reuse(path: Path, out: Path, name: str, recipe: dict) -> None:
                          f"(and what was made from it: fusion, cache/) to retrain, or give another out=")
 
 
-def train_dual(cfg: dict, tok: Tokenizer, pixels, ids, corpus, out: Path, seed: int, recipe: dict | None = None):
+def train_dual(cfg: dict, tok: Tokenizer, pixels, ids, corpus, out: Path, seed: int, recipe: dict | None = None,
+               device: torch.device | None = None):
+    device = device or torch.device("cpu")  # batches follow the model (the same tensors on the CPU)
     torch.manual_seed(seed)
-    model = create_model(cfg["model"], **with_tokenizer({}, tok))
-    keys = torch.as_tensor(image_keys(corpus))
+    model = create_model(cfg["model"], **with_tokenizer({}, tok)).to(device)
+    keys = torch.as_tensor(image_keys(corpus)).to(device)
     caps = corpus.image_captions()
     batches = RandomBatches(len(pixels), int(cfg["batch_size"]), seed)
     trainer = Trainer({"model": model}, cfg, out / "dual.ckpt.pt", desc="dual teacher", recipe=recipe)
@@ -104,7 +107,8 @@ def train_dual(cfg: dict, tok: Tokenizer, pixels, ids, corpus, out: Path, seed: 
     def loss_fn(step: int):
         idx = batches(step)
         cap = caption_choice(len(pixels), caps, seed, step, idx)
-        img, txt, scale = model(normalize(pixels[idx], model.image_mean, model.image_std), torch.as_tensor(ids[cap]))
+        img, txt, scale = model(normalize(pixels[idx], model.image_mean, model.image_std).to(device),
+                                torch.as_tensor(ids[cap]).to(device))
         return clip_loss(img, txt, scale, keys[idx]), {"scale": float(scale.detach())}
 
     t0 = time.time()
@@ -112,7 +116,9 @@ def train_dual(cfg: dict, tok: Tokenizer, pixels, ids, corpus, out: Path, seed: 
     return model, time.time() - t0
 
 
-def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, recipe: dict | None = None):
+def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, recipe: dict | None = None,
+                 device: torch.device | None = None):
+    device = device or torch.device("cpu")
     torch.manual_seed(seed + 1)
     fcfg = create_model(cfg["model"]).config
     fcfg["dual"] = dual.config
@@ -121,7 +127,9 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, rec
     fusion = build_model(fcfg)
     fusion.dual.load_state_dict(dual.state_dict())
     fusion.dual.requires_grad_(False)
-    keys = torch.as_tensor(image_keys(corpus))
+    fusion.to(device)
+    dual = dual.to(device)
+    keys = torch.as_tensor(image_keys(corpus)).to(device)
     caps = corpus.image_captions()
     log.info("fusion: nearest neighbours of %d training images under the dual teacher", len(pixels))
     emb = encode_images(dual, pixels)
@@ -133,8 +141,8 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, rec
     def loss_fn(step: int):
         idx = batches(step)
         cap = caption_choice(len(pixels), caps, seed, step, idx)
-        px = normalize(pixels[idx], dual.image_mean, dual.image_std)
-        ids_b = torch.as_tensor(ids[cap])
+        px = normalize(pixels[idx], dual.image_mean, dual.image_std).to(device)
+        ids_b = torch.as_tensor(ids[cap]).to(device)
         with torch.no_grad():
             img_tok, txt_tok = fusion.image_tokens(px), fusion.text_tokens(ids_b)
             v, t = dual.encode_image(px), dual.encode_text(ids_b)
@@ -146,7 +154,7 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, rec
         ct = candidates_with_positive(sim, kb, k)
         ci = candidates_with_positive(sim.T, kb, k)
         B = len(idx)
-        rows = torch.arange(B)[:, None].expand_as(ct)
+        rows = torch.arange(B, device=device)[:, None].expand_as(ct)
         i_idx = torch.cat([rows.reshape(-1), ci.reshape(-1)])
         t_idx = torch.cat([ct.reshape(-1), rows.reshape(-1)])
         _, m = fusion.fuse(img_tok[i_idx], txt_tok[t_idx], ids_b[t_idx])
@@ -160,10 +168,14 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, rec
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_command_config(argv, "teachers")  # keys checked against the recipe: a typo is an error
+    from mcad.data.spec import parse, shorthand
+
+    # keys checked against the recipe: a typo is an error; `data=PATH` is short for the data spec
+    cfg = load_command_config(argv, "teachers", shorthands={"data": shorthand})
     require_counts(cfg, TEACHER_COUNTS)
     torch.set_num_threads(int(cfg.get("threads", 2)))
-    data, out, seed = Path(cfg["data"]), Path(cfg["out"]), int(cfg["seed"])
+    data, out, seed = parse(cfg["data"]), Path(cfg["out"]), int(cfg["seed"])
+    device = resolve_device(cfg.get("device"))
     out.mkdir(parents=True, exist_ok=True)
     add_file_log(out / "train.log")
     timings: dict[str, float] = {}
@@ -200,9 +212,9 @@ def main(argv: list[str]) -> int:
         return model
 
     dual = load_or_train("dual", lambda: train_dual(cfg["dual"], tok, train_px, train_ids, train_c, out, seed,
-                                                    recipes["dual"]))
+                                                    recipes["dual"], device)).to(device)
     fusion = load_or_train("fusion", lambda: train_fusion(cfg["fusion"], dual, train_px, train_ids, train_c, out, seed,
-                                                          recipes["fusion"]))
+                                                          recipes["fusion"], device)).to(device)
 
     t0 = time.time()
     d_metrics, sim = evaluate_dual(dual, test_px, test_ids, test_c.caption_to_image)

@@ -1,6 +1,7 @@
 """A small training loop shared by the teacher and student recipes.
 
-AdamW + linear warm-up + cosine decay, gradient clipping, optional bf16 autocast, and a resumable
+AdamW + linear warm-up + cosine decay, gradient clipping, bf16 autocast (optional on the CPU, always on
+CUDA), and a resumable
 checkpoint written atomically every N steps. Batches must be a pure function of the step (see
 `mcad.sampling`), so a resumed run sees exactly the batches the uninterrupted one would have:
 together with the saved optimizer/scheduler/RNG states, resume is bit-exact.
@@ -197,9 +198,14 @@ class Trainer:
         state = "saved" if saved_now else "last checkpoint"
         return where + f"{state} {self.ckpt_path} (step {self.saved_step}): run the same command again to resume"
 
+    def _device_type(self) -> str:
+        """Where the modules are: "cuda" puts the forward under bf16 autocast (mcad.accelerator)."""
+        return next((p.device.type for m in self.modules.values() for p in m.parameters()), "cpu")
+
     def _loop(self, loss_fn, end: int, bar, stop: threading.Event) -> None:
+        dev = self._device_type()
         while self.step < end:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.bf16 or dev == "cuda"):
                 loss, logs = loss_fn(self.step)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -332,9 +332,9 @@ def test_load_corpus_dispatch(karpathy, csv_dir, shards, tmp_path):
     assert c.n_images == 4 and c.n_captions == 20 and c.meta[0]["scene"]
     pixels, c = load_pixels({"format": "synthetic", "root": str(tmp_path / "synth")}, "val", size=32)
     assert pixels.shape == (4, 3, 32, 32)
-    with pytest.raises(ValueError, match="karpathy, csv, wds, synthetic"):
+    with pytest.raises(ValueError, match="karpathy, csv, wds, synth"):
         load_corpus({"format": "parquet"}, "test")
-    with pytest.raises(ValueError, match="needs path"):
+    with pytest.raises(ValueError, match="needs data.csv"):
         load_corpus({"format": "csv"}, "test")
     with pytest.raises(ValueError, match="unknown key"):
         load_corpus({"format": "csv", "path": "x.csv", "img_col": "a"}, "test")

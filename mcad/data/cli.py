@@ -6,7 +6,7 @@
         writes and prints out/ceiling.json (ceiling_check of test and val + split sizes). n_distill > 0
         adds a `distill` split with web-like captions (exact shares partial / wrong; its measured
         kinds go in ceiling.json under `web`); templates=heldout words every split anew.
-    mcad data check [format=synthetic|karpathy|csv|wds] [split=test] [decode=false] [size=64] <spec keys>
+    mcad data check [format=synth|karpathy|csv|wds] [split=test] [decode=false] [size=64] <spec keys>
         Loads one split in any format (see `mcad.data`) and prints counts and the LoadReport
         summary as JSON; decode=true also decodes every image (wds always does).
 """
@@ -37,10 +37,11 @@ _GENERATED_NAME = re.compile(r"^(train|val|test|distill)_\d{6}\.png$")
 def check_defaults() -> dict:
     """`mcad data check` keys: its own, then every format's spec keys (None: not given; YAML values,
     since a path may be given per split: `json={train: a.json, test: b.json}`)."""
-    from mcad.data import FORMATS
+    from mcad.data.spec import FORMATS, KEY_ALIASES
 
     spec = {k: None for rules in FORMATS.values() for k in (*rules["required"], *rules["optional"])}
-    return {"format": "synthetic", "split": "test", "decode": False, "size": None, **spec}
+    spec.update({k: None for aliases in KEY_ALIASES.values() for k in aliases})  # csv's `path=`, as before
+    return {"format": "synth", "split": "test", "decode": False, "size": None, **spec}
 
 
 def parse_args(argv: list[str], defaults: dict | None = None) -> dict:
@@ -91,6 +92,7 @@ def _remove_stale_images(out: Path, json_path: Path) -> int:
 
 
 def make_synthetic(args: dict) -> dict:
+    from mcad.data.spec import synth_json
     from mcad.data.synthetic import ceiling_check, generate, web_check
     from mcad.io import write_json
 
@@ -99,7 +101,7 @@ def make_synthetic(args: dict) -> dict:
             raise unknown(k, GEN_DEFAULTS)
     cfg = {**GEN_DEFAULTS, **args}
     out = Path(str(cfg["out"]))
-    json_path = out / "dataset_synth.json"
+    json_path = synth_json(out)
     if json_path.exists() and not cfg["force"]:
         _check_existing(json_path, {k: v for k, v in args.items() if k in _COMPARED})
         log.info("%s exists; reusing it (force=true regenerates)", json_path)
@@ -128,7 +130,7 @@ def check(args: dict) -> dict:
     split = str(args.pop("split", "test"))
     decode = bool(args.pop("decode", False))
     size = args.pop("size", None)
-    spec = {"format": args.pop("format", "synthetic"), **args}
+    spec = {"format": args.pop("format", "synth"), **args}
     if spec["format"] == "wds" or decode:
         pixels, corpus = load_pixels(spec, split, size=size)
         decoded = {"decoded": True, "pixels_shape": list(pixels.shape)}

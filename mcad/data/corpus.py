@@ -25,6 +25,10 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the problem on one line."""
 
 
+class EmptySplit(DataError):
+    """A split with no usable image-caption pair (mcad.data.spec adds the fix to the message)."""
+
+
 @dataclass
 class LoadReport:
     source: str
@@ -62,7 +66,7 @@ class Corpus:
     def __post_init__(self) -> None:
         self.caption_to_image = np.asarray(self.caption_to_image, dtype=np.int64)
         if len(self.image_paths) == 0 or len(self.captions) == 0:
-            raise DataError(f"{self.report.source}: no usable image-caption pairs in split "
+            raise EmptySplit(f"{self.report.source}: no usable image-caption pairs in split "
                             f"'{self.split}' ({len(self.report.problems)} rows skipped)")
 
     @property

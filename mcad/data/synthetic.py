@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from mcad.data.spec import synth_json
 from mcad.io import atomic_write_bytes, write_json
 
 log = logging.getLogger("mcad.data")
@@ -380,7 +381,7 @@ def generate(out_dir: str | Path, seed: int = 0, n_train: int = 20000, n_val: in
             sentid += len(caps)
         meta["web"] = {"n_distill": n_distill, "distill_captions": distill_captions,
                        "web_partial": web_partial, "web_wrong": web_wrong}
-    path = out_dir / "dataset_synth.json"
+    path = synth_json(out_dir)
     write_json(path, {**meta, "images": images})
     log.info("wrote %d images (%d train, %d val, %d test, %d distill) to %s", len(images), n_train, n_val,
              n_test, n_distill, out_dir)

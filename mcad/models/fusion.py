@@ -53,6 +53,19 @@ class FusionModel(nn.Module):
         if self.freeze_towers:
             self.dual.requires_grad_(False)
 
+    # what it sees of an image is what its towers see (mcad.preprocess.model_input)
+    @property
+    def image_size(self) -> int:
+        return self.dual.image_size
+
+    @property
+    def image_mean(self) -> tuple:
+        return self.dual.image_mean
+
+    @property
+    def image_std(self) -> tuple:
+        return self.dual.image_std
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.freeze_towers:

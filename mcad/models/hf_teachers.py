@@ -31,6 +31,9 @@ HOWTO = {
     "hf-clip": "openai/clip-vit-base-patch32",
     "hf-blip-itm": "Salesforce/blip-itm-base-coco",
 }
+# what each source loads: config.json's model_type and the class its `architectures` must name
+EXPECTED = {"hf-clip": ("clip", "CLIPModel"), "hf-blip-itm": ("blip", "BlipForImageTextRetrieval")}
+ROLE_OF = {"hf-clip": "dual", "hf-blip-itm": "fusion"}
 
 
 def _howto(source: str, path) -> str:
@@ -56,7 +59,30 @@ def resolve_folder(path: str | Path, source: str) -> Path:
         raise FileNotFoundError(f"{p}: no config.json in the model folder; {_howto(source, p)}")
     if not any((p / f).exists() for f in WEIGHT_FILES):
         raise FileNotFoundError(f"{p}: no model weights ({' / '.join(WEIGHT_FILES[::2])}); {_howto(source, p)}")
+    check_class(p, source)
     return p
+
+
+def check_class(folder: Path, source: str) -> None:
+    """config.json must describe the class `source` loads: a CLIP folder given as the fusion teacher
+    would otherwise load as a BLIP with random weights (transformers only warns)."""
+    if source not in EXPECTED:
+        return
+    f = folder / "config.json"
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    model_type, cls = EXPECTED[source]
+    have_type, archs = cfg.get("model_type"), cfg.get("architectures") or []
+    if have_type == model_type and (not archs or cls in archs):
+        return
+    have = ", ".join(archs) or f"model_type {have_type!r}"
+    other = next((s for s, (t, c) in EXPECTED.items() if s != source and (t == have_type or c in archs)), None)
+    fix = (f"give it as the {ROLE_OF[other]} teacher ({ROLE_OF[other]}.source={other} {ROLE_OF[other]}.path={folder})"
+           f" and a {cls} folder as {ROLE_OF[source]}.path" if other else
+           f"give a {cls} folder as {ROLE_OF[source]}.path (e.g. {HOWTO[source]})")
+    raise ValueError(f"{f}: a {have} model, not the {cls} that {source} loads: {fix}")
 
 
 def _read_preprocessor(folder: Path) -> dict:
@@ -356,12 +382,17 @@ class BLIPITMTeacher(nn.Module):
 SOURCES = ("hf-clip", "hf-blip-itm", "mcad")
 
 
-def load_teacher(spec: dict):
+def load_teacher(spec: dict, role: str | None = None):
     """`{"source": "hf-clip"|"hf-blip-itm"|"mcad", "path": ...}` (+ optional `context_length`,
-    and for BLIP `first_token`: "cls" (transformers) or "enc" (original BLIP)) -> frozen teacher."""
+    and for BLIP `first_token`: "cls" (transformers) or "enc" (original BLIP)) -> frozen teacher.
+    `role` ("dual" or "fusion"): what the caller needs; a source or checkpoint of the other kind is
+    refused in one line."""
     if not isinstance(spec, dict) or "path" not in spec:
         raise ValueError(f"teacher spec needs 'source' and 'path', got {spec!r}")
     source, path = spec.get("source", "mcad"), spec["path"]
+    if role is not None and ROLE_OF.get(source, role) != role:
+        raise ValueError(f"{role}.source={source}: {source} is a {ROLE_OF[source]} teacher; the {role} teacher is "
+                         f"{' or '.join(s for s, r in ROLE_OF.items() if r == role)} (or mcad)")
     if source == "hf-clip":
         return CLIPTeacher.from_pretrained(path, context_length=spec.get("context_length"))
     if source == "hf-blip-itm":
@@ -374,7 +405,7 @@ def load_teacher(spec: dict):
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such teacher checkpoint; train it first (`make teachers`) "
                                     f"or copy runs/teachers/ from the machine that trained it")
-        model = load_model(p)
+        model = load_model(p, kind=role, role=f"{role}=" if role else "")
         model.requires_grad_(False)
         tok = (p if p.is_dir() else p.parent) / "tokenizer.json"
         model.tokenizer = Tokenizer.load(tok) if tok.exists() else None

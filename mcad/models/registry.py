@@ -60,3 +60,42 @@ def with_tokenizer(overrides: dict, tokenizer) -> dict:
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def image_size_problem(config: dict, size: int) -> str | None:
+    """Why a dual model of `config` cannot take `size` px images (None: it can). A conv tower halves
+    the side once per stage and its attention pool is sized for the final grid; a ViT cuts patches."""
+    img = config["image"]
+    if img.get("type", "conv") == "vit":
+        patch = int(img["patch_size"])
+        return None if size % patch == 0 else f"its ViT cuts {patch} px patches: the side must be a multiple of {patch}"
+    stride = 2 ** len(img["widths"])
+    if size % stride == 0:
+        return None
+    return f"its {len(img['widths'])} conv stages halve the side each: it must be a multiple of {stride}"
+
+
+def student_overrides(name: str, teacher, tokenizer) -> dict:
+    """create_model overrides of a student distilled from `teacher`: the teacher's tokenizer, and its
+    image size and mean/std where they differ from the model's own (the student sees the images the
+    teacher sees; on the embedded default nothing differs and the student is built as before).
+    An image size the student cannot take is one line naming the model and the fix."""
+    cfg = model_config(name)
+    over: dict = {}
+    size = int(teacher.image_size)
+    if int(cfg["image"].get("image_size", 64)) != size:
+        problem = image_size_problem(cfg, size)
+        if problem:
+            fits = [n for n in list_models("dual") if n.startswith("student") and n != name
+                    and image_size_problem(model_config(n), size) is None]
+            raise ValueError(f"model={name}: cannot take the dual teacher's {size} px images ({problem}); use "
+                             f"model={' or model='.join(fits) if fits else '<a student of another depth>'}, or a dual "
+                             f"teacher of another image size")
+        over["image"] = {"image_size": size}
+    from mcad.data.images import DEFAULT_MEAN, DEFAULT_STD
+
+    for key, default in (("image_mean", DEFAULT_MEAN), ("image_std", DEFAULT_STD)):
+        want = [float(v) for v in getattr(teacher, key)]
+        if want != [float(v) for v in cfg.get(key, default)]:
+            over[key] = want
+    return with_tokenizer(over, tokenizer)
