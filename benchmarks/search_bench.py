@@ -117,7 +117,9 @@ def pick_student(run: str | None, data_json: Path, tmp: Path) -> tuple[Path, dic
 
 
 def ensure_data(data_root: Path, tmp: Path) -> tuple[Path, str]:
-    j = data_root / "dataset_synth.json"
+    from mcad.data.spec import synth_json
+
+    j = synth_json(data_root)
     if j.exists():
         return j, f"{j}"
     from mcad.data.synthetic import generate

@@ -359,7 +359,9 @@ def section_queries(page: Page, run: Path, data_root: Path, n_queries: int, k: i
     from mcad.tokenizer import Tokenizer
 
     page.add("<h2 id=\"queries\">Example queries (synthetic test split)</h2>")
-    dj = data_root / "dataset_synth.json"
+    from mcad.data.spec import synth_json
+
+    dj = synth_json(data_root)
     if not page.note_file(dj):
         page.add(f"<p class=\"missing\">no {esc(dj)} (run <code>make data</code>)</p>")
         return

@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from mcad.data.spec import DEFAULT_SYNTH_ROOT, synth_json
 from mcad.search import indexes, store
 from mcad.search.common import SearchError, parse_args
 from mcad.search.encoders import Encoder, load_image_encoder
 
 log = logging.getLogger("mcad.search")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
-DATASETS = {"synthetic": "data/synth/dataset_synth.json", "synth": "data/synth/dataset_synth.json"}
+DATASETS = {"synthetic": str(synth_json(DEFAULT_SYNTH_ROOT)), "synth": str(synth_json(DEFAULT_SYNTH_ROOT))}
 PARAM_KEYS = ("nlist", "nprobe", "m", "nbits", "M", "efConstruction", "efSearch")
 OPTIONS: dict[str, Any] = {
     "out": None, "index": None, "run": None, "encoder": None, "images": None, "data": None,
@@ -83,7 +84,7 @@ def dataset_paths(data: str, split: str = "test", data_root: str | Path | None =
     if data_root is not None:
         json_path = Path(data_root) / (json_path.name if data in DATASETS else json_path)
     if json_path.is_dir():
-        json_path = json_path / "dataset_synth.json"
+        json_path = synth_json(json_path)
     corpus = load_karpathy(json_path, split=split)
     return [str(Path(p).resolve()) for p in corpus.image_paths]
 
