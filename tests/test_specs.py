@@ -68,7 +68,7 @@ def test_an_empty_split_names_the_file_and_the_fix(tmp_path):
     with pytest.raises(ValueError) as e:
         data_spec.load_corpus({"format": "karpathy", "json": str(j)}, "test")
     msg = str(e.value)
-    assert "\n" not in msg and str(j) in msg and "split 'test'" in msg and "eval.split=val" in msg
+    assert "\n" not in msg and str(j) in msg and "split 'test'" in msg and "images per split: train 1" in msg
     (tmp_path / "train.csv").write_text("filepath,caption\nimages/a.png,a cat\n")
     (tmp_path / "test.csv").write_text("filepath,caption\nimages/missing.png,a dog\n")
     spec = {"format": "csv", "csv": {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")}}

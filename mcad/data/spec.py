@@ -181,10 +181,27 @@ def _load_corpus(spec: DataSpec, split: str):
 
 def _empty_fix(spec: DataSpec, split: str) -> str:
     if spec.format in ("karpathy", "synth"):
-        return (f"(Karpathy splits are train/restval, val, test: check the file's 'split' fields, "
-                f"or evaluate on another split, eval.split=val)")
+        json_path = synth_json(per_split(spec, "root", split, DEFAULT_SYNTH_ROOT)) if spec.format == "synth" \
+            else Path(per_split(spec, "json", split))
+        have = _karpathy_splits(json_path)
+        others = [s for s in ("test", "val", "train") if s != split and have.get(s)]
+        listed = ", ".join(f"{k} {v}" for k, v in have.items()) or "none"
+        return (f"(its images per split: {listed}; Karpathy splits are train/restval, val, test"
+                + (f": choose another, e.g. eval.split={others[0]})" if others else ")"))
     key = "csv" if spec.format == "csv" else "shards"
     return f"(give the {split} split its own file: data.{key}={{train: ..., {split}: ...}})"
+
+
+def _karpathy_splits(json_path: Path) -> dict[str, int]:
+    """Images per `split` field of a Karpathy file (for the message of an empty split)."""
+    import json
+    from collections import Counter
+
+    try:
+        images = json.loads(json_path.read_text(encoding="utf-8")).get("images") or []
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return dict(Counter(str(e.get("split")) for e in images if isinstance(e, dict)))
 
 
 def _load_wds(spec: DataSpec, split: str, size: int):

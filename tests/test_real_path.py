@@ -1,0 +1,252 @@
+"""The real path end to end on CPU, with real classes and real files: tiny randomly initialised
+transformers CLIPModel and BlipForImageTextRetrieval saved with save_pretrained (with their tokenizer
+files), a fixture of PNG/JPEG files in Karpathy JSON, CSV and webdataset form, then `mcad cache` ->
+`mcad student` (two steps) -> `mcad export target=cpu` through the shipped flickr30k recipe with
+its path keys overridden, as docs/real-data.md tells a user to. Plus the bad inputs of this path,
+one line each."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_hf_teachers import MEAN, STD, _bert_vocab  # noqa: E402  (tests/ is on sys.path)
+from test_tokenizer_clip import corpus as tokenizer_corpus, make_clip_tokenizer_folder  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+SHAPES = ("circle", "square")
+N_TRAIN, N_TEST = 16, 6
+CLIP_SIZE, BLIP_SIZE = 64, 32  # the fusion teacher sees another size than the dual one (and the student)
+TIMES: dict[str, float] = {}
+
+
+# -- fixture: teachers ---------------------------------------------------------------------------------
+def save_clip(folder, image_size=CLIP_SIZE):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = make_clip_tokenizer_folder(folder)
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=16),
+        projection_dim=16)
+    transformers.CLIPModel(cfg).eval().save_pretrained(str(folder))
+    CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                          image_mean=MEAN, image_std=STD).save_pretrained(str(folder))
+    shutil.rmtree(folder / "_src", ignore_errors=True)
+    return folder
+
+
+def save_blip(folder):
+    src = folder / "_vocab"
+    src.mkdir(parents=True)
+    vocab = _bert_vocab() + "circle square left right of above below green blue yellow".split()
+    (src / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    transformers.BertTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(folder))
+    shutil.rmtree(src)
+    torch.manual_seed(1)
+    cfg = transformers.BlipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]")),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=BLIP_SIZE, patch_size=8, initializer_range=0.02),
+        image_text_hidden_size=16)
+    transformers.BlipForImageTextRetrieval(cfg).eval().save_pretrained(str(folder))
+    return folder
+
+
+# -- fixture: data in the three real formats ------------------------------------------------------------
+def scene(i: int) -> tuple[str, str, str, str]:
+    names = list(COLOURS)
+    return names[i % 4], SHAPES[(i // 4) % 2], names[(i + 1 + i // 8) % 4], SHAPES[(i // 2) % 2]
+
+
+def draw(i: int):
+    from PIL import Image, ImageDraw
+
+    c1, s1, c2, s2 = scene(i)
+    w, h = (96, 72) if i % 3 else (64, 88)  # not square: the loader's centre crop is part of the path
+    im = Image.new("RGB", (w, h), (245, 245, 245))
+    d = ImageDraw.Draw(im)
+    for (c, s), box in (((c1, s1), (4, h // 2 - 14, 32, h // 2 + 14)), ((c2, s2), (w - 32, h // 2 - 14, w - 4, h // 2 + 14))):
+        (d.ellipse if s == "circle" else d.rectangle)(box, fill=COLOURS[c])
+    return im
+
+
+def captions(i: int) -> list[str]:
+    c1, s1, c2, s2 = scene(i)
+    return [f"a {c1} {s1} left of a {c2} {s2}", f"A {c2} {s2} to the right of a {c1} {s1}."]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Teacher folders and one data set written as Karpathy JSON, CSV (per split) and wds shards."""
+    import webdataset as wds
+
+    t0 = time.time()
+    root = tmp_path_factory.mktemp("real")
+    clip, blip = save_clip(root / "clip-vit-tiny"), save_blip(root / "blip-itm-tiny")
+    TIMES["teacher folders (save_pretrained)"] = time.time() - t0
+    imgs = root / "data" / "images"
+    imgs.mkdir(parents=True)
+    entries, rows = [], {"train": [], "test": []}
+    for i in range(N_TRAIN + N_TEST):
+        split = "train" if i < N_TRAIN else "test"
+        name = f"{i:03d}." + ("png" if i % 2 else "jpg")
+        draw(i).save(imgs / name, quality=95)
+        entries.append({"filename": name, "filepath": "", "split": split, "imgid": i,
+                        "sentences": [{"raw": c, "sentid": 2 * i + j} for j, c in enumerate(captions(i))]})
+        rows[split] += [(name, c) for c in captions(i)]
+    kj = root / "data" / "dataset_fixture.json"
+    kj.write_text(json.dumps({"dataset": "fixture", "images": entries}))
+    for split, r in rows.items():
+        lines = ["filepath,caption"] + [f'{n},"{c}"' for n, c in r]
+        (root / "data" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        with wds.TarWriter(str(root / "data" / f"{split}-000000.tar")) as w:
+            for n in dict.fromkeys(n for n, _ in r):  # one sample per image: its first caption
+                i = int(n[:3])
+                w.write({"__key__": n[:3], n[4:]: (imgs / n).read_bytes(), "txt": captions(i)[0]})
+    return {"root": root, "clip": clip, "blip": blip, "json": kj, "images": imgs,
+            "csv": {s: root / "data" / f"{s}.csv" for s in rows},
+            "shards": {s: root / "data" / f"{s}-000000.tar" for s in rows}}
+
+
+def recipe_args(real, out) -> list[str]:
+    """What docs/real-data.md passes to the flickr30k recipe, at a fixture's budget."""
+    return [f"data.json={real['json']}", f"data.image_root={real['images']}", f"dual.path={real['clip']}",
+            f"fusion.path={real['blip']}", f"out={out}", "threads=1", "device=auto"]
+
+
+def cli(argv, capsys) -> tuple[int, list[str]]:
+    from mcad.cli import main
+
+    code = main(argv)
+    # stderr also carries progress bars (transformers' "Loading weights", decoding): the lines of mcad itself
+    return code, [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("mcad ")]
+
+
+# -- the path ----------------------------------------------------------------------------------------------
+def test_cache_student_export_on_real_files(real, tmp_path, capsys):
+    from mcad.cli import main
+    from mcad.models.hf_teachers import CLIPTeacher
+    from mcad.runs import load_student
+    from mcad.tokenizer import Tokenizer
+
+    common = ["flickr30k", *recipe_args(real, tmp_path)]
+    t0 = time.time()
+    assert main(["cache", *common, "cache_shard_images=8"]) == 0
+    TIMES["mcad cache (16 images, 32 captions)"] = time.time() - t0
+    cache_dirs = list((tmp_path / "teacher-cache").iterdir())
+    assert len(cache_dirs) == 1  # keyed by these teachers and data, not runs/teachers/cache
+    mf = json.loads((cache_dirs[0] / "manifest.json").read_text())
+    assert mf["images"] == N_TRAIN and mf["captions"] == 2 * N_TRAIN and len(mf["shards"]) == 2
+    hashes = mf["config"]["teachers"]
+    assert {"dual/model.safetensors", "dual/tokenizer.json", "fusion/model.safetensors", "fusion/config.json"} <= set(hashes)
+    assert mf["config"]["teacher_specs"] == {"dual": f"hf-clip:{real['clip']}", "fusion": f"hf-blip-itm:{real['blip']}"}
+
+    t0 = time.time()
+    assert main(["student", *common, "name=real", "steps=2", "batch_size=8", "warmup=1", "ckpt_every=0",
+                 "adapters.steps=2", "adapters.batch_size=8"]) == 0
+    TIMES["mcad student (2 steps, batch 8)"] = time.time() - t0
+    run = tmp_path / "real"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["teacher_outputs"] == f"cache {cache_dirs[0]}" and m["device"] == "cpu"
+    assert m["teachers"] == mf["config"]["teacher_specs"]
+    assert set(m["test"]) == {"student", "dual teacher"}  # runs/teachers' own metrics are not these teachers'
+    # the student: student-mobile at the dual teacher's size and mean/std, with its tokenizer
+    model, tok = load_student(run)
+    teacher = CLIPTeacher.from_pretrained(real["clip"])
+    assert model.config["name"] == "student-mobile" and model.image_size == CLIP_SIZE
+    assert list(model.image_mean) == pytest.approx(MEAN) and list(model.image_std) == pytest.approx(STD)
+    assert m["preprocess"]["image_size"] == CLIP_SIZE and m["preprocess"]["image_mean"] == pytest.approx(MEAN)
+    texts = tokenizer_corpus(200)
+    assert tok.kind == "clip" and tok.context_length == 77 == model.context_length
+    assert np.array_equal(tok.encode_batch(texts), teacher.tokenizer.encode_batch(texts))
+    assert np.array_equal(Tokenizer.load(run / "tokenizer.json").encode_batch(texts),
+                          teacher.tokenizer.encode_batch(texts))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["teachers"]["sha256"] == hashes and manifest["tokenizer"]["kind"] == "clip"
+    assert manifest["preprocess"] == m["preprocess"]
+
+    # export: the artifacts carry the student's preprocessing and tokenizer
+    t0 = time.time()
+    assert main(["export", "target=cpu", f"run={run}", "backends=onnx", "precision=fp32", f"data={real['json']}",
+                 "calib=8", "parity_images=4", "queries=2", "roles=text,image", "progress=0"]) == 0
+    TIMES["mcad export target=cpu backends=onnx (fp32, text+image)"] = time.time() - t0
+    exp = json.loads((run / "export" / "cpu" / "manifest.json").read_text())
+    assert exp["image_size"] == CLIP_SIZE and exp["image_mean"] == pytest.approx(MEAN)
+    assert exp["context_length"] == 77 and {a["role"] for a in exp["artifacts"]} == {"text", "image"}
+    assert all(a.get("parity_pass", True) for a in exp["artifacts"])
+    assert np.array_equal(Tokenizer.load(run / "export" / "cpu" / exp["tokenizer"]).encode_batch(texts),
+                          teacher.tokenizer.encode_batch(texts))
+    print("\nmeasured on the fixture:", json.dumps({k: round(v, 1) for k, v in TIMES.items()}))
+
+
+def test_eval_reads_every_format_the_same(real, tmp_path):
+    """`mcad eval` with the HF teachers over the same images as Karpathy JSON and as CSV gives the
+    same table; webdataset shards (one caption per image) decode to the same pixels."""
+    from mcad.cli import main
+    from mcad.data import spec
+
+    teach = ["dual.source=hf-clip", f"dual.path={real['clip']}", f"fusion={real['blip']}", "k=4"]
+    specs = {"karpathy": [f"data={real['json']}", f"data.image_root={real['images']}"],
+             "csv": ["data.format=csv", f"data.csv={{train: {real['csv']['train']}, test: {real['csv']['test']}}}",
+                     f"data.image_root={real['images']}"],
+             "wds": ["data.format=wds", f"data.shards={{train: {real['shards']['train']}, test: {real['shards']['test']}}}"]}
+    tables = {}
+    for fmt, args in specs.items():
+        assert main(["eval", *teach, *args, f"json={tmp_path / fmt}.json"]) == 0
+        tables[fmt] = json.loads((tmp_path / f"{fmt}.json").read_text())
+    assert tables["karpathy"] == tables["csv"] and len(tables["karpathy"]) == 2  # dual + BLIP re-rank rows
+    kp, kc = spec.load_split({"format": "karpathy", "json": str(real["json"]), "image_root": str(real["images"])},
+                             "test", CLIP_SIZE, progress=False)
+    wp, wc = spec.load_split({"format": "wds", "shards": str(real["shards"]["test"])}, "test", CLIP_SIZE, progress=False)
+    assert np.array_equal(kp, wp) and wc.captions == [kc.captions[c[0]] for c in kc.image_captions()]
+
+
+# -- bad input on this path: one line each, naming the file and the fix -------------------------------
+def test_bad_inputs_are_one_line(real, tmp_path, capsys):
+    common = ["flickr30k", *recipe_args(real, tmp_path)]
+    # a CLIP folder given as the fusion teacher
+    code, err = cli(["cache", *common, f"fusion.path={real['clip']}"], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert f"{real['clip'] / 'config.json'}: a CLIPModel model, not the BlipForImageTextRetrieval" in err[0]
+    assert f"dual.source=hf-clip dual.path={real['clip']}" in err[0]
+    # a model folder without weights
+    bare = tmp_path / "no-weights"
+    bare.mkdir()
+    shutil.copy(real["blip"] / "config.json", bare / "config.json")
+    code, err = cli(["student", *common, f"fusion.path={bare}"], capsys)
+    assert code == 1 and len(err) == 1 and f"{bare}: no model weights" in err[0], err
+    assert "huggingface-cli download Salesforce/blip-itm-base-coco" in err[0]
+    # a split with nothing in it (the fixture has no val split)
+    code, err = cli(["student", *common, "eval.split=val", "steps=1"], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert f"{real['json']}: no usable image-caption pairs in split 'val'" in err[0]
+    assert "its images per split: train 16, test 6" in err[0] and "eval.split=test" in err[0]
+    # an image size the student cannot take: a CLIP whose processor crops 48 px for student-mobile
+    odd = tmp_path / "clip-48"
+    shutil.copytree(real["clip"], odd)
+    pp = json.loads((odd / "preprocessor_config.json").read_text())
+    pp["crop_size"] = {"height": 48, "width": 48}
+    (odd / "preprocessor_config.json").write_text(json.dumps(pp))
+    code, err = cli(["student", *common, f"dual.path={odd}"], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert "model=student-mobile: cannot take the dual teacher's 48 px images" in err[0] and "model=student-tiny-vit" in err[0]
+    # device=cuda without a GPU
+    if not torch.cuda.is_available():
+        code, err = cli(["cache", *common, "device=cuda"], capsys)
+        assert code == 1 and err == [f"mcad cache: error: device=cuda: no CUDA GPU here (torch {torch.__version__}, "
+                                     f"cuda {torch.version.cuda or 'not built in'}): use device=cpu or device=auto"]
