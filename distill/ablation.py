@@ -17,7 +17,11 @@ from mcad.io import machine, now_iso, write_json
 
 log = logging.getLogger("mcad.ablation")
 COLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
-PAIRS = [("mcad", "dual"), ("dual", "none"), ("mcad", "none"), ("single", "none")]
+PAIRS = [("mcad", "dual"), ("dual", "none"), ("mcad", "none"), ("single", "none"),
+         ("mcad", "mcad-lam0"), ("mcad-lam0", "dual")]
+# named variants beside the recipe's four: a variant with settings of its own, in the same table
+# (issue 15: MCAD with λ > 0 against MCAD without the modified features)
+SETTINGS = {"mcad-lam0": ("mcad", {"loss": {"lam": 0.0}})}
 # the ablation's own keys, beside the student recipe's (which every run gets)
 OWN = {"seeds": "0,1,2,3,4", "variants": ",".join(VARIANTS), "results": "benchmarks/results"}
 
@@ -45,12 +49,21 @@ def summarize(results: dict[str, dict[int, dict]]) -> dict:
                               for c in COLS}
     for a, b in PAIRS:
         if a in results and b in results:
-            seeds = sorted(set(results[a]) & set(results[b]))
-            d = np.array([results[a][s]["rsum"] - results[b][s]["rsum"] for s in seeds])
-            se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-            out["paired"][f"{a} - {b}"] = {"per_seed": dict(zip(map(str, seeds), d.tolist())), "mean": float(d.mean()),
-                                           "stderr": se, "above_2se": bool(len(d) > 1 and d.mean() > 2 * se)}
+            out["paired"][f"{a} - {b}"] = paired(results[a], results[b], lambda r: r["rsum"])
+            # R@1: the mean of both directions, reported beside RSUM (which the decision reads)
+            out.setdefault("paired_r1", {})[f"{a} - {b}"] = paired(
+                results[a], results[b], lambda r: 0.5 * (r["i2t_r1"] + r["t2i_r1"]))
     return out
+
+
+def paired(a: dict[int, dict], b: dict[int, dict], metric) -> dict:
+    """Per-seed differences a - b of `metric` over the seeds both have; mean, standard error, and
+    whether the mean exceeds twice it."""
+    seeds = sorted(set(a) & set(b))
+    d = np.array([metric(a[s]) - metric(b[s]) for s in seeds])
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"per_seed": dict(zip(map(str, seeds), d.tolist())), "mean": float(d.mean()),
+            "stderr": se, "above_2se": bool(len(d) > 1 and d.mean() > 2 * se)}
 
 
 def markdown(summary: dict, meta: dict) -> str:
@@ -64,6 +77,12 @@ def markdown(summary: dict, meta: dict) -> str:
     for name, p in summary["paired"].items():
         ps = ", ".join(f"{s}: {d:+.1f}" for s, d in p["per_seed"].items())
         lines.append(f"| {name} | {ps} | {p['mean']:+.1f} | {p['stderr']:.1f} | {'yes' if p['above_2se'] else 'no'} |")
+    if summary.get("paired_r1"):
+        lines += ["", "Paired R@1 differences (mean of image->text and text->image R@1):", "",
+                  "| pair | per seed | mean | std. error | mean > 2 SE |", "|---|---|---:|---:|---|"]
+        for name, p in summary["paired_r1"].items():
+            ps = ", ".join(f"{s}: {d:+.1f}" for s, d in p["per_seed"].items())
+            lines.append(f"| {name} | {ps} | {p['mean']:+.1f} | {p['stderr']:.1f} | {'yes' if p['above_2se'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,16 +120,19 @@ def main(argv: list[str]) -> int:
     except ValueError:
         raise ValueError(f"seeds: expected comma-separated ints, got {own['seeds']!r}") from None
     variants = [v.strip() for v in own["variants"].split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS and v not in SETTINGS]
     if bad or not variants:
-        raise ValueError(f"variants: expected some of {', '.join(VARIANTS)}, got {own['variants']!r}")
+        raise ValueError(f"variants: expected some of {', '.join((*VARIANTS, *SETTINGS))}, got {own['variants']!r}")
     results_dir = Path(own["results"])
 
     results: dict[str, dict[int, dict]] = {v: {} for v in variants}
     for seed in seeds:
         for v in variants:
             cfg = copy.deepcopy(base)
-            cfg.update(variant=v, seed=seed, name=f"ablation/{v}-s{seed}")
+            recipe_variant, settings = SETTINGS.get(v, (v, {}))
+            cfg.update(variant=recipe_variant, seed=seed, name=f"ablation/{v}-s{seed}")
+            for section, values in settings.items():
+                cfg[section].update(values)
             done = Path(cfg["out"]) / cfg["name"] / "metrics.json"
             if done.exists():  # a finished run of the same recipe is not trained again (resume)
                 prev = json.loads(done.read_text())

@@ -12,14 +12,18 @@ Per image i the cache stores, for every caption slot c (captions of an image, pa
   h[i, c]           fused feature of the matched pair (image i, its caption c)
   m_i2t[i, r, c]    ITM logit of image i with caption c of image L_i[r]
   m_t2i[i, c, r]    ITM logit of image L_i[r] with caption c of image i
+  h_img[i]          F's fused features of image i with every caption of every image of L_i,
+                    weighted by softmax(m_i2t[i] / tau_f) (loss.fused=candidates)
+  h_txt[i, c]       the same for caption c of image i over the images of L_i (softmax of m_t2i[i, c])
 in safetensors shards of `shard_images` images, with manifest.json (config, teacher and data
-hashes, shard hashes). `TeacherCache.batch` and `online_batch` return the same `TeacherOutputs`.
+hashes, shard hashes, the tau_f of h_img/h_txt). `TeacherCache.batch` and `online_batch` (with
+`online_candidate_features`) return the same `TeacherOutputs`.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +37,10 @@ from mcad.io import atomic_path, read_json, sha256_file, write_manifest
 from mcad.sampling import nearest_neighbours
 
 log = logging.getLogger("mcad.cache")
-FORMAT = "mcad-teacher-cache/2"  # 2: neighbours are other scenes (image_keys), not duplicates
+# 2: neighbours are other scenes (image_keys), not duplicates; 3: + h_img/h_txt (loss.fused=candidates).
+# A format-2 cache still serves everything but loss.fused=candidates, which asks for a rebuild.
+FORMAT = "mcad-teacher-cache/3"
+READABLE = (FORMAT, "mcad-teacher-cache/2")
 TEACHER_FILES = ("dual.safetensors", "fusion.safetensors", "tokenizer.json")
 
 
@@ -56,6 +63,10 @@ class TeacherOutputs:
     mask: torch.Tensor     # [B, B] bool
     m_i2t: torch.Tensor    # [B images, B texts], valid where mask
     m_t2i: torch.Tensor    # [B texts, B images], valid where mask
+    # loss.fused=candidates: F's fused features over the candidate lists (see the module doc),
+    # fixed per image and per caption; empty where not asked for
+    h_img: torch.Tensor = field(default_factory=lambda: torch.zeros(0))   # [B, W] image a
+    h_txt: torch.Tensor = field(default_factory=lambda: torch.zeros(0))   # [B, W] caption b
 
     @property
     def mask_i2t(self) -> torch.Tensor:
@@ -126,6 +137,56 @@ def online_batch(dual, fusion, px: torch.Tensor, ids_b: torch.Tensor, idx: np.nd
     return TeacherOutputs(v, t, h, mask, g * mask, g.T * mask)
 
 
+@torch.no_grad()
+def online_candidate_features(fusion, image_input, f_ids: np.ndarray, cap_table: np.ndarray, lists: np.ndarray,
+                              idx: np.ndarray, cap: np.ndarray, tau_f: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_img [B, W], h_txt [B, W] of a batch as the cache holds them, by running F: image idx[a]
+    with every caption of every image of its list L_{idx[a]}, and the batch's caption of image
+    idx[a] (`cap[a]`) with every image of that list, each weighted by softmax(m/τ_F) (candidate_mix).
+    `image_input(indices)`: F's input pixels of those training images; `f_ids`: all captions as F
+    reads them; `cap_table`: caption ids per image (caption_table)."""
+    from mcad.distill.losses import candidate_mix
+
+    B, k, C = len(idx), lists.shape[1], cap_table.shape[1]
+    L = lists[idx]                                      # [B, k] candidate images
+    caps = cap_table[L]                                 # [B, k, C] their captions (-1: padding)
+    imgs = np.unique(np.concatenate([idx, L.ravel()]))
+    capn = np.unique(np.concatenate([caps[caps >= 0], cap]))
+    img_pos = np.searchsorted(imgs, np.arange(imgs.max() + 1))
+    cap_pos = np.searchsorted(capn, np.arange(capn.max() + 1))
+    img_tok = fusion.image_tokens(image_input(imgs))
+    ids_need = torch.as_tensor(f_ids[capn])
+    txt_tok = fusion.text_tokens(ids_need)
+    a1, r1, c1 = np.nonzero(caps >= 0)                  # image idx[a] x caption c of L[a, r]
+    a2, r2 = (x.ravel() for x in np.indices((B, k)))    # image L[a, r] x caption cap[a]
+    ii = np.concatenate([img_pos[idx[a1]], img_pos[L[a2, r2]]])
+    cc = np.concatenate([cap_pos[caps[a1, r1, c1]], cap_pos[cap[a2]]])
+    h, m = fusion.score_pairs(img_tok, txt_tok, ids_need, torch.as_tensor(ii), torch.as_tensor(cc))
+    n1, W = len(a1), h.shape[1]
+    h_i2t, m_i2t = torch.zeros(B, k, C, W), torch.zeros(B, k, C)
+    h_i2t[a1, r1, c1], m_i2t[a1, r1, c1] = h[:n1], m[:n1]
+    h_img = candidate_mix(h_i2t.view(B, k * C, W), m_i2t.view(B, k * C), torch.as_tensor(caps >= 0).view(B, k * C), tau_f)
+    h_txt = candidate_mix(h[n1:].view(B, k, W), m[n1:].view(B, k), torch.ones(B, k, dtype=torch.bool), tau_f)
+    return h_img, h_txt
+
+
+def candidate_features(h_pairs: torch.Tensor, dest: np.ndarray, m_i2t: torch.Tensor, m_t2i: torch.Tensor,
+                       tau_f: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shard's h_img [n, W] and h_txt [n, C, W] from its fused pairs (`dest` rows as build_cache
+    writes them) and its ITM logits (NaN where a caption slot is padding)."""
+    from mcad.distill.losses import candidate_mix
+
+    (n, k, C), W = m_i2t.shape, h_pairs.shape[1]
+    w = dest[:, 0] == 0
+    h_i2t = torch.zeros(n, k, C, W)
+    h_i2t[dest[w, 1], dest[w, 2], dest[w, 3]] = h_pairs[torch.as_tensor(w)]
+    h_t2i = torch.zeros(n, C, k, W)
+    h_t2i[:, :, 0] = h_i2t[:, 0]  # r = 0: image i itself with its own caption c
+    h_t2i[dest[~w, 1], dest[~w, 2], dest[~w, 3]] = h_pairs[torch.as_tensor(~w)]
+    h_img = candidate_mix(h_i2t.view(n, k * C, W), m_i2t.reshape(n, k * C), ~m_i2t.isnan().view(n, k * C), tau_f)
+    return h_img, candidate_mix(h_t2i, m_t2i, ~m_t2i.isnan(), tau_f)
+
+
 class TeacherCache:
     """All shards in memory (a few hundred bytes per caption)."""
 
@@ -135,7 +196,7 @@ class TeacherCache:
         if not mf.exists():
             raise FileNotFoundError(f"{mf}: no teacher cache here (run `mcad cache` or `make cache`)")
         self.manifest = read_json(mf)
-        if self.manifest.get("format") != FORMAT:
+        if self.manifest.get("format") not in READABLE:
             raise ValueError(f"{mf}: format {self.manifest.get('format')!r}, expected {FORMAT!r}: rebuild it "
                              f"(`rm -r {self.root}` then `make cache`, or `mcad cache`)")
         from safetensors.torch import load_file
@@ -153,6 +214,7 @@ class TeacherCache:
         d = {k: torch.cat(v) for k, v in parts.items()}
         self.v, self.t, self.h = d["v"], d["t"], d["h"]
         self.m_i2t, self.m_t2i = d["m_i2t"], d["m_t2i"]
+        self.h_img, self.h_txt = d.get("h_img"), d.get("h_txt")  # None in a format-2 cache
         self.lists = d["lists"].numpy()
         self.captions = d["captions"].numpy()
 
@@ -194,6 +256,18 @@ class TeacherCache:
             raise ValueError(f"{self.root}: cache was built from other teachers ({', '.join(changed)} in "
                              f"{teachers} changed since): {hint}")
 
+    def check_fused(self, tau_f: float) -> None:
+        """loss.fused=candidates reads h_img/h_txt, stored at the τ_F the cache was built with:
+        refuse a cache without them (format 2) or of another τ_F."""
+        hint = rebuild_hint(self.root, data=(self.manifest.get("config") or {}).get("data"))
+        if self.h_img is None or self.h_txt is None:
+            raise ValueError(f"{self.root}: format {self.manifest.get('format')!r} holds no fused features over the "
+                             f"candidates (loss.fused=candidates needs {FORMAT!r}): {hint}")
+        built = self.manifest.get("fused_tau_f")
+        if built is None or abs(float(built) - tau_f) > 1e-9:
+            raise ValueError(f"{self.root}: fused features weighted at loss.tau_f={built}, the config has "
+                             f"loss.tau_f={tau_f}: {hint}")
+
     def batch(self, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
         slot = torch.as_tensor(caption_slots(self.captions, idx, cap))
         ti = torch.as_tensor(idx)
@@ -204,14 +278,15 @@ class TeacherCache:
         b = torch.arange(B)[None, :].expand(B, B)
         m_i2t = self.m_i2t[ti[a], pos, slot[b]] * mask      # image a, caption b of image idx[b] = L_a[pos]
         m_t2i = self.m_t2i[ti[a], slot[a], pos] * mask      # caption a, image idx[b] = L_{idx[a]}[pos]
+        fused = {} if self.h_img is None else {"h_img": self.h_img[ti], "h_txt": self.h_txt[ti, slot]}
         return TeacherOutputs(self.v[ti], self.t[ti, slot], self.h[ti, slot], mask,
-                              m_i2t.nan_to_num(0.0), m_t2i.nan_to_num(0.0))
+                              m_i2t.nan_to_num(0.0), m_t2i.nan_to_num(0.0), **fused)
 
 
 @torch.no_grad()
 def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_captions: list[list[int]],
                 lists: np.ndarray, out: Path, shard_images: int = 2048, pair_batch: int = 1024,
-                config: dict | None = None, progress: bool = True, fusion_ids: np.ndarray | None = None) -> Path:
+                config: dict | None = None, progress: bool = True, tau_f: float = 1.0, fusion_ids: np.ndarray | None = None) -> Path:
     """`fusion_ids`: the captions as the fusion teacher reads them, where its tokenizer is not the
     dual's (BLIP's BERT ids); pixels reach each teacher at its own size and mean/std."""
     from mcad.preprocess import model_input
@@ -279,11 +354,13 @@ def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_caption
         m_t2i[:, :, 0] = m_i2t[:, 0, :]
         w1 = ~w
         m_t2i[d[w1, 1], d[w1, 2], d[w1, 3]] = m_pairs[torch.as_tensor(w1)]
+        h_img, h_txt = candidate_features(h_pairs, d, m_i2t, m_t2i, tau_f)
         cs = torch.as_tensor(caps[s:e])
         t = torch.zeros(n, C, t_all.shape[1])
         valid = cs >= 0
         t[valid] = t_all[cs[valid]]
         tensors = {"v": v_all[s:e].contiguous(), "t": t, "h": h, "m_i2t": m_i2t, "m_t2i": m_t2i,
+                   "h_img": h_img, "h_txt": h_txt,
                    "lists": torch.as_tensor(Ls).contiguous(), "captions": cs.contiguous()}
         name = f"shard-{len(shards):05d}.safetensors"
         from safetensors.torch import save_file
@@ -298,7 +375,8 @@ def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_caption
     log.info("cache: %d images, %d fusion pairs, %.1f s", N, n_pairs, secs)
     write_manifest(out / "manifest.json", kind="teacher-cache", config=config or {},
                    files=[out / s["file"] for s in shards], format=FORMAT, shards=shards, images=N,
-                   captions=int(len(ids)), list_size=int(k), fusion_pairs=int(n_pairs), seconds=round(secs, 1))
+                   captions=int(len(ids)), list_size=int(k), fusion_pairs=int(n_pairs), seconds=round(secs, 1),
+                   fused_tau_f=float(tau_f))
     return out
 
 
@@ -318,7 +396,7 @@ def main(argv: list[str]) -> int:
     add_file_log(out / "cache.log")
     tset = teacher_spec.load_teachers(cfg, device)
     dual, fusion, tok = tset.dual, tset.fusion, tset.tokenizer
-    pixels, corpus = data_spec.load_split(data, "train", dual.image_size)
+    pixels, corpus = data_spec.load_split(data, cfg.get("train_split", "train"), dual.image_size)
     ids = tok.encode_batch(corpus.captions)
     lists = candidate_lists(dual_neighbours(dual, pixels, int(cfg["neighbours"]), image_keys(corpus)))
     src = {"teachers": tset.hashes, "data": data.describe(), "data_key": data_key(pixels, corpus.captions),
@@ -326,6 +404,6 @@ def main(argv: list[str]) -> int:
     if not teacher_spec.is_default(cfg):
         src["teacher_specs"] = tset.describe()
     build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, int(cfg.get("cache_shard_images", 2048)),
-                config=src, fusion_ids=tset.fusion_ids(corpus.captions))
+                config=src, tau_f=float(cfg["loss"]["tau_f"]), fusion_ids=tset.fusion_ids(corpus.captions))
     print(f"teacher cache: {out}")
     return 0

@@ -1,7 +1,9 @@
 """MCAD losses (docs/method.md). Shapes: a batch of N matched pairs; S is [N images, N texts].
 
 Teacher side: dual-teacher similarities S^D, the fusion teacher's ITM logits m over each row's
-top-k candidates C_i (and each column's), and its fused features h for the matched pairs.
+top-k candidates C_i (and each column's), and its fused features: h of the matched pairs
+(`loss.fused=matched`), or, per image and per caption, F's fused features over its candidates
+weighted by F's own match probability (`loss.fused=candidates`, see `candidate_mix`).
 """
 from __future__ import annotations
 
@@ -22,9 +24,48 @@ class FusionAdapters(nn.Module):
         nn.init.zeros_(self.img.weight)  # start as the plain dual teacher
         nn.init.zeros_(self.txt.weight)
 
-    def forward(self, v: torch.Tensor, t: torch.Tensor, h: torch.Tensor, lam: float):
-        """ṽ = normalize(v + λ A_img h), t̃ = normalize(t + λ A_txt h)."""
-        return l2_normalize(v + lam * self.img(h)), l2_normalize(t + lam * self.txt(h))
+    def forward(self, v: torch.Tensor, t: torch.Tensor, h: torch.Tensor, lam: float,
+                h_txt: torch.Tensor | None = None):
+        """ṽ = normalize(v + λ A_img h), t̃ = normalize(t + λ A_txt h'), h' = `h_txt` when given
+        (each side its own fused feature), else h."""
+        h_txt = h if h_txt is None else h_txt
+        return l2_normalize(v + lam * self.img(h)), l2_normalize(t + lam * self.txt(h_txt))
+
+
+# Which fused features the modified teacher features fold in (`loss.fused`):
+#   matched:    h(I_i, T_i) of the pair the batch drew, on both sides. It carries that caption, so
+#               ṽ_i leans toward whichever of image i's captions the step drew (docs/method.md).
+#   candidates: image side Σ_j softmax_j(m(I_i, T_j)/τ_F) h(I_i, T_j) over every caption of every
+#               image in i's candidate list; text side the same over each caption's candidate
+#               images. Fixed per image and per caption, whatever the batch drew.
+FUSED = ("matched", "candidates")
+
+
+def candidate_mix(h: torch.Tensor, m: torch.Tensor, valid: torch.Tensor, tau_f: float) -> torch.Tensor:
+    """Σ_j softmax_j(m_j/τ_F) h_j over each row's valid candidates: h [..., K, W], m and valid
+    [..., K] -> [..., W]. Entries that are not valid (NaN padding included) count for nothing; a
+    row with none (a padded caption slot) gives zeros."""
+    w = (m / tau_f).masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return (w.unsqueeze(-1) * h.masked_fill(~valid.unsqueeze(-1), 0.0)).sum(-2)
+
+
+def fused_features(tb, fused: str = "matched") -> tuple[torch.Tensor, torch.Tensor]:
+    """(image-side, text-side) fused features of a batch's teacher outputs (distill.cache.TeacherOutputs)
+    in the `fused` form."""
+    if fused == "matched":
+        return tb.h, tb.h
+    if fused != "candidates":
+        raise ValueError(f"loss.fused={fused!r}: expected one of {', '.join(FUSED)}")
+    if tb.h_img.numel() == 0 or tb.h_txt.numel() == 0:
+        raise ValueError("loss.fused=candidates: the teacher outputs hold no fused features over the candidates "
+                         "(a teacher cache of format 2, or teachers run without them)")
+    return tb.h_img, tb.h_txt
+
+
+def modified_features(adapters: FusionAdapters, tb, lam: float, fused: str = "matched"):
+    """ṽ, t̃ of a batch: D's features with λ times the adapted fused features of the `fused` form."""
+    h_img, h_txt = fused_features(tb, fused)
+    return adapters(tb.v, tb.t, h_img, lam, h_txt)
 
 
 def candidates(sim: torch.Tensor, k: int) -> torch.Tensor:

@@ -28,8 +28,10 @@ from mcad.checks import STUDENT as STUDENT_COUNTS, require_counts
 from mcad.data import spec as data_spec
 from mcad.data.images import data_key
 from mcad.data.spec import load_split
-from mcad.distill.cache import (TeacherCache, TeacherOutputs, candidate_lists, dual_neighbours, online_batch)
-from mcad.distill.losses import NEG, WITHIN, FusionAdapters, distribution_loss, feature_loss, kl_rows, mcad_targets, single_teacher_loss
+from mcad.distill.cache import (TeacherCache, TeacherOutputs, candidate_lists, caption_table, dual_neighbours,
+                                online_batch, online_candidate_features)
+from mcad.distill.losses import (FUSED, NEG, WITHIN, FusionAdapters, distribution_loss, feature_loss, kl_rows,
+                                 mcad_targets, modified_features, single_teacher_loss)
 from mcad.evaluate import evaluate_dual, image_keys
 from mcad.io import sha256_file, write_json, write_manifest
 from mcad.losses import clip_loss
@@ -46,8 +48,9 @@ log = logging.getLogger("mcad.distill")
 VARIANTS = ("none", "dual", "single", "mcad")
 # config settings a variant never reads: the recipe zeroes the loss weights among them, and the
 # ablation leaves them out when it decides whether a finished run can be reused
-UNUSED = {"none": ("loss", "adapters", "cache"), "dual": ("loss.mu", "loss.lam", "loss.tau_f", "loss.within", "adapters"),
-          "single": ("loss.beta", "loss.mu", "loss.lam", "loss.within", "adapters"), "mcad": ()}
+UNUSED = {"none": ("loss", "adapters", "cache"),
+          "dual": ("loss.mu", "loss.lam", "loss.tau_f", "loss.within", "loss.fused", "adapters"),
+          "single": ("loss.beta", "loss.mu", "loss.lam", "loss.within", "loss.fused", "adapters"), "mcad": ()}
 WEIGHTS = ("alpha", "beta", "mu", "lam")
 
 
@@ -93,12 +96,48 @@ def comparable(cfg: dict) -> dict:
     root, as `data=` was before specs), the project's own teachers (the default) and the device left
     out, so a run of the embedded default records the recipe it recorded before and resumes (and the
     ablation reuses) runs made then."""
-    out = json.loads(json.dumps({k: v for k, v in cfg.items() if k != "device"}, default=str))
+    out = without_new_defaults({k: v for k, v in cfg.items() if k != "device"})
     if "data" in out:
         out["data"] = data_spec.parse(out["data"]).describe()
     for role in ("dual", "fusion"):
         if role in out and teacher_spec.parse(role, out[role]).is_default:
             out.pop(role)
+    return out
+
+
+class WithCandidateFeatures:
+    """Online teachers plus F's fused features over each image's and caption's candidate list
+    (loss.fused=candidates; a cache holds them, distill.cache.online_candidate_features runs F)."""
+
+    def __init__(self, teachers, cap_table: np.ndarray, tau_f: float, image_input, f_ids: np.ndarray):
+        self.teachers, self.cap_table, self.tau_f = teachers, cap_table, tau_f
+        self.image_input, self.f_ids = image_input, f_ids  # F's pixels of some images; all captions as F reads them
+
+    def __getattr__(self, name):  # device, fusion, lists: the wrapped teachers'
+        return getattr(self.teachers, name)
+
+    def __call__(self, pixels, ids, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
+        from dataclasses import replace
+
+        out = self.teachers(pixels, ids, idx, cap)
+        h_img, h_txt = online_candidate_features(self.teachers.fusion, lambda j: self.image_input(pixels[j]), self.f_ids,
+                                                 self.cap_table, self.teachers.lists, idx, cap, self.tau_f)
+        return replace(out, h_img=h_img.to(out.v.device), h_txt=h_txt.to(out.v.device))
+
+
+# Keys added after runs were recorded (issue 15), with the values that do what the recipe did
+# before them: records leave them out at these values, so earlier runs still resume and the
+# ablation still reuses them.
+NEW_DEFAULTS = {"train_split": "train", "loss.fused": "matched"}
+
+
+def without_new_defaults(cfg: dict) -> dict:
+    out = json.loads(json.dumps(cfg, default=str))
+    for key, value in NEW_DEFAULTS.items():
+        top, _, sub = key.partition(".")
+        holder, name = (out.get(top), sub) if sub else (out, top)
+        if isinstance(holder, dict) and holder.get(name) == value:
+            holder.pop(name)
     return out
 
 
@@ -116,7 +155,7 @@ def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, pixels, ids, cap
         idx = batches(step)[:bs]
         cap = caption_choice(len(pixels), caps, seed, step, idx)
         tb = teachers(pixels, ids, idx, cap)
-        v_m, t_m = ad(tb.v, tb.t, tb.h, 1.0)
+        v_m, t_m = modified_features(ad, tb, 1.0, str(cfg["loss"].get("fused", "matched")))
         s_half_i = (v_m @ tb.t.T).masked_fill(~tb.mask_i2t, NEG)   # only the image side modified
         s_half_t = (t_m @ tb.v.T).masked_fill(~tb.mask_t2i, NEG)   # only the text side modified
         loss = 0.5 * (kl_rows((tb.m_i2t / tau_f * tau).masked_fill(~tb.mask_i2t, NEG), s_half_i, tau) +
@@ -135,6 +174,8 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     if cfg["loss"].get("within", "order") not in WITHIN:
         raise ValueError(f"loss.within={cfg['loss']['within']!r}: expected one of {', '.join(WITHIN)}")
+    if cfg["loss"].get("fused", "matched") not in FUSED:
+        raise ValueError(f"loss.fused={cfg['loss']['fused']!r}: expected one of {', '.join(FUSED)}")
     from mcad import distributed
 
     data = data_spec.parse(cfg["data"])
@@ -149,8 +190,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     add_file_log(run / "train.log")
     tset = load_teachers(cfg, device)
     dual, fusion, tok = tset.dual, tset.fusion, tset.tokenizer
-    student_over = student_overrides(cfg["model"], dual, tok)  # a size it cannot take: said before any work
-    pixels, corpus = load_split(data, "train", dual.image_size)
+    pixels, corpus = load_split(data, cfg.get("train_split", "train"), dual.image_size)
     test_px, test_c = load_split(data, cfg["eval"]["split"], dual.image_size)
     ids, test_ids = tok.encode_batch(corpus.captions), tok.encode_batch(test_c.captions)
     caps, keys = corpus.image_captions(), torch.as_tensor(image_keys(corpus))
@@ -180,12 +220,20 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     teacher_out = Teachers(dual, fusion, candidate_lists(nb), cache, with_fusion=uses_f,
                            fusion_ids=tset.fusion_ids(corpus.captions) if cache is None and uses_f else None,
                            device=device)
+    fused = str(L.get("fused", "matched"))
+    if variant == "mcad" and lam > 0 and fused == "candidates":  # F over the candidate lists: cached, or run here
+        if cache is not None:
+            cache.check_fused(float(L["tau_f"]))
+        else:
+            f_ids = teacher_out.fusion_ids if teacher_out.fusion_ids is not None else ids
+            teacher_out = WithCandidateFeatures(teacher_out, caption_table(caps), float(L["tau_f"]),
+                                                lambda px: model_input(fusion, px), f_ids)
     batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg["neighbours"]) + 1)
     adapters = fit_adapters(cfg, teacher_out, fusion.width, dual.embed_dim, pixels, ids, caps, batches, seed, progress) \
         if variant == "mcad" and lam > 0 else None
 
     torch.manual_seed(seed)  # same student initialisation for every variant
-    student = create_model(cfg["model"], **student_over).to(device)
+    student = create_model(cfg["model"], **student_overrides(cfg["model"], dual, tok)).to(device)
     proj = nn.ModuleDict({"img": nn.Linear(student.embed_dim, dual.embed_dim, bias=False),
                           "txt": nn.Linear(student.embed_dim, dual.embed_dim, bias=False)}).to(device)
     if world > 1:
@@ -215,7 +263,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         logs = {"clip": float(loss.detach())}
         if alpha > 0 or beta > 0:
             tb = teacher_out(pixels, ids, idx, cap)
-            v_m, t_m = adapters(tb.v, tb.t, tb.h, lam) if adapters is not None else (tb.v, tb.t)
+            v_m, t_m = modified_features(adapters, tb, lam, fused) if adapters is not None else (tb.v, tb.t)
             s = u @ w.T
             if variant == "single":
                 l_dist = single_teacher_loss(s, tb.mask_i2t, tb.m_i2t, tb.mask_t2i, tb.m_t2i, tau, tau_f)
