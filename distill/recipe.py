@@ -190,6 +190,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     add_file_log(run / "train.log")
     tset = load_teachers(cfg, device)
     dual, fusion, tok = tset.dual, tset.fusion, tset.tokenizer
+    student_over = student_overrides(cfg["model"], dual, tok)  # a size it cannot take: said before any work
     pixels, corpus = load_split(data, cfg.get("train_split", "train"), dual.image_size)
     test_px, test_c = load_split(data, cfg["eval"]["split"], dual.image_size)
     ids, test_ids = tok.encode_batch(corpus.captions), tok.encode_batch(test_c.captions)
@@ -233,7 +234,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
         if variant == "mcad" and lam > 0 else None
 
     torch.manual_seed(seed)  # same student initialisation for every variant
-    student = create_model(cfg["model"], **student_overrides(cfg["model"], dual, tok)).to(device)
+    student = create_model(cfg["model"], **student_over).to(device)
     proj = nn.ModuleDict({"img": nn.Linear(student.embed_dim, dual.embed_dim, bias=False),
                           "txt": nn.Linear(student.embed_dim, dual.embed_dim, bias=False)}).to(device)
     if world > 1:
