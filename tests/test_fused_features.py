@@ -210,3 +210,34 @@ def test_ablation_named_variant_and_paired_r1():
     assert s["paired_r1"]["mcad - dual"]["per_seed"] == {"0": 3, "1": 4}
     md = markdown(s, {"seeds": [0, 1], "command": "x", "date": "d", "machine": "m"})
     assert "Paired R@1 differences" in md and "| mcad - mcad-lam0 |" in md
+
+
+def test_weblabels_recipes_run_end_to_end(tmp_path):
+    """The declared pipeline at toy sizes through the shipped recipes: data with a distillation
+    split, teachers-strong, the cache over the distill split, and the ablation's variants
+    (none, MCAD in the leak-free form, MCAD at λ = 0) from the cache."""
+    import json
+
+    from mcad.data.cli import main as data_main
+    from mcad.distill.ablation import main as ablation_main
+    from mcad.distill.cache import TeacherCache, main as cache_main
+    from mcad.teachers import main as teachers_main
+
+    data, teachers, cache = tmp_path / "web", tmp_path / "teachers", tmp_path / "cache"
+    assert data_main([f"out={data}", "n_train=64", "n_val=0", "n_test=16", "n_distill=32", "distill_captions=2",
+                      "web_partial=0.5", "web_wrong=0.2", "progress=false"]) == 0
+    assert teachers_main(["teachers-strong", f"data={data}", f"out={teachers}", "dual.steps=2", "fusion.steps=2",
+                          "dual.batch_size=16", "fusion.batch_size=8", "threads=1", "eval.rerank_k=4"]) == 0
+    student = [f"data={data}", f"teachers={teachers}", f"cache={cache}", "threads=1"]
+    assert cache_main(["student-weblabels", *student]) == 0
+    assert len(TeacherCache(cache).lists) == 32  # over the distillation split, not the teachers' train split
+    assert ablation_main(["student-weblabels", *student, f"out={tmp_path / 'runs'}", "variants=none,mcad,mcad-lam0",
+                          "seeds=0", "steps=2", "batch_size=16", "adapters.steps=2", "adapters.batch_size=8",
+                          "warmup=1", f"results={tmp_path / 'res'}"]) == 0
+    res = json.loads((tmp_path / "res" / "ablation.json").read_text())
+    assert set(res["results"]) == {"none", "mcad", "mcad-lam0"} and "mcad - mcad-lam0" in res["summary"]["paired"]
+    m = json.loads((tmp_path / "runs" / "ablation" / "mcad-s0" / "metrics.json").read_text())
+    assert m["config"]["loss"]["fused"] == "candidates" and m["config"]["loss"]["lam"] == 1.0
+    assert m["teacher_outputs"].startswith("cache")
+    assert json.loads((tmp_path / "runs" / "ablation" / "mcad-lam0-s0" / "metrics.json").read_text())["config"]["loss"]["lam"] == 0.0
+    assert "fusion adapters" in (tmp_path / "runs" / "ablation" / "mcad-s0" / "train.log").read_text()
