@@ -250,3 +250,20 @@ def test_bad_inputs_are_one_line(real, tmp_path, capsys):
         code, err = cli(["cache", *common, "device=cuda"], capsys)
         assert code == 1 and err == [f"mcad cache: error: device=cuda: no CUDA GPU here (torch {torch.__version__}, "
                                      f"cuda {torch.version.cuda or 'not built in'}): use device=cpu or device=auto"]
+
+
+def test_project_teachers_on_the_users_csv(real, tmp_path):
+    """No checkpoints of one's own: `mcad teachers` trains the project's teachers on the user's data
+    (a per-split CSV here), and `mcad student` distills from them with the same data keys."""
+    from mcad.cli import main
+
+    data = ["data.format=csv", f"data.csv={{train: {real['csv']['train']}, test: {real['csv']['test']}}}",
+            f"data.image_root={real['images']}"]
+    own = tmp_path / "teachers"
+    assert main(["teachers", *data, f"out={own}", "dual.steps=1", "fusion.steps=1", "dual.batch_size=8",
+                 "fusion.batch_size=4", "eval.rerank_k=2", "threads=1"]) == 0
+    assert main(["student", *data, f"teachers={own}", f"out={tmp_path}", "name=s", "variant=dual", "steps=1",
+                 "batch_size=8", "warmup=1", "threads=1"]) == 0
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert m["data"].startswith("data.format=csv") and m["teacher_outputs"] == "online"
+    assert any(r.startswith("fusion") for r in m["test"])  # the teachers' own evaluation, same data: reused
