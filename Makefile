@@ -14,12 +14,12 @@ ARGS  ?=
 TEACHER_ARGS ?=
 
 
-.PHONY: install data teachers cache student ablation export bench search-bench report test lint clean help
+.PHONY: install data teachers cache student ablation export bench gate search-bench report test lint clean help
 
 help:
 	@echo "make install | data | teachers | cache | student [CONFIG=... ARGS='k=v ...' NPROC=2] | ablation"
 	@echo "make export TARGET=cpu|snapdragon|dimensity [RUN=runs/<name>] [STRICT=1] [HUB=1]"
-	@echo "make bench DEVICE=local|<adb-serial>|qaihub:<name> [RUN=...] | report | test"
+	@echo "make bench DEVICE=local|<adb-serial>|qaihub:<name> [RUN=...] | gate [RUN=...] | report | test"
 
 # Idempotent: the venv is made once; pip re-checks the pinned set against requirements.lock.
 .venv/.installed: pyproject.toml requirements.lock
@@ -62,6 +62,13 @@ export: | .venv/.installed
 
 bench: | .venv/.installed
 	$(MCAD) bench device=$(DEVICE) $(if $(RUN),run=$(RUN)) $(ARGS)
+
+# CI's budget gate: the run's cpu export on this machine against benchmarks/budgets.yaml's `gate`
+# entry, whose latency limits are multiples of a calibration kernel timed before each job (a busy
+# neighbour slows both; a regression of the student only the job). Exit 1 names the broken budget.
+GATE_ARGS := quick=1 target=cpu galleries=1000,100000 threads=1 peers=none mobile=0 image=0 budget=gate results=none
+gate: | .venv/.installed
+	$(MCAD) bench device=local $(if $(RUN),run=$(RUN)) $(GATE_ARGS) $(ARGS)
 
 search-bench: | .venv/.installed
 	$(PY) -m mcad.benchmarks.search_bench $(if $(RUN),run=$(RUN)) $(ARGS)

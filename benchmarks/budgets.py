@@ -7,7 +7,11 @@ from pathlib import Path
 import yaml
 
 BUDGETS_FILE = Path(__file__).with_name("budgets.yaml")
-METRICS = ("p50_ms", "p90_ms", "memory_mb")
+METRICS = ("p50_ms", "p90_ms", "memory_mb", "p50_x", "p90_x")
+# p50_x / p90_x: search latency as a multiple of the calibration kernel timed right before the job
+# (mcad.benchmarks.calibration): a limit that holds on any machine of the class, busy or not.
+RELATIVE = {"p50_x": "p50", "p90_x": "p90"}
+RUNTIMES = ("onnxruntime", "litert", "executorch", "qnn")
 
 
 def load_budgets(path: str | Path | None = None) -> dict:
@@ -58,12 +62,19 @@ def _check_device(path: Path, name: str, entry) -> None:
             _check_limits(path, f"{key}.budgets.{s}.{g}", {} if lim is None else lim)
 
 
-def _check_limits(path: Path, key: str, lim) -> None:
+def _check_limits(path: Path, key: str, lim, nested: bool = True) -> None:
+    """Limits of one gallery size; a runtime's name holds limits for that runtime only (they
+    override the shared ones), since one runtime can be several times faster than another."""
     _mapping(lim, path, key, f"a mapping of {', '.join(METRICS)}")
-    bad = set(lim) - set(METRICS)
+    for rt in [k for k in lim if k in RUNTIMES]:
+        if not nested:
+            raise ValueError(f"{path}: {key}.{rt}: runtime limits do not nest")
+        _check_limits(path, f"{key}.{rt}", {} if lim[rt] is None else lim[rt], nested=False)
+    bad = set(lim) - set(METRICS) - set(RUNTIMES)
     if bad:
-        raise ValueError(f"{path}: {key}: unknown metric(s) {sorted(bad)} (known: {', '.join(METRICS)})")
-    for metric, value in lim.items():  # found now, not after the whole bench ran
+        raise ValueError(f"{path}: {key}: unknown metric(s) {sorted(bad)} (known: {', '.join(METRICS)}; "
+                         f"or a runtime: {', '.join(RUNTIMES)})")
+    for metric, value in ((m, v) for m, v in lim.items() if m not in RUNTIMES):  # found now, not after the bench ran
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{path}: {key}.{metric}: {value!r} is not a positive number")
 
@@ -95,6 +106,7 @@ def check(rows: list[dict], entry: dict, budget_name: str) -> list[dict]:
         lim = per.get(r.get("gallery")) or per.get(str(r.get("gallery")))
         if not lim:
             continue
+        lim = {**{m: v for m, v in lim.items() if m not in RUNTIMES}, **(lim.get(r.get("runtime")) or {})}
         from mcad.benchmarks.subjects import quant_family
 
         where = (f"{budget_name}/{r['subject']}/N={r['gallery']}/{r['runtime']}"
@@ -106,6 +118,9 @@ def check(rows: list[dict], entry: dict, budget_name: str) -> list[dict]:
         search = (r.get("stages") or {}).get("search") or {}
         measured = {"p50_ms": search.get("p50"), "p90_ms": search.get("p90"),
                     "memory_mb": (r.get("memory") or {}).get("headline_mb")}
+        ref = r.get("reference_ms")
+        for metric, stat in RELATIVE.items():
+            measured[metric] = search[stat] / ref if ref and search.get(stat) is not None else None
         for metric in METRICS:
             if metric not in lim:
                 continue
@@ -115,9 +130,18 @@ def check(rows: list[dict], entry: dict, budget_name: str) -> list[dict]:
                             "line": f"n/a    {where} {metric}: not measured by this runner"})
                 continue
             ok = float(val) <= limit
-            unit = "MB" if metric == "memory_mb" else "ms"
-            name = {"p50_ms": "search latency p50", "p90_ms": "search latency p90", "memory_mb": "running memory"}[metric]
             out.append({"budget": where, "metric": metric, "measured": round(float(val), 3), "limit": limit, "ok": ok,
-                        "line": f"{'ok    ' if ok else 'BROKEN'} {where} {name}: {val:.2f} {unit} "
-                                f"{'<=' if ok else '>'} budget {limit:g} {unit}"})
+                        "line": f"{'ok    ' if ok else 'BROKEN'} {where} {_describe(metric, val, limit, ok, ref)}"})
     return out
+
+
+def _describe(metric: str, val: float, limit: float, ok: bool, ref: float | None) -> str:
+    """`search latency p50: 0.91 ms <= budget 2 ms`, or for a relative limit
+    `search latency p50: 2.31x the calibration kernel (0.87 ms) > budget 1.6x`."""
+    name = {"p50_ms": "search latency p50", "p90_ms": "search latency p90", "memory_mb": "running memory",
+            "p50_x": "search latency p50", "p90_x": "search latency p90"}[metric]
+    rel = "<=" if ok else ">"
+    if metric in RELATIVE:
+        return (f"{name}: {val:.2f}x the calibration kernel ({ref:.3f} ms) {rel} budget {limit:g}x")
+    unit = "MB" if metric == "memory_mb" else "ms"
+    return f"{name}: {val:.2f} {unit} {rel} budget {limit:g} {unit}"

@@ -161,9 +161,24 @@ def runnable_runtimes(device, opts: BenchOptions) -> list[str]:
     return dropped
 
 
+def reference_ms(device, budget_entry: dict | None) -> float | None:
+    """The calibration kernel's p50 right before a job, when the budget has relative limits and the
+    jobs run on this machine (on a phone the host's kernel says nothing about the phone)."""
+    from mcad.benchmarks.budgets import RELATIVE
+    from mcad.benchmarks.calibration import kernel_ms
+
+    if not budget_entry or getattr(device, "kind", None) != "local":
+        return None
+    limits = [lim for per in (budget_entry.get("budgets") or {}).values() for lim in (per or {}).values()]
+    if not any(m in (lim or {}) for lim in limits for m in RELATIVE):
+        return None
+    return kernel_ms()
+
+
 def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     from tqdm import tqdm
 
+    from mcad.benchmarks import calibration
     from mcad.benchmarks.budgets import check, load_budgets, match_device
     from mcad.benchmarks.report import plot, write_markdown
     from mcad.benchmarks.subjects import default_queries
@@ -194,8 +209,11 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
             rows, errors = [], []
             for job in tqdm(jobs, desc=f"bench {device.name}", unit="job", file=sys.stderr,
                             disable=not sys.stderr.isatty()):
+                ref = reference_ms(device, budget_entry)
                 try:
                     row = device.run(job)
+                    if ref is not None:
+                        row["reference_ms"] = round(ref, 4)
                 except DeviceGone:
                     raise
                 except DeviceError as e:
@@ -216,6 +234,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
                        "quant": opts.quant, "scorer": opts.scorer, "k": opts.k, "peers": opts.peers,
                        "mobile": opts.mobile, "image": opts.image, "timing": opts.timing.__dict__},
            "scorer_note": SCORER_NOTE.get(opts.scorer, opts.scorer),
+           "calibration_note": calibration.describe() if any("reference_ms" in r for r in rows) else None,
            "gallery_note": "N random unit vectors (float32) built in the measured process; exact flat search cost "
                            "does not depend on the values",
            "memory_note": "peak resident memory (VmHWM) of the process doing the search; `bare` = a fresh process "
