@@ -86,7 +86,7 @@ def _select(arts: list[Artifact], runtimes: list[str], quants: list[str] | None)
 def quant_family(q: str) -> str:
     """'int8 static QDQ per-channel' -> 'int8'; 'fp32'/'float32'/'' -> 'fp32'; others as given."""
     q = (q or "").lower()
-    for fam in ("int8", "int4", "int16", "fp16", "w8a8", "w8a16", "w4a8"):
+    for fam in ("a16w8", "int8", "int4", "int16", "fp16", "w8a8", "w8a16", "w4a8"):
         if fam in q:
             return "int8" if fam == "w8a8" else fam
     if not q or any(s in q for s in ("fp32", "float32", "float", "none")):

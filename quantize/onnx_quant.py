@@ -127,7 +127,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, 
     return {"float_nodes": len(exclude), "keep_fp32": list(keep)}
 
 
-def scheme(keep_fp32: Sequence[str]) -> str:
+def scheme(keep_fp32: Sequence[str], method: str = "minmax") -> str:
     keep = ",".join(keep_fp32)
+    ranges = {"minmax": "MinMax", "percentile": "Percentile 99.999", "entropy": "Entropy"}[method]
     return ("int8 ONNX Runtime static QDQ: weights per-channel symmetric int8, activations int8 "
-            f"calibrated (MinMax); float: l2-normalize,layernorm{(',' + keep) if keep else ''}")
+            f"calibrated ({ranges}); float: l2-normalize,layernorm{(',' + keep) if keep else ''}")

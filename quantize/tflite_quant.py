@@ -1,7 +1,9 @@
-"""Full-integer int8 TFLite (for NPU delegates: MediaTek NeuroPilot, NNAPI) with
-`ai_edge_quantizer`'s static_wi8_ai8 recipe: every supported op int8 (weights per-channel
-symmetric, activations calibrated with plain min/max), int8 model input where it is float
-(pixels); token ids int32.
+"""Full-integer TFLite (for NPU delegates: MediaTek NeuroPilot, QNN HTP, NNAPI) with
+`ai_edge_quantizer`'s static recipes: every supported op integer, weights per-channel symmetric
+int8, activations calibrated with plain min/max in 16 bits (static_wi8_ai16, A16W8: what
+NeuroPilot and HTP run; 8-bit activations cost the default student 1.2 R@1) or 8 bits
+(static_wi8_ai8, A8W8, for NPUs that take only int8); the float model input (pixels) becomes an
+integer input of the activations' width; token ids int32.
 
 `keep_fp32` aliases map to tensor-name regexes (litert_torch names tensors after the module
 path, `.../torch.nn.modules.linear.Linear_proj`) or op types; `float_regex` keeps more float
@@ -100,8 +102,10 @@ def full_integer(float_tflite: str | Path, out_path: str | Path, calib: dict[str
     return {"keep_fp32": list(keep), "float_rules": [r for r, _ in rules]}
 
 
-def scheme(keep_fp32: Sequence[str]) -> str:
+def scheme(keep_fp32: Sequence[str], activation_bits: int = 8) -> str:
     keep = ",".join(keep_fp32)
-    return ("int8 full-integer TFLite (ai_edge_quantizer static_wi8_ai8): weights per-channel "
-            "symmetric int8, activations int8 calibrated (min/max), int8 pixel input, float32 output "
+    a = activation_bits
+    name = "a16w8" if a == 16 else "int8"
+    return (f"{name} full-integer TFLite (ai_edge_quantizer static_wi8_ai{a}): weights per-channel "
+            f"symmetric int8, activations int{a} calibrated (min/max), int{a} pixel input, float32 output "
             f"(l2-normalize float){'; float: ' + keep if keep else ''}")
