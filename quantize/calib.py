@@ -10,7 +10,7 @@ import numpy as np
 
 log = logging.getLogger("mcad.quantize")
 
-DEFAULT_DATA = Path("data/synth/dataset_synth.json")
+DEFAULT_ROOT = Path("data/synth")  # the embedded default (mcad.data.spec names its file)
 
 
 @dataclass
@@ -27,8 +27,10 @@ class Samples:
 
 
 def resolve_data(data: str | Path | None) -> Path:
-    """The Karpathy JSON of a data root or file (default data/synth/dataset_synth.json)."""
-    p = Path(data) if data is not None else DEFAULT_DATA
+    """The Karpathy JSON of a data root or file (default: the embedded synthetic set)."""
+    from mcad.data.spec import synth_json
+
+    p = Path(data) if data is not None else synth_json(DEFAULT_ROOT)
     if p.is_dir():
         cands = sorted(p.glob("dataset_*.json"))
         if not cands:
