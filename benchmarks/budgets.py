@@ -12,6 +12,7 @@ METRICS = ("p50_ms", "p90_ms", "memory_mb", "p50_x", "p90_x")
 # (mcad.benchmarks.calibration): a limit that holds on any machine of the class, busy or not.
 RELATIVE = {"p50_x": "p50", "p90_x": "p90"}
 RUNTIMES = ("onnxruntime", "litert", "executorch", "qnn")
+PROGRAMS = ("search", "text_encoder")
 
 
 def load_budgets(path: str | Path | None = None) -> dict:
@@ -62,21 +63,34 @@ def _check_device(path: Path, name: str, entry) -> None:
             _check_limits(path, f"{key}.budgets.{s}.{g}", {} if lim is None else lim)
 
 
-def _check_limits(path: Path, key: str, lim, nested: bool = True) -> None:
-    """Limits of one gallery size; a runtime's name holds limits for that runtime only (they
-    override the shared ones), since one runtime can be several times faster than another."""
+def _check_limits(path: Path, key: str, lim, nest: tuple = ("runtime", "program")) -> None:
+    """Limits of one gallery size. A runtime's name, and within it (or directly) a program's name
+    (`search`: the shipped search program; `text_encoder`: encoder + the runner's scan) hold limits
+    for those jobs only, overriding the shared ones: runtimes and programs differ several-fold."""
     _mapping(lim, path, key, f"a mapping of {', '.join(METRICS)}")
-    for rt in [k for k in lim if k in RUNTIMES]:
-        if not nested:
-            raise ValueError(f"{path}: {key}.{rt}: runtime limits do not nest")
-        _check_limits(path, f"{key}.{rt}", {} if lim[rt] is None else lim[rt], nested=False)
-    bad = set(lim) - set(METRICS) - set(RUNTIMES)
+    allowed = {"runtime": RUNTIMES, "program": PROGRAMS}
+    for kind, names in allowed.items():
+        for name in [k for k in lim if k in names]:
+            if kind not in nest:
+                raise ValueError(f"{path}: {key}.{name}: {kind} limits do not nest here")
+            inner = tuple(n for n in nest[nest.index(kind) + 1:])
+            _check_limits(path, f"{key}.{name}", {} if lim[name] is None else lim[name], inner)
+    bad = set(lim) - set(METRICS) - set(RUNTIMES) - set(PROGRAMS)
     if bad:
         raise ValueError(f"{path}: {key}: unknown metric(s) {sorted(bad)} (known: {', '.join(METRICS)}; "
-                         f"or a runtime: {', '.join(RUNTIMES)})")
-    for metric, value in ((m, v) for m, v in lim.items() if m not in RUNTIMES):  # found now, not after the bench ran
+                         f"or a runtime: {', '.join(RUNTIMES)}; or a program: {', '.join(PROGRAMS)})")
+    for metric, value in ((m, v) for m, v in lim.items() if m in METRICS):  # found now, not after the bench ran
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{path}: {key}.{metric}: {value!r} is not a positive number")
+
+
+def limits_for(lim: dict, runtime: str | None, program: str | None) -> dict:
+    """The limits of one job: shared < the program's < the runtime's < the runtime's program's."""
+    def own(d):
+        return {m: v for m, v in (d or {}).items() if m in METRICS}
+
+    rt = lim.get(runtime) or {}
+    return {**own(lim), **own(lim.get(program)), **own(rt), **own(rt.get(program))}
 
 
 def match_device(budgets: dict, names: list[str], override: str | None = None) -> tuple[str | None, dict | None]:
@@ -106,10 +120,11 @@ def check(rows: list[dict], entry: dict, budget_name: str) -> list[dict]:
         lim = per.get(r.get("gallery")) or per.get(str(r.get("gallery")))
         if not lim:
             continue
-        lim = {**{m: v for m, v in lim.items() if m not in RUNTIMES}, **(lim.get(r.get("runtime")) or {})}
+        lim = limits_for(lim, r.get("runtime"), r.get("artifact"))
         from mcad.benchmarks.subjects import quant_family
 
-        where = (f"{budget_name}/{r['subject']}/N={r['gallery']}/{r['runtime']}"
+        subject = r["subject"] + (f":{r['artifact']}" if r.get("artifact") else "")
+        where = (f"{budget_name}/{subject}/N={r['gallery']}/{r['runtime']}"
                  f"/{quant_family(r.get('quantization', ''))}/t{r['threads']}")
         if r.get("error"):
             out.append({"budget": where, "metric": "run", "measured": None, "limit": None, "ok": False,

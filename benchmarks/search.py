@@ -169,10 +169,10 @@ def reference_ms(device, budget_entry: dict | None) -> float | None:
 
     if not budget_entry or getattr(device, "kind", None) != "local":
         return None
-    limits = [lim for per in (budget_entry.get("budgets") or {}).values() for lim in (per or {}).values()]
-    if not any(m in (lim or {}) for lim in limits for m in RELATIVE):
-        return None
-    return kernel_ms()
+    def relative(node) -> bool:  # any p50_x / p90_x, at any depth (subject, gallery, runtime, program)
+        return isinstance(node, dict) and any(k in RELATIVE or relative(v) for k, v in node.items())
+
+    return kernel_ms() if relative(budget_entry.get("budgets")) else None
 
 
 def run_bench(opts: BenchOptions) -> tuple[dict, int]:

@@ -4,7 +4,7 @@ figure and the budget, and pass the student they were set for."""
 from __future__ import annotations
 
 import json
-import shutil
+import re
 
 import pytest
 import torch
@@ -66,7 +66,9 @@ def test_relative_gate_catches_a_slower_model(tmp_path, tokenizer, synth_root, c
     code, res = _bench(slow, gate, tmp_path / "b2")
     assert code == 1 and _ratio(res) > 2 * r0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("bench: ") and "gate/student/N=100000/onnxruntime/fp32/t1 search latency p50" in last
+    broken = {c["budget"] for c in res["budget"]["checks"] if not c["ok"]}
+    assert "gate/student:search/N=100000/onnxruntime/fp32/t1" in broken  # the program the limit was set on
+    assert last.startswith("bench: ") and re.search(r"gate/student:\w+/N=100000/onnxruntime/fp32/t1 search latency p50", last)
     limit = float(f"{2 * r0:.4f}")
     assert "x the calibration kernel" in last and f"> budget {limit:g}x" in last
 
@@ -88,6 +90,15 @@ def test_relative_limits_in_the_budgets_file(tmp_path):
     assert {c["metric"]: c["ok"] for c in check([onnx], entry, "gate")}["p50_x"]  # shared limit 2x
     no_ref = dict(row, reference_ms=None)
     assert "not measured" in {c["metric"]: c for c in check([no_ref], entry, "gate")}["p50_x"]["line"]
+    # a program's own limit (search program vs encoder + scan), inside its runtime or shared
+    p.write_text("devices:\n  gate: {budgets: {student: {1000: {p50_x: 2, search: {p50_x: 3},"
+                 " litert: {search: {p50_x: 1.2}}}}}}\n")
+    entry = load_budgets(p)["devices"]["gate"]
+    prog = dict(row, artifact="search")
+    (c,) = [c for c in check([prog], entry, "gate") if c["metric"] == "p50_x"]
+    assert c["limit"] == 1.2 and c["line"].startswith("BROKEN gate/student:search/N=1000/litert/int8/t1")
+    (c,) = [c for c in check([dict(prog, runtime="onnxruntime")], entry, "gate") if c["metric"] == "p50_x"]
+    assert c["limit"] == 3 and c["ok"]
     p.write_text("devices:\n  gate: {budgets: {student: {1000: {litert: {litert: {p50_x: 1}}}}}}\n")
     with pytest.raises(ValueError, match="runtime limits do not nest"):
         load_budgets(p)
