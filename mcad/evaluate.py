@@ -122,24 +122,41 @@ def load_evaluated(ckpt: Path | None, kv: dict):
     return ckpt.stem, model, tok, None
 
 
+def check_writable(path: Path, key: str) -> None:
+    """One line now for an output path the command could not write at its end."""
+    import os
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"{key}={path}: is a folder; give a file name (e.g. {path / 'eval.json'})")
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK) or \
+            (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{key}={path}: cannot be written ({existing} is not a writable folder); "
+                         f"give a path in a folder you can write")
+
+
 def main(argv: list[str]) -> int:
     from mcad.accelerator import place, resolve_device
     from mcad.data.spec import load_split, parse as parse_data
     from mcad.teacher_spec import load_one, parse
 
     ckpt, kv = parse_args(argv)
+    if kv["json"]:  # an unwritable json= is found now, not after the whole evaluation
+        check_writable(Path(kv["json"]), "json")
     device = resolve_device(kv["device"])
     data = parse_data(kv["data"])
     name, dual, tok, own_fusion = load_evaluated(ckpt, kv)
+    fspec = parse("fusion", kv["fusion"])
+    fusion, ftok, f_name = own_fusion, None, name
+    if not fspec.is_default:  # a fusion teacher given (checked before any work): it re-ranks with its own tokenizer
+        fusion, ftok, _ = load_one(fspec, Path("."))
+        f_name = Path(fspec.path).stem
     pixels, corpus = load_split(data, kv["split"], dual.image_size)
     ids = tok.encode_batch(corpus.captions)
     metrics, sim = evaluate_dual(place(dual, device), pixels, ids, corpus.caption_to_image)
     rows = {name: metrics}
-    fspec = parse("fusion", kv["fusion"])
-    fusion, f_ids, f_name = own_fusion, ids, name
-    if not fspec.is_default:  # a fusion teacher given: it re-ranks (with its own tokenizer, where it has one)
-        fusion, ftok, _ = load_one(fspec, Path("."))
-        f_ids, f_name = (ftok or tok).encode_batch(corpus.captions), Path(fspec.path).stem
+    f_ids = (ftok or tok).encode_batch(corpus.captions) if ftok is not None else ids
     if fusion is not None:
         k = int(kv["k"])
         rows[f"{f_name} re-rank top-{k}"] = evaluate_rerank(place(fusion, device), pixels, f_ids,

@@ -601,3 +601,17 @@ def test_data_out_under_a_file_is_one_line(tmp_path, capsys):
     assert cli(["data", f"out={f / 'synth'}", "n_train=8", "n_val=4", "n_test=8", "progress=false"]) == 1
     err = error_lines(capsys)
     assert len(err) == 1 and "cannot create the data folder" in err[0], err
+
+
+def test_eval_json_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
+    """json=<a path under a file> used to fail after the whole evaluation; now before any loading."""
+    from mcad.cli import main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(["eval", str(tmp_path / "no-such.safetensors"), f"json={a_file / 'out.json'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "json=" in err[0] and "cannot be written" in err[0], err
+    assert main(["eval", str(tmp_path / "no-such.safetensors"), f"json={tmp_path}"]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
