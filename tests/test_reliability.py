@@ -496,8 +496,20 @@ def _interrupted_run(tmp_path, interrupt_at=None, steps=6):
 
 
 def test_ctrl_c_saves_the_step_and_says_where_and_resume_is_exact(tmp_path):
+    import signal
+
     from mcad.trainer import TrainingInterrupted
 
+    # as in a terminal: a suite started in the background (CI, nohup) inherits SIGINT ignored,
+    # and the trainer rightly leaves an ignored Ctrl-C alone
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_then_resume(tmp_path, TrainingInterrupted)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _ctrl_c_then_resume(tmp_path, TrainingInterrupted):
     full = _interrupted_run(tmp_path / "a")
     with pytest.raises(TrainingInterrupted) as e:
         _interrupted_run(tmp_path / "b", interrupt_at=2)
