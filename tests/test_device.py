@@ -251,7 +251,8 @@ def test_budgets_file_and_matching():
             for g in (1000, 100000):
                 lim = entry["budgets"]["student"][g]
                 assert set(lim) == {"executorch", "onnxruntime", "litert"}
-                assert all(set(p) == {"p50_x", "memory_mb"} for rt in lim.values() for p in rt.values())
+                want = {"p50_x", "memory_mb"} if g == 100000 else {"memory_mb"}  # 1k latency: runner noise
+                assert all(set(p) == want for rt in lim.values() for p in rt.values())
                 assert all(set(rt) == {"search", "text_encoder"} for rt in lim.values())
             continue
         for g in (1000, 10000, 100000):
