@@ -57,25 +57,30 @@ def _bert_vocab() -> list[str]:
             + ["##s", "##ing"] + ["[DEC]", "[ENC]"])
 
 
-@pytest.fixture(scope="module")
-def blip_folder(tmp_path_factory):
-    """save_pretrained folder: tiny BlipForImageTextRetrieval + BERT tokenizer.json."""
-    folder = tmp_path_factory.mktemp("hf-blip")
+def save_tiny_blip(folder, extra_words=(), image_size=32):
+    """A tiny random BlipForImageTextRetrieval + BERT tokenizer.json, saved with save_pretrained."""
     src = folder / "_vocab"
-    src.mkdir()
-    vocab = _bert_vocab()
+    src.mkdir(parents=True)
+    vocab = _bert_vocab() + list(extra_words)
     (src / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = transformers.BertTokenizer.from_pretrained(str(src), local_files_only=True)
-    tok.save_pretrained(str(folder))
+    transformers.BertTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(folder))
     torch.manual_seed(1)
     cfg = transformers.BlipConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
                          bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]")),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, initializer_range=0.02),
+                           image_size=image_size, patch_size=8, initializer_range=0.02),
         image_text_hidden_size=16)
     transformers.BlipForImageTextRetrieval(cfg).eval().save_pretrained(str(folder))
+    return src
+
+
+@pytest.fixture(scope="module")
+def blip_folder(tmp_path_factory):
+    """save_pretrained folder: tiny BlipForImageTextRetrieval + BERT tokenizer.json."""
+    folder = tmp_path_factory.mktemp("hf-blip")
+    save_tiny_blip(folder)
     return folder
 
 

@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_hf_teachers import MEAN, STD, _bert_vocab  # noqa: E402  (tests/ is on sys.path)
+from test_hf_teachers import MEAN, STD, save_tiny_blip  # noqa: E402  (tests/ is on sys.path)
 from test_tokenizer_clip import corpus as tokenizer_corpus, make_clip_tokenizer_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -49,21 +49,8 @@ def save_clip(folder, image_size=CLIP_SIZE):
 
 
 def save_blip(folder):
-    src = folder / "_vocab"
-    src.mkdir(parents=True)
-    vocab = _bert_vocab() + "circle square left right of above below green blue yellow".split()
-    (src / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    transformers.BertTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(folder))
-    shutil.rmtree(src)
-    torch.manual_seed(1)
-    cfg = transformers.BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
-                         bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]")),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=BLIP_SIZE, patch_size=8, initializer_range=0.02),
-        image_text_hidden_size=16)
-    transformers.BlipForImageTextRetrieval(cfg).eval().save_pretrained(str(folder))
+    words = "circle square left right of above below green blue yellow".split()
+    shutil.rmtree(save_tiny_blip(folder, words, image_size=BLIP_SIZE))  # the vocab source: not a user's file
     return folder
 
 
