@@ -43,7 +43,21 @@ def _scale(spec: dict) -> tuple[float, int] | None:
     return (float(q["scale"]), int(q["zero_point"])) if q and q.get("scale") else None
 
 
-class Session:
+class Closing:
+    """`with` closes it: sessions and the ExecuTorch worker hold runtimes and child processes."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class Session(Closing):
     """One opened artifact. `inputs`/`outputs`: [{"name", "shape", "dtype"[, "quantization"]}]."""
     runtime = ""
 
@@ -88,16 +102,6 @@ class Session:
 
     def _run(self, inputs: list[np.ndarray]):  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 # -- ONNX Runtime ----------------------------------------------------------------------------------
@@ -179,7 +183,7 @@ class LiteRTSession(Session):
 
 
 # -- ExecuTorch ------------------------------------------------------------------------------------
-class ExecuTorchWorker:
+class ExecuTorchWorker(Closing):
     """One child process (mcad.et_worker) holding any number of programs; started on first use."""
 
     def __init__(self, threads: int | None = None):
@@ -230,13 +234,6 @@ class ExecuTorchWorker:
             self.proc.wait()
         self._err.close()
         self.proc = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 class ExecuTorchSession(Session):
