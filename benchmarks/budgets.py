@@ -109,18 +109,23 @@ def match_device(budgets: dict, names: list[str], override: str | None = None) -
     return None, None
 
 
+def job_limits(entry: dict | None, job: dict) -> dict:
+    """The limits that hold for one bench row (or job description): {} for peers, encode jobs and
+    sizes without a budget."""
+    per = ((entry or {}).get("budgets") or {}).get(job.get("subject"))
+    if not per or job.get("mode") != "search":
+        return {}
+    lim = per.get(job.get("gallery")) or per.get(str(job.get("gallery")))
+    return limits_for(lim, job.get("runtime"), job.get("artifact")) if lim else {}
+
+
 def check(rows: list[dict], entry: dict, budget_name: str) -> list[dict]:
     """One check per (row, metric) that a budget covers; rows with errors are broken outright."""
     out = []
-    subjects = entry.get("budgets", {})
     for r in rows:
-        per = subjects.get(r.get("subject"))
-        if not per or r.get("mode") != "search":
-            continue
-        lim = per.get(r.get("gallery")) or per.get(str(r.get("gallery")))
+        lim = job_limits(entry, r)
         if not lim:
             continue
-        lim = limits_for(lim, r.get("runtime"), r.get("artifact"))
         from mcad.benchmarks.subjects import quant_family
 
         subject = r["subject"] + (f":{r['artifact']}" if r.get("artifact") else "")

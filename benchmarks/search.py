@@ -161,18 +161,15 @@ def runnable_runtimes(device, opts: BenchOptions) -> list[str]:
     return dropped
 
 
-def reference_ms(device, budget_entry: dict | None) -> float | None:
-    """The calibration kernel's p50 right before a job, when the budget has relative limits and the
-    jobs run on this machine (on a phone the host's kernel says nothing about the phone)."""
-    from mcad.benchmarks.budgets import RELATIVE
+def reference_ms(device, budget_entry: dict | None, job) -> float | None:
+    """The calibration kernel's p50 right before a job whose limits are relative, when the job runs
+    on this machine (on a phone the host's kernel says nothing about the phone)."""
+    from mcad.benchmarks.budgets import RELATIVE, job_limits
     from mcad.benchmarks.calibration import kernel_ms
 
-    if not budget_entry or getattr(device, "kind", None) != "local":
+    if getattr(device, "kind", None) != "local" or not set(job_limits(budget_entry, job.describe())) & set(RELATIVE):
         return None
-    def relative(node) -> bool:  # any p50_x / p90_x, at any depth (subject, gallery, runtime, program)
-        return isinstance(node, dict) and any(k in RELATIVE or relative(v) for k, v in node.items())
-
-    return kernel_ms() if relative(budget_entry.get("budgets")) else None
+    return kernel_ms()
 
 
 def run_bench(opts: BenchOptions) -> tuple[dict, int]:
@@ -209,7 +206,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
             rows, errors = [], []
             for job in tqdm(jobs, desc=f"bench {device.name}", unit="job", file=sys.stderr,
                             disable=not sys.stderr.isatty()):
-                ref = reference_ms(device, budget_entry)
+                ref = reference_ms(device, budget_entry, job)
                 try:
                     row = device.run(job)
                     if ref is not None:
