@@ -31,7 +31,6 @@ import torch
 from tqdm import tqdm
 
 from mcad.config import load_command_config
-from mcad.data.images import data_key
 from mcad.evaluate import encode_images, encode_texts, image_keys
 from mcad.io import atomic_path, read_json, sha256_file, write_manifest
 from mcad.sampling import nearest_neighbours
@@ -283,101 +282,175 @@ class TeacherCache:
                               m_i2t.nan_to_num(0.0), m_t2i.nan_to_num(0.0), **fused)
 
 
+PARTIAL = "partial.json"  # the shards written so far, and what they were made from (resume after a kill)
+
+
+def build_key(config: dict | None, shard_images: int, tau_f: float, k: int) -> str:
+    """What a cache's shards depend on: teachers, data, candidate lists' size, shard size, τ_F, format."""
+    import hashlib
+    import json
+
+    what = {"config": config or {}, "shard_images": int(shard_images), "tau_f": float(tau_f), "k": int(k),
+            "format": FORMAT}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resumable(out: Path, key: str) -> list[dict]:
+    """Shards a killed build of the same inputs finished (each checked against its sha256)."""
+    f = out / PARTIAL
+    if not f.exists():
+        return []
+    try:
+        partial = read_json(f)
+    except (OSError, ValueError):
+        return []
+    if partial.get("key") != key:
+        log.info("cache: %s is of other inputs; building from the start", f)
+        return []
+    done = []
+    for sh in partial.get("shards", []):
+        if not (out / sh["file"]).exists() or sha256_file(out / sh["file"]) != sh["sha256"]:
+            break
+        done.append(sh)
+    return done
+
+
 @torch.no_grad()
-def build_cache(dual, fusion, pixels: np.ndarray, ids: np.ndarray, image_captions: list[list[int]],
+def build_cache(dual, fusion, pixels, ids: np.ndarray, image_captions: list[list[int]],
                 lists: np.ndarray, out: Path, shard_images: int = 2048, pair_batch: int = 1024,
-                config: dict | None = None, progress: bool = True, tau_f: float = 1.0, fusion_ids: np.ndarray | None = None) -> Path:
-    """`fusion_ids`: the captions as the fusion teacher reads them, where its tokenizer is not the
-    dual's (BLIP's BERT ids); pixels reach each teacher at its own size and mean/std."""
-    from mcad.preprocess import model_input
+                config: dict | None = None, progress: bool = True, tau_f: float = 1.0, fusion_ids: np.ndarray | None = None,
+                on_shard=None, image_emb: torch.Tensor | None = None) -> Path:
+    """Write the cache shard by shard. `pixels`: mcad.data.stream.Images at the dual teacher's view
+    (or a uint8 array); each teacher reads them at its own view. `fusion_ids`: the captions as the
+    fusion teacher reads them, where its tokenizer is not the dual's (BLIP's BERT ids).
+
+    Streams: each shard is written (atomically) as it fills and recorded in partial.json with its
+    sha256 and a key of everything it depends on; a build killed half-way is resumed from the shards
+    it finished when the same inputs are given again. The manifest comes last, and the previous
+    build's manifest goes first (so no manifest ever points at half-rewritten shards).
+    `on_shard(i)` is called after shard i is recorded (progress hooks, tests); `image_emb`: the dual
+    teacher's image embeddings where the caller has them already (the neighbours were found with them)."""
+    from mcad.data.stream import as_images
+    from mcad.io import write_json
+    from mcad.preprocess import view_of
 
     dual.eval()
     fusion.eval()
     out.mkdir(parents=True, exist_ok=True)
+    images = as_images(pixels)
     caps = caption_table(image_captions)
-    N, C = caps.shape
-    k = lists.shape[1]
+    N, k = len(caps), lists.shape[1]
+    key = build_key(config, shard_images, tau_f, k)
+    previous = _recorded_files(out)
+    done = _resumable(out, key)
+    (out / "manifest.json").unlink(missing_ok=True)
+    if done:
+        log.info("cache: resuming after %d of %d shards (%s)", len(done), -(-N // shard_images), out / PARTIAL)
     t0 = time.time()
     log.info("cache: dual-teacher embeddings of %d images and %d captions", N, len(ids))
-    v_all = encode_images(dual, pixels)
+    v_all = image_emb if image_emb is not None else encode_images(dual, images)
     t_all = encode_texts(dual, ids)
-    shards = []
-    n_pairs = 0
+    f_images = images.as_view(view_of(fusion))
     f_ids = ids if fusion_ids is None else fusion_ids
-    lengths = (np.asarray(f_ids) != fusion.pad_id).sum(1)
-    bar = tqdm(total=N, desc="teacher cache", unit="img", disable=not progress)
-    for s in range(0, N, shard_images):
+    shards, n_pairs = list(done), sum(int(sh.get("pairs", 0)) for sh in done)
+    bar = tqdm(total=N, initial=min(N, len(done) * shard_images), desc="teacher cache", unit="img",
+               disable=not progress)
+    for s in range(len(done) * shard_images, N, shard_images):
         e = min(N, s + shard_images)
-        Ls = lists[s:e]
-        img_need = np.unique(Ls)
-        cap_need = np.unique(caps[img_need][caps[img_need] >= 0])
-        img_map = {g: i for i, g in enumerate(img_need.tolist())}
-        cap_map = np.full(len(ids), -1, dtype=np.int64)
-        cap_map[cap_need] = np.arange(len(cap_need))
-        img_tok = torch.cat([fusion.image_tokens(model_input(fusion, pixels[img_need[j:j + 256]]))
-                             for j in range(0, len(img_need), 256)])
-        ids_need = torch.as_tensor(f_ids[cap_need])
-        txt_tok = torch.cat([fusion.text_tokens(ids_need[j:j + 1024]) for j in range(0, len(ids_need), 1024)])
-        n = e - s
-        # pair lists: (image, caption, destination)
-        ii, cc, dest = [], [], []
-        for loc, i in enumerate(range(s, e)):
-            for r in range(k):
-                j = int(Ls[loc, r])
-                for c in range(C):
-                    if caps[j, c] >= 0:  # image i with caption c of its candidate image j
-                        ii.append(img_map[i]); cc.append(cap_map[caps[j, c]]); dest.append((0, loc, r, c))
-            for c in range(C):
-                if caps[i, c] < 0:
-                    continue
-                for r in range(1, k):  # candidate image j with caption c of i (r = 0: in m_i2t[., 0, .])
-                    j = int(Ls[loc, r])
-                    ii.append(img_map[j]); cc.append(cap_map[caps[i, c]]); dest.append((1, loc, c, r))
-        # chunks of captions of similar length: the fusion model drops a chunk's common padding
-        ii_t, cc_t = torch.as_tensor(ii), torch.as_tensor(cc)
-        order = torch.as_tensor(np.argsort(lengths[cap_need][cc], kind="stable"))
-        h_pairs = torch.empty(len(ii), fusion.width)
-        m_pairs = torch.empty(len(ii))
-        for p in range(0, len(ii), pair_batch):
-            sel = order[p:p + pair_batch]
-            h_pairs[sel], m_pairs[sel] = fusion.fuse(img_tok[ii_t[sel]], txt_tok[cc_t[sel]], ids_need[cc_t[sel]])
-            bar.set_postfix(pairs=n_pairs + p)
-        n_pairs += len(ii)
-        m_i2t = torch.full((n, k, C), float("nan"))
-        m_t2i = torch.full((n, C, k), float("nan"))
-        h = torch.zeros(n, C, h_pairs.shape[1])
-        d = np.array(dest)
-        w = d[:, 0] == 0
-        m_i2t[d[w, 1], d[w, 2], d[w, 3]] = m_pairs[torch.as_tensor(w)]
-        self_rows = w & (d[:, 2] == 0)
-        h[d[self_rows, 1], d[self_rows, 3]] = h_pairs[torch.as_tensor(self_rows)]
-        m_t2i[:, :, 0] = m_i2t[:, 0, :]
-        w1 = ~w
-        m_t2i[d[w1, 1], d[w1, 2], d[w1, 3]] = m_pairs[torch.as_tensor(w1)]
-        h_img, h_txt = candidate_features(h_pairs, d, m_i2t, m_t2i, tau_f)
-        cs = torch.as_tensor(caps[s:e])
-        t = torch.zeros(n, C, t_all.shape[1])
-        valid = cs >= 0
-        t[valid] = t_all[cs[valid]]
-        tensors = {"v": v_all[s:e].contiguous(), "t": t, "h": h, "m_i2t": m_i2t, "m_t2i": m_t2i,
-                   "h_img": h_img, "h_txt": h_txt,
-                   "lists": torch.as_tensor(Ls).contiguous(), "captions": cs.contiguous()}
+        tensors, pairs = shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_f, pair_batch)
         name = f"shard-{len(shards):05d}.safetensors"
         from safetensors.torch import save_file
 
         with atomic_path(out / name) as tmp:
             save_file(tensors, str(tmp))
+        n_pairs += pairs
         shards.append({"file": name, "images": [s, e], "bytes": (out / name).stat().st_size,
-                       "sha256": sha256_file(out / name)})
-        bar.update(n)
+                       "sha256": sha256_file(out / name), "pairs": int(pairs)})
+        write_json(out / PARTIAL, {"key": key, "shards": shards})
+        bar.update(e - s)
+        bar.set_postfix(pairs=n_pairs)
+        if on_shard is not None:
+            on_shard(len(shards) - 1)
     bar.close()
     secs = time.time() - t0
     log.info("cache: %d images, %d fusion pairs, %.1f s", N, n_pairs, secs)
     write_manifest(out / "manifest.json", kind="teacher-cache", config=config or {},
-                   files=[out / s["file"] for s in shards], format=FORMAT, shards=shards, images=N,
+                   files=[out / sh["file"] for sh in shards], format=FORMAT,
+                   shards=[{k2: v for k2, v in sh.items() if k2 != "pairs"} for sh in shards], images=N,
                    captions=int(len(ids)), list_size=int(k), fusion_pairs=int(n_pairs), seconds=round(secs, 1),
-                   fused_tau_f=float(tau_f))
+                   fused_tau_f=float(tau_f), build_key=key)
+    (out / PARTIAL).unlink(missing_ok=True)
+    for stale in sorted(previous - {sh["file"] for sh in shards}):  # shards of a bigger earlier build
+        (out / stale).unlink(missing_ok=True)
     return out
+
+
+def _recorded_files(out: Path) -> set[str]:
+    """The shard files this tool recorded in the folder (manifest and partial.json): the only ones it deletes."""
+    names: set[str] = set()
+    for f in (out / "manifest.json", out / PARTIAL):
+        try:
+            names |= {sh["file"] for sh in read_json(f).get("shards", []) if isinstance(sh, dict) and "file" in sh}
+        except (OSError, ValueError, AttributeError):
+            continue
+    return {n for n in names if Path(n).name == n}
+
+
+def shard_pairs(caps: np.ndarray, lists: np.ndarray, s: int, e: int):
+    """The fusion pairs of images s..e-1: (image, caption, destination) rows, where destination is
+    (0, local image, r, c) for image i with caption c of its candidate L_i[r], and (1, local image,
+    c, r) for candidate image L_i[r] (r >= 1) with caption c of image i."""
+    C, k = caps.shape[1], lists.shape[1]
+    ii, cc, dest = [], [], []
+    for loc, i in enumerate(range(s, e)):
+        for r in range(k):
+            j = int(lists[i, r])
+            for c in range(C):
+                if caps[j, c] >= 0:
+                    ii.append(i); cc.append(int(caps[j, c])); dest.append((0, loc, r, c))
+        for c in range(C):
+            if caps[i, c] < 0:
+                continue
+            for r in range(1, k):  # r = 0 is in m_i2t[., 0, .]
+                ii.append(int(lists[i, r])); cc.append(int(caps[i, c])); dest.append((1, loc, c, r))
+    return np.array(ii, dtype=np.int64), np.array(cc, dtype=np.int64), np.array(dest, dtype=np.int64)
+
+
+@torch.no_grad()
+def shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_f, pair_batch):
+    """One shard's tensors (see the module doc) and its number of fusion pairs."""
+    from mcad.preprocess import model_input
+
+    n, C, k = e - s, caps.shape[1], lists.shape[1]
+    ii, cc, d = shard_pairs(caps, lists, s, e)
+    img_need, img_pos = np.unique(ii, return_inverse=True)
+    cap_need, cap_pos = np.unique(cc, return_inverse=True)
+    chunks = [img_need[j:j + 256] for j in range(0, len(img_need), 256)]
+    img_tok = torch.cat([fusion.image_tokens(model_input(fusion, px)) for px in f_images.batches(chunks)])
+    ids_need = torch.as_tensor(f_ids[cap_need])
+    txt_tok = torch.cat([fusion.text_tokens(ids_need[j:j + 1024]) for j in range(0, len(ids_need), 1024)])
+    # chunks of captions of similar length: the fusion model drops a chunk's common padding
+    lengths = (np.asarray(f_ids[cap_need]) != fusion.pad_id).sum(1)
+    ii_t, cc_t = torch.as_tensor(img_pos), torch.as_tensor(cap_pos)
+    order = torch.as_tensor(np.argsort(lengths[cap_pos], kind="stable"))
+    h_pairs, m_pairs = torch.empty(len(ii), fusion.width), torch.empty(len(ii))
+    for p in range(0, len(ii), pair_batch):
+        sel = order[p:p + pair_batch]
+        h_pairs[sel], m_pairs[sel] = fusion.fuse(img_tok[ii_t[sel]], txt_tok[cc_t[sel]], ids_need[cc_t[sel]])
+    m_i2t, m_t2i = torch.full((n, k, C), float("nan")), torch.full((n, C, k), float("nan"))
+    h = torch.zeros(n, C, h_pairs.shape[1])
+    w = d[:, 0] == 0
+    m_i2t[d[w, 1], d[w, 2], d[w, 3]] = m_pairs[torch.as_tensor(w)]
+    self_rows = w & (d[:, 2] == 0)
+    h[d[self_rows, 1], d[self_rows, 3]] = h_pairs[torch.as_tensor(self_rows)]
+    m_t2i[:, :, 0] = m_i2t[:, 0, :]
+    m_t2i[d[~w, 1], d[~w, 2], d[~w, 3]] = m_pairs[torch.as_tensor(~w)]
+    h_img, h_txt = candidate_features(h_pairs, d, m_i2t, m_t2i, tau_f)
+    cs = torch.as_tensor(caps[s:e])
+    t = torch.zeros(n, C, t_all.shape[1])
+    t[cs >= 0] = t_all[cs[cs >= 0]]
+    return {"v": v_all[s:e].contiguous(), "t": t, "h": h, "m_i2t": m_i2t, "m_t2i": m_t2i, "h_img": h_img,
+            "h_txt": h_txt, "lists": torch.as_tensor(lists[s:e]).contiguous(), "captions": cs.contiguous()}, len(ii)
 
 
 def main(argv: list[str]) -> int:
@@ -385,6 +458,7 @@ def main(argv: list[str]) -> int:
     from mcad.accelerator import resolve_device
     from mcad.checks import CACHE, require_counts
     from mcad.data import spec as data_spec
+    from mcad.preprocess import view_of
     from mcad.teachers import add_file_log
 
     # the student recipe (data, teachers, neighbours, cache, device) + the shard size, which only the cache reads
@@ -396,14 +470,16 @@ def main(argv: list[str]) -> int:
     add_file_log(out / "cache.log")
     tset = teacher_spec.load_teachers(cfg, device)
     dual, fusion, tok = tset.dual, tset.fusion, tset.tokenizer
-    pixels, corpus = data_spec.load_split(data, cfg.get("train_split", "train"), dual.image_size)
+    pixels, corpus = data_spec.open_split(data, cfg.get("train_split", "train"), view_of(dual), cfg.get("workers"))
     ids = tok.encode_batch(corpus.captions)
-    lists = candidate_lists(dual_neighbours(dual, pixels, int(cfg["neighbours"]), image_keys(corpus)))
-    src = {"teachers": tset.hashes, "data": data.describe(), "data_key": data_key(pixels, corpus.captions),
+    emb = encode_images(dual, pixels)
+    lists = candidate_lists(nearest_neighbours(emb, int(cfg["neighbours"]), keys=image_keys(corpus)))
+    src = {"teachers": tset.hashes, "data": data.describe(), "data_key": pixels.key(corpus.captions),
            "neighbours": int(cfg["neighbours"])}
     if not teacher_spec.is_default(cfg):
         src["teacher_specs"] = tset.describe()
     build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, int(cfg.get("cache_shard_images", 2048)),
-                config=src, tau_f=float(cfg["loss"]["tau_f"]), fusion_ids=tset.fusion_ids(corpus.captions))
+                config=src, tau_f=float(cfg["loss"]["tau_f"]), fusion_ids=tset.fusion_ids(corpus.captions),
+                image_emb=emb)
     print(f"teacher cache: {out}")
     return 0

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mcad import preprocess, teacher_spec
@@ -26,18 +25,18 @@ from mcad.accelerator import resolve_device
 from mcad.config import load_command_config
 from mcad.checks import STUDENT as STUDENT_COUNTS, require_counts
 from mcad.data import spec as data_spec
-from mcad.data.images import data_key
-from mcad.data.spec import load_split
+from mcad.data.spec import open_split
+from mcad.data.stream import StepFeed
 from mcad.distill.cache import (TeacherCache, TeacherOutputs, candidate_lists, caption_table, dual_neighbours,
                                 online_batch, online_candidate_features)
 from mcad.distill.losses import (FUSED, NEG, WITHIN, FusionAdapters, distribution_loss, feature_loss, kl_rows,
                                  mcad_targets, modified_features, single_teacher_loss)
 from mcad.evaluate import evaluate_dual, image_keys
-from mcad.io import sha256_file, write_json, write_manifest
+from mcad.io import write_json, write_manifest
 from mcad.losses import clip_loss
 from mcad.models.checkpoint import save_model
 from mcad.models.registry import count_params, create_model, student_overrides
-from mcad.preprocess import model_input, same_input
+from mcad.preprocess import model_input, same_input, view_of
 from mcad.retrieval import recall_table
 from mcad.sampling import ConfuserBatches, caption_choice
 from mcad.teacher_spec import load_teachers
@@ -65,25 +64,47 @@ def loss_weights(variant: str, loss_cfg: dict) -> dict[str, float]:
 
 
 class Teachers:
-    """The teachers' outputs for a batch: from the cache, or by running them; on `device`."""
+    """The teachers' outputs for a batch: from the cache, or by running them; on `device`.
+    Online, a step's batch arrives decoded for `feed_images` (the dual teacher's view, which the
+    student shares, and the fusion teacher's own where it differs)."""
 
     def __init__(self, dual, fusion, lists: np.ndarray, cache: TeacherCache | None, with_fusion: bool = True,
-                 fusion_ids: np.ndarray | None = None, device: torch.device | None = None):
+                 fusion_ids: np.ndarray | None = None, device: torch.device | None = None, images=None):
         self.dual, self.fusion, self.lists, self.cache = dual, fusion, lists, cache
         self.with_fusion = with_fusion
         self.fusion_ids = fusion_ids  # None: the fusion teacher reads the dual's ids (the mcad teachers)
         self.own_pixels = not same_input(dual, fusion)  # BLIP at 384 beside CLIP at 224, other mean/std
         self.device = device or torch.device("cpu")
+        self.images = images  # mcad.data.stream.Images at the dual teacher's view
+        self.f_images = images.as_view(view_of(fusion)) if images is not None else None  # F's (the same array: resized)
 
-    def __call__(self, pixels, ids, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
+    @property
+    def feed_images(self) -> list:
+        """What each step must decode: the dual's view, and F's own where F runs online and sees another."""
+        if self.cache is not None or self.images is None:
+            return []
+        extra = self.cache is None and self.with_fusion and self.own_pixels and self.f_images is not self.images
+        return [self.images] + ([self.f_images] if extra else [])
+
+    def __call__(self, batch: list, ids, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
         if self.cache is not None:
             return on_device(self.cache.batch(idx, cap), self.device)
-        px = model_input(self.dual, pixels[idx])
-        f_px = model_input(self.fusion, pixels[idx]) if self.own_pixels and self.with_fusion else None
+        px = model_input(self.dual, batch[0])
+        f_px = model_input(self.fusion, batch[-1]) if self.own_pixels and self.with_fusion else None
         f_ids = torch.as_tensor(self.fusion_ids[cap]) if self.fusion_ids is not None else None
         out = online_batch(self.dual, self.fusion, px, torch.as_tensor(ids[cap]), idx, self.lists, self.with_fusion,
                            f_px=f_px, f_ids=f_ids)
         return on_device(out, self.device)
+
+
+class _Head:
+    """The first `n` images of each step's batch (the adapters' batches; picklable for the loader)."""
+
+    def __init__(self, batches, n: int):
+        self.batches, self.n = batches, n
+
+    def __call__(self, step: int) -> np.ndarray:
+        return self.batches(step)[:self.n]
 
 
 def on_device(tb: TeacherOutputs, device: torch.device) -> TeacherOutputs:
@@ -96,7 +117,7 @@ def comparable(cfg: dict) -> dict:
     root, as `data=` was before specs), the project's own teachers (the default) and the device left
     out, so a run of the embedded default records the recipe it recorded before and resumes (and the
     ablation reuses) runs made then."""
-    out = without_new_defaults({k: v for k, v in cfg.items() if k != "device"})
+    out = without_new_defaults({k: v for k, v in cfg.items() if k not in ("device", "workers")})
     if "data" in out:
         out["data"] = data_spec.parse(out["data"]).describe()
     for role in ("dual", "fusion"):
@@ -116,11 +137,15 @@ class WithCandidateFeatures:
     def __getattr__(self, name):  # device, fusion, lists: the wrapped teachers'
         return getattr(self.teachers, name)
 
-    def __call__(self, pixels, ids, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
+    @property
+    def feed_images(self) -> list:
+        return self.teachers.feed_images
+
+    def __call__(self, batch: list, ids, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
         from dataclasses import replace
 
-        out = self.teachers(pixels, ids, idx, cap)
-        h_img, h_txt = online_candidate_features(self.teachers.fusion, lambda j: self.image_input(pixels[j]), self.f_ids,
+        out = self.teachers(batch, ids, idx, cap)
+        h_img, h_txt = online_candidate_features(self.teachers.fusion, self.image_input, self.f_ids,
                                                  self.cap_table, self.teachers.lists, idx, cap, self.tau_f)
         return replace(out, h_img=h_img.to(out.v.device), h_txt=h_txt.to(out.v.device))
 
@@ -141,7 +166,7 @@ def without_new_defaults(cfg: dict) -> dict:
     return out
 
 
-def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, pixels, ids, caps, batches, seed,
+def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, n_images: int, ids, caps, batches, seed,
                  progress=True) -> FusionAdapters:
     """A_img/A_txt such that ṽ_i·t_j over each row's candidates follows F's ITM judgement (and
     symmetrically)."""
@@ -150,11 +175,13 @@ def fit_adapters(cfg, teachers: Teachers, h_dim: int, dim: int, pixels, ids, cap
     acfg = {"steps": int(cfg["adapters"]["steps"]), "lr": float(cfg["adapters"]["lr"]), "warmup": 10, "weight_decay": 0.0}
     tr = Trainer({"adapters": ad}, acfg, desc="fusion adapters")
     bs, tau, tau_f = int(cfg["adapters"]["batch_size"]), float(cfg["adapters"]["tau"]), float(cfg["loss"]["tau_f"])
+    head = _Head(batches, bs)
+    feed = StepFeed(teachers.feed_images, head, acfg["steps"])
 
     def loss_fn(step):
-        idx = batches(step)[:bs]
-        cap = caption_choice(len(pixels), caps, seed, step, idx)
-        tb = teachers(pixels, ids, idx, cap)
+        idx = head(step)
+        cap = caption_choice(n_images, caps, seed, step, idx)
+        tb = teachers(feed(step), ids, idx, cap)
         v_m, t_m = modified_features(ad, tb, 1.0, str(cfg["loss"].get("fused", "matched")))
         s_half_i = (v_m @ tb.t.T).masked_fill(~tb.mask_i2t, NEG)   # only the image side modified
         s_half_t = (t_m @ tb.v.T).masked_fill(~tb.mask_t2i, NEG)   # only the text side modified
@@ -191,13 +218,14 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     tset = load_teachers(cfg, device)
     dual, fusion, tok = tset.dual, tset.fusion, tset.tokenizer
     student_over = student_overrides(cfg["model"], dual, tok)  # a size it cannot take: said before any work
-    pixels, corpus = load_split(data, cfg.get("train_split", "train"), dual.image_size)
-    test_px, test_c = load_split(data, cfg["eval"]["split"], dual.image_size)
+    view = view_of(dual)  # the student sees images as its dual teacher does (size, resize rule)
+    pixels, corpus = open_split(data, cfg.get("train_split", "train"), view, cfg.get("workers"), progress)
+    test_px, test_c = open_split(data, cfg["eval"]["split"], view, cfg.get("workers"), progress)
     ids, test_ids = tok.encode_batch(corpus.captions), tok.encode_batch(test_c.captions)
     caps, keys = corpus.image_captions(), torch.as_tensor(image_keys(corpus))
     # what the run depends on besides its config: a partial checkpoint of other data or other
     # teachers (same paths, new contents) is not resumed
-    inputs = {"data": data_key(pixels, corpus.captions), "teachers": tset.hashes}
+    inputs = {"data": pixels.key(corpus.captions), "teachers": tset.hashes}
 
     cache = None
     cache_dir = teacher_spec.cache_dir(cfg)
@@ -220,21 +248,24 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     uses_f = variant == "single" or mu > 0 or lam > 0
     teacher_out = Teachers(dual, fusion, candidate_lists(nb), cache, with_fusion=uses_f,
                            fusion_ids=tset.fusion_ids(corpus.captions) if cache is None and uses_f else None,
-                           device=device)
+                           device=device, images=pixels)
     fused = str(L.get("fused", "matched"))
     if variant == "mcad" and lam > 0 and fused == "candidates":  # F over the candidate lists: cached, or run here
         if cache is not None:
             cache.check_fused(float(L["tau_f"]))
         else:
             f_ids = teacher_out.fusion_ids if teacher_out.fusion_ids is not None else ids
+            f_images = teacher_out.f_images
             teacher_out = WithCandidateFeatures(teacher_out, caption_table(caps), float(L["tau_f"]),
-                                                lambda px: model_input(fusion, px), f_ids)
+                                                lambda j: model_input(fusion, f_images[j]), f_ids)
     batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg["neighbours"]) + 1)
-    adapters = fit_adapters(cfg, teacher_out, fusion.width, dual.embed_dim, pixels, ids, caps, batches, seed, progress) \
+    adapters = fit_adapters(cfg, teacher_out, fusion.width, dual.embed_dim, len(pixels), ids, caps, batches, seed,
+                            progress) \
         if variant == "mcad" and lam > 0 else None
 
     torch.manual_seed(seed)  # same student initialisation for every variant
     student = create_model(cfg["model"], **student_over).to(device)
+    student.image_view = view
     proj = nn.ModuleDict({"img": nn.Linear(student.embed_dim, dual.embed_dim, bias=False),
                           "txt": nn.Linear(student.embed_dim, dual.embed_dim, bias=False)}).to(device)
     if world > 1:
@@ -252,18 +283,22 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     tau, tau_f = float(L["tau_kd"]), float(L["tau_f"])
     within = str(L.get("within", "order"))
     keys_d = keys.to(device)
+    # the student's view (= the dual's) first, then what online teachers need besides
+    feed = StepFeed([pixels] + teacher_out.feed_images[1:] if alpha > 0 or beta > 0 else [pixels], batches,
+                    int(cfg["steps"]))
 
     def loss_fn(step):
         idx = batches(step)
         cap = caption_choice(len(pixels), caps, seed, step, idx)
-        px, ids_b = model_input(student, pixels[idx]).to(device), torch.as_tensor(ids[cap]).to(device)
+        batch = feed(step)
+        px, ids_b = model_input(student, batch[0]).to(device), torch.as_tensor(ids[cap]).to(device)
         sl = distributed.local_slice(len(idx))  # this process encodes its slice; losses see all
         u, w, scale = forward(px[sl], ids_b[sl])
         u, w = distributed.gather(u), distributed.gather(w)
         loss = clip_loss(u, w, scale, keys_d[idx])
         logs = {"clip": float(loss.detach())}
         if alpha > 0 or beta > 0:
-            tb = teacher_out(pixels, ids, idx, cap)
+            tb = teacher_out(batch, ids, idx, cap)
             v_m, t_m = modified_features(adapters, tb, lam, fused) if adapters is not None else (tb.v, tb.t)
             s = u @ w.T
             if variant == "single":
@@ -292,7 +327,7 @@ def distill(cfg: dict, progress: bool = True) -> dict:
     rows.update({name: r for name, r in known.items() if name.startswith("fusion")})
     save_model(student, run / "student.safetensors", extra={"variant": variant, "seed": seed})
     tok.save(run / "tokenizer.json")
-    pre = preprocess.record(student)
+    pre = preprocess.record(student, view)
     metrics = {"variant": variant, "seed": seed, "test": rows,
                "teacher_outputs": "none" if variant == "none" else ("cache " + str(cache_dir) if cache else "online"),
                "params": {"student": count_params(student), "dual_teacher": count_params(dual),

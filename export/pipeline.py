@@ -609,7 +609,25 @@ class Exporter:
                        for b in self.plan if b != "hub"},
             calibration={"source": calib.source, "images": int(len(calib)), "captions": int(len(calib.ids)),
                          "seed": self.opts.seed},
-            artifacts=arts, skipped=self.skipped, parity=parity, versions=versions())
+            artifacts=arts, skipped=self.skipped, parity=parity, versions=versions(),
+            preprocess=self.preprocess_record(), teachers=self.run_teachers())
+
+    def preprocess_record(self) -> dict | None:
+        """What the image encoder's input is made from a file: the run's record (its dual teacher's view)."""
+        from mcad.preprocess import record
+        from mcad.runs import run_record
+
+        t = self.towers
+        if t.image_encoder is None:
+            return None
+        rec = run_record(self.run).get("preprocess") if self.run else None
+        return rec or record(t, t.view)
+
+    def run_teachers(self) -> dict | None:
+        """The teachers the run was distilled from (specs and file hashes), as its manifest records them."""
+        from mcad.runs import run_record
+
+        return run_record(self.run).get("teachers") if self.run else None
 
     # -- all --------------------------------------------------------------------------------------
     def export(self) -> dict:

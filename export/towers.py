@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from mcad.data.images import DEFAULT_MEAN, DEFAULT_STD
+from mcad.data.stream import View
+from mcad.preprocess import view_of
 
 
 @dataclass
@@ -23,6 +25,7 @@ class Towers:
     eot_id: int = 2                  # the example ids a text program is traced with end here
     image_mean: tuple = DEFAULT_MEAN
     image_std: tuple = DEFAULT_STD
+    view: View | None = None         # how image files are decoded for it (None: mcad's square rule at image_size)
 
     @classmethod
     def of(cls, model) -> "Towers":
@@ -31,7 +34,7 @@ class Towers:
                    image_encoder=model.image_encoder().eval(), embed_dim=int(model.embed_dim),
                    context_length=int(model.context_length), image_size=int(model.image_size),
                    eot_id=int(model.text.eot_id), image_mean=tuple(model.image_mean),
-                   image_std=tuple(model.image_std))
+                   image_std=tuple(model.image_std), view=view_of(model))
 
     @property
     def roles(self) -> tuple[str, ...]:

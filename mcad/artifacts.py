@@ -155,6 +155,9 @@ class ExportManifest:
     calibration: dict | None = None
     parity: dict | None = None         # mcad.export.parity's record (None: not run)
     versions: dict = field(default_factory=dict)
+    preprocess: dict | None = None     # how image files become the image input (mcad.preprocess.record: size,
+                                       # mean/std, resize_mode square|shortest|squash); None: square at image_size
+    teachers: dict | None = None       # the run's teachers: {"specs": {role: "source:path"}, "sha256": {file: hash}}
     version: int = MANIFEST_VERSION
     path: Path | None = field(default=None, repr=False, compare=False)  # where it was read from
 
@@ -164,6 +167,13 @@ class ExportManifest:
 
     def _file(self, name: str | None) -> Path | None:
         return self.root / name if name and (self.root / name).exists() else None
+
+    @property
+    def view(self):
+        """How image files are decoded for the image encoder (mcad.data.stream.View)."""
+        from mcad.preprocess import view_of_record
+
+        return view_of_record(self.preprocess, self.image_size)
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -193,7 +203,8 @@ class ExportManifest:
                 "tokenizer": self.tokenizer, "golden": self.golden, "soc": self.soc, "precision": self.precision,
                 "keep_fp32": self.keep_fp32, "calibration": self.calibration,
                 "artifacts": [a.to_json() for a in self.artifacts], "skipped": list(self.skipped),
-                "parity": self.parity, "versions": self.versions}
+                "parity": self.parity, "versions": self.versions, "preprocess": self.preprocess,
+                "teachers": self.teachers}
 
     @classmethod
     def from_json(cls, d: Any, path: str | Path | None = None) -> "ExportManifest":
@@ -222,6 +233,7 @@ class ExportManifest:
                    soc=_opt(d, "soc", str, where), precision=_opt(d, "precision", str, where, "int8"),
                    keep_fp32=_opt(d, "keep_fp32", dict, where, {}), calibration=_opt(d, "calibration", dict, where),
                    parity=_opt(d, "parity", dict, where), versions=_opt(d, "versions", dict, where, {}),
+                   preprocess=_opt(d, "preprocess", dict, where), teachers=_opt(d, "teachers", dict, where),
                    path=Path(path) if path is not None else None)
 
 

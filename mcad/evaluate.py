@@ -9,20 +9,22 @@ import numpy as np
 import torch
 
 from mcad.accelerator import autocast, model_device
-from mcad.preprocess import model_input
+from mcad.data.stream import as_images
+from mcad.preprocess import model_input, view_of
 from mcad.retrieval import recall_table, rerank_metrics, retrieval_metrics
 
 log = logging.getLogger("mcad.eval")
 
 
 @torch.no_grad()
-def encode_images(model, pixels: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Unit embeddings [N, D] (float32, CPU) of uint8 pixels, computed where the model is."""
+def encode_images(model, pixels, batch_size: int = 256) -> torch.Tensor:
+    """Unit embeddings [N, D] (float32, CPU) of images (mcad.data.stream.Images as the model sees
+    them, or a uint8 array), computed where the model is while the loader decodes the next batch."""
     model.eval()
     dev = model_device(model)
     with autocast(dev):
-        out = [model.encode_image(model_input(model, pixels[s:s + batch_size]).to(dev)).float().cpu()
-               for s in range(0, len(pixels), batch_size)]
+        out = [model.encode_image(model_input(model, px).to(dev)).float().cpu()
+               for px in as_images(pixels).as_view(view_of(model)).chunks(batch_size)]
     return torch.cat(out)
 
 
@@ -59,8 +61,8 @@ def evaluate_rerank(fusion, pixels, ids, caption_to_image, sim, k: int = 16, bat
     fusion.eval()
     dev = model_device(fusion)
     with autocast(dev):
-        img_tok = torch.cat([fusion.image_tokens(model_input(fusion, pixels[s:s + 256]).to(dev))
-                             for s in range(0, len(pixels), 256)])
+        img_tok = torch.cat([fusion.image_tokens(model_input(fusion, px).to(dev))
+                             for px in as_images(pixels).as_view(view_of(fusion)).chunks(256)])
         ids_t = torch.as_tensor(ids).to(dev)
         txt_tok = torch.cat([fusion.text_tokens(ids_t[s:s + 1024]) for s in range(0, len(ids_t), 1024)])
 
@@ -80,10 +82,10 @@ def eval_options() -> dict:
     from mcad.teacher_spec import TEACHER_DEFAULTS
 
     return {"data": dict(DATA_DEFAULTS), **{r: dict(v) for r, v in TEACHER_DEFAULTS.items()}, "split": "test",
-            "k": 16, "tokenizer": None, "json": None, "device": "auto"}
+            "k": 16, "tokenizer": None, "json": None, "device": "auto", "workers": None}
 
 
-EVAL_TYPES = {"tokenizer": str, "json": str}  # paths: kept as text
+EVAL_TYPES = {"tokenizer": str, "json": str, "workers": int}  # paths: kept as text
 USAGE = ("usage: mcad eval CHECKPOINT | dual.source=hf-clip dual.path=FOLDER  [fusion=FUSION.safetensors | "
          "fusion.source=hf-blip-itm fusion.path=FOLDER] [data=data/synth | data.format=... data.json=...] "
          "[split=test] [k=16] [tokenizer=PATH] [json=OUT.json] [device=auto]")
@@ -138,7 +140,7 @@ def check_writable(path: Path, key: str) -> None:
 
 def main(argv: list[str]) -> int:
     from mcad.accelerator import place, resolve_device
-    from mcad.data.spec import load_split, parse as parse_data
+    from mcad.data.spec import open_split, parse as parse_data
     from mcad.teacher_spec import load_one, parse
 
     ckpt, kv = parse_args(argv)
@@ -152,7 +154,7 @@ def main(argv: list[str]) -> int:
     if not fspec.is_default:  # a fusion teacher given (checked before any work): it re-ranks with its own tokenizer
         fusion, ftok, _ = load_one(fspec, Path("."))
         f_name = Path(fspec.path).stem
-    pixels, corpus = load_split(data, kv["split"], dual.image_size)
+    pixels, corpus = open_split(data, kv["split"], view_of(dual), kv["workers"])
     ids = tok.encode_batch(corpus.captions)
     metrics, sim = evaluate_dual(place(dual, device), pixels, ids, corpus.caption_to_image)
     rows = {name: metrics}

@@ -21,14 +21,28 @@ def resolve_run(run: str | Path) -> Path:
 
 
 def load_student(run: str | Path):
-    """(model in eval mode, tokenizer) of a run folder."""
+    """(model in eval mode, tokenizer) of a run folder; the model's `image_view` is the view its
+    run recorded (the dual teacher's: size and resize rule), so every stage decodes images as training did."""
     from mcad.models.checkpoint import check_tokenizer, load_model
+    from mcad.preprocess import view_of_record
     from mcad.tokenizer import Tokenizer
 
     run = resolve_run(run)
     model, tok = load_model(run / STUDENT), Tokenizer.load(run / TOKENIZER)
     check_tokenizer(model.config, tok, run / STUDENT, run / TOKENIZER)
+    model.image_view = view_of_record(run_record(run).get("preprocess"), model.image_size)
     return model, tok
+
+
+def run_record(run: str | Path) -> dict:
+    """The run's manifest.json (teachers, preprocess, tokenizer), or {} for a run from before it."""
+    import json
+
+    f = Path(run) / "manifest.json"
+    try:
+        return json.loads(f.read_text(encoding="utf-8")) if f.exists() else {}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable run manifest ({type(e).__name__}); re-run `make student`") from None
 
 
 def latest_run(root: str | Path = "runs", exclude: tuple[str, ...] = ("teachers",)) -> Path:

@@ -14,14 +14,13 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mcad.config import load_command_config
 from mcad.checks import TEACHERS as TEACHER_COUNTS, require_counts
 from mcad.accelerator import resolve_device
-from mcad.data.images import data_key, normalize
+from mcad.data.images import normalize
+from mcad.data.stream import StepFeed
 from mcad.evaluate import encode_images, evaluate_dual, evaluate_rerank, image_keys
 from mcad.io import write_json
 from mcad.losses import candidates_with_positive, clip_loss, itm_listwise_loss
@@ -51,10 +50,18 @@ def add_file_log(path: Path) -> None:
 
 
 def load_split(data, split: str, size: int):
-    """(pixels, Corpus) of one split of a data spec (`data.*` keys, or a synthetic root): mcad.data.spec."""
+    """(pixels, Corpus) of one split of a data spec (`data.*` keys, or a synthetic root), decoded
+    whole: mcad.data.spec.load_split (tests and small sets; the commands stream with open_split)."""
     from mcad.data.spec import load_split as load
 
     return load(data, split, size)
+
+
+def open_split(data, split: str, size: int, workers=None):
+    """(mcad.data.stream.Images, Corpus) of one split as the project's own models see it."""
+    from mcad.data.spec import open_split as open_
+
+    return open_(data, split, size, workers)
 
 
 def teacher_recipes(cfg: dict, data: str | None) -> dict[str, dict]:
@@ -101,13 +108,14 @@ def train_dual(cfg: dict, tok: Tokenizer, pixels, ids, corpus, out: Path, seed: 
     keys = torch.as_tensor(image_keys(corpus)).to(device)
     caps = corpus.image_captions()
     batches = RandomBatches(len(pixels), int(cfg["batch_size"]), seed)
+    feed = StepFeed([pixels], batches, int(cfg["steps"]))  # decoded ahead of the step, off this thread
     trainer = Trainer({"model": model}, cfg, out / "dual.ckpt.pt", desc="dual teacher", recipe=recipe)
     trainer.resume()
 
     def loss_fn(step: int):
         idx = batches(step)
         cap = caption_choice(len(pixels), caps, seed, step, idx)
-        img, txt, scale = model(normalize(pixels[idx], model.image_mean, model.image_std).to(device),
+        img, txt, scale = model(normalize(feed(step)[0], model.image_mean, model.image_std).to(device),
                                 torch.as_tensor(ids[cap]).to(device))
         return clip_loss(img, txt, scale, keys[idx]), {"scale": float(scale.detach())}
 
@@ -135,13 +143,14 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, rec
     emb = encode_images(dual, pixels)
     nb = nearest_neighbours(emb, int(cfg.get("neighbours", 3)), keys=keys.numpy())  # other scenes: confusers
     batches = ConfuserBatches(nb, int(cfg["batch_size"]), seed, group=int(cfg.get("neighbours", 3)) + 1)
+    feed = StepFeed([pixels], batches, int(cfg["steps"]))
     trainer = Trainer({"fusion": fusion}, cfg, out / "fusion.ckpt.pt", desc="fusion teacher", recipe=recipe)
     trainer.resume()
 
     def loss_fn(step: int):
         idx = batches(step)
         cap = caption_choice(len(pixels), caps, seed, step, idx)
-        px = normalize(pixels[idx], dual.image_mean, dual.image_std).to(device)
+        px = normalize(feed(step)[0], dual.image_mean, dual.image_std).to(device)
         ids_b = torch.as_tensor(ids[cap]).to(device)
         with torch.no_grad():
             img_tok, txt_tok = fusion.image_tokens(px), fusion.text_tokens(ids_b)
@@ -183,11 +192,12 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     dual_cfg = create_model(cfg["dual"]["model"]).config
     size = int(dual_cfg["image"]["image_size"])
-    train_px, train_c = load_split(data, "train", size)
-    test_px, test_c = load_split(data, "test", size)
+    workers = cfg.get("workers")
+    train_px, train_c = open_split(data, "train", size, workers)
+    test_px, test_c = open_split(data, "test", size, workers)
     timings["load_data_s"] = time.time() - t0
 
-    recipes = teacher_recipes(cfg, data_key(train_px, train_c.captions))
+    recipes = teacher_recipes(cfg, train_px.key(train_c.captions))
     tok_path = out / "tokenizer.json"
     # the tokenizer belongs to the dual teacher (finished or partial) whose recipe is checked below;
     # without one it is trained again, so a tokenizer of other captions is never picked up

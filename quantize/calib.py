@@ -54,7 +54,7 @@ def load_samples(model, tokenizer, data: str | Path | None = None, n: int = 256,
         rng = np.random.default_rng(seed)
         keep = set(rng.choice(corpus.n_images, size=n, replace=False).tolist())
         corpus = corpus.drop_images(set(range(corpus.n_images)) - keep)
-    pixels_u8, corpus = load_images(corpus, model.image_size, progress=progress)
+    pixels_u8, corpus = load_images(corpus, model.image_size, progress=progress, view=getattr(model, "view", None))
     pixels = normalize(pixels_u8, model.image_mean, model.image_std).numpy().astype(np.float32)
     caps, c2i = [], []
     for img, cids in enumerate(corpus.image_captions()):

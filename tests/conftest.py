@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# what mcad keeps per user (the image scan, mcad.data.stream) goes to a folder of this session, not ~/.cache
+os.environ.setdefault("MCAD_CACHE_DIR", tempfile.mkdtemp(prefix="mcad-test-cache-"))
 
 import pytest
 import torch

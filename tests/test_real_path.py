@@ -49,8 +49,12 @@ def save_clip(folder, image_size=CLIP_SIZE):
 
 
 def save_blip(folder):
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
     words = "circle square left right of above below green blue yellow".split()
     shutil.rmtree(save_tiny_blip(folder, words, image_size=BLIP_SIZE))  # the vocab source: not a user's file
+    BlipImageProcessorPil(size={"height": BLIP_SIZE, "width": BLIP_SIZE}, image_mean=MEAN[::-1],
+                          image_std=STD[::-1]).save_pretrained(str(folder))  # its own mean/std, as BLIP has
     return folder
 
 
@@ -178,6 +182,44 @@ def test_cache_student_export_on_real_files(real, tmp_path, capsys):
     assert all(a.get("parity_pass", True) for a in exp["artifacts"])
     assert np.array_equal(Tokenizer.load(run / "export" / "cpu" / exp["tokenizer"]).encode_batch(texts),
                           teacher.tokenizer.encode_batch(texts))
+    # ... and name the teachers (with their files' hashes) and the resize rule: CLIP's, not mcad's square
+    assert exp["teachers"] == manifest["teachers"] and exp["teachers"]["sha256"] == hashes
+    assert exp["preprocess"] == m["preprocess"] and m["preprocess"]["resize_mode"] == "shortest"
+
+    # bench on this machine, a small gallery: the exported ONNX encoders against budgets that hold
+    t0 = time.time()
+    assert main(["bench", "device=local", f"run={run}", "quick=1", "galleries=200", "threads=1", "peers=none",
+                 "mobile=0", "image=0", "target=cpu", f"out={tmp_path / 'bench'}", "results=none"]) == 0
+    TIMES["mcad bench device=local (200 images, quick)"] = time.time() - t0
+    bench = json.loads(next((tmp_path / "bench").glob("*.json")).read_text())
+    assert bench["errors"] == [] and bench["rows"] and {r["subject"] for r in bench["rows"]} == {"student"}
+    assert all(r["gallery"] == 200 and r["stages"]["search"]["p50"] > 0 for r in bench["rows"])
+
+    # index the fixture's photos with the exported image encoder, search them with the text one
+    enc = run / "export" / "cpu"
+    img_enc = next(enc / a["file"] for a in exp["artifacts"] if a["role"] == "image")
+    txt_enc = next(enc / a["file"] for a in exp["artifacts"] if a["role"] == "text")
+    assert main(["index", str(real["images"]), f"out={tmp_path / 'index'}", f"encoder={img_enc}", "type=flat",
+                 "progress=0"]) == 0
+    capsys.readouterr()
+    assert main(["search", captions(N_TRAIN)[0], f"index={tmp_path / 'index'}", f"encoder={txt_enc}", "k=3",
+                 "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["count"] == N_TRAIN + N_TEST and len(found["results"]) == 3
+    # the index's embeddings are the exported encoder's on pixels decoded as training decoded them
+    from mcad.data import spec
+    from mcad.search.encoders import load_image_encoder
+
+    images, corpus = spec.open_split({"format": "karpathy", "json": str(real["json"]), "image_root": str(real["images"])},
+                                     "test", teacher.image_view, workers=0, progress=False)
+    from pathlib import Path
+
+    from mcad.search import store
+
+    folder = store.load(tmp_path / "index", with_embeddings=True)
+    want = load_image_encoder(encoder=img_enc)(np.concatenate(list(images.chunks(8))))
+    rows_of = [folder.paths.index(str(Path(p).resolve())) for p in corpus.image_paths]
+    np.testing.assert_allclose(folder.embeddings[rows_of], want, atol=1e-5)
     print("\nmeasured on the fixture:", json.dumps({k: round(v, 1) for k, v in TIMES.items()}))
 
 
@@ -201,6 +243,34 @@ def test_eval_reads_every_format_the_same(real, tmp_path):
                              "test", CLIP_SIZE, progress=False)
     wp, wc = spec.load_split({"format": "wds", "shards": str(real["shards"]["test"])}, "test", CLIP_SIZE, progress=False)
     assert np.array_equal(kp, wp) and wc.captions == [kc.captions[c[0]] for c in kc.image_captions()]
+
+
+def test_the_loader_feeds_each_teacher_what_its_processor_would(real):
+    """What every command decodes (mcad.data.spec.open_split at the teacher's view, DataLoader
+    workers) is what transformers' own image processor makes of the same files: CLIP's shortest-edge
+    resize + centre crop, BLIP's squash resize, each with its own mean/std; the embeddings agree."""
+    from PIL import Image
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from mcad.data import spec
+    from mcad.models.hf_teachers import load_teacher
+    from mcad.preprocess import model_input, view_of
+
+    data = {"format": "karpathy", "json": str(real["json"]), "image_root": str(real["images"])}
+    for source, folder, proc in (("hf-clip", real["clip"], CLIPImageProcessorPil),
+                                 ("hf-blip-itm", real["blip"], BlipImageProcessorPil)):
+        teacher = load_teacher({"source": source, "path": str(folder)})
+        images, corpus = spec.open_split(data, "train", view_of(teacher), workers=2, progress=False)
+        ours = torch.cat([model_input(teacher, px) for px in images.chunks(5)])
+        files = [Image.open(p).convert("RGB") for p in corpus.image_paths]
+        assert {im.size[0] == im.size[1] for im in files} == {False}  # every file needs the resize rule
+        ref = proc.from_pretrained(str(folder), local_files_only=True)(files, return_tensors="pt")["pixel_values"]
+        assert ours.shape == ref.shape == (N_TRAIN, 3, teacher.image_size, teacher.image_size)
+        assert torch.allclose(ours, ref.float(), atol=1e-4), source
+        with torch.no_grad():
+            a, b = teacher.encode_image(ours), teacher.encode_image(ref.float())
+        assert float((a * b).sum(1).min()) >= 0.9999, source
 
 
 # -- bad input on this path: one line each, naming the file and the fix -------------------------------

@@ -94,3 +94,79 @@ def test_student_from_cache_equals_student_with_online_teachers(teachers, synth_
     b = load_model(tmp_path / "cached" / "student.safetensors").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+# -- streaming and resume ---------------------------------------------------------------------------
+class Interrupted(Exception):
+    pass
+
+
+def _shard_hashes(folder):
+    import json
+
+    return [(s["file"], s["sha256"]) for s in json.loads((folder / "manifest.json").read_text())["shards"]]
+
+
+def test_cache_resumes_after_an_interruption_and_equals_one_build(cache_setup, tmp_path, caplog):
+    """Shards are written as they fill: a build stopped after shard 1 leaves shards 0-1 and
+    partial.json, no manifest; the same build again starts at shard 2 and ends with the very files
+    one uninterrupted build writes. A partial build of other inputs is not resumed."""
+    import logging
+
+    from mcad.distill.cache import PARTIAL, build_cache
+
+    dual, fusion, pixels, ids, corpus, lists, ref = cache_setup
+    out = tmp_path / "c"
+
+    def stop_after_1(i):
+        if i == 1:
+            raise Interrupted
+
+    args = (dual, fusion, pixels, ids, corpus.image_captions(), lists, out)
+    with pytest.raises(Interrupted):
+        build_cache(*args, shard_images=50, progress=False, on_shard=stop_after_1)
+    assert not (out / "manifest.json").exists() and (out / PARTIAL).exists()
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    built = []
+    with caplog.at_level(logging.INFO, logger="mcad.cache"):
+        build_cache(*args, shard_images=50, progress=False, on_shard=built.append)
+    assert built == list(range(2, len(_shard_hashes(ref))))  # shards 0 and 1 were not computed again
+    assert "resuming after 2 of" in caplog.text
+    assert _shard_hashes(out) == _shard_hashes(ref) and not (out / PARTIAL).exists()
+    # another shard size is another build: nothing of the partial one is taken
+    with pytest.raises(Interrupted):
+        build_cache(*args, shard_images=40, progress=False, on_shard=stop_after_1)
+    built.clear()
+    build_cache(*args, shard_images=50, progress=False, on_shard=built.append)
+    assert built[0] == 0 and _shard_hashes(out) == _shard_hashes(ref)
+    # and the 40-image build's extra shards (it wrote more files) are gone: the tool wrote them
+    assert sorted(p.name for p in out.glob("shard-*")) == [f for f, _ in _shard_hashes(ref)]
+
+
+def test_cache_resumes_after_sigkill(cache_setup, teachers, synth_root, tmp_path):
+    """A real kill: `mcad cache` killed by SIGKILL right after its second shard, then run again."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ref = cache_setup[-1]
+    out = tmp_path / "killed"
+    code = ("import os, signal, sys\n"
+            "import mcad.distill.cache as c\n"
+            "real = c.build_cache\n"
+            "def build(*a, **k):\n"
+            "    k['on_shard'] = lambda i: os.kill(os.getpid(), signal.SIGKILL) if i == 1 else None\n"
+            "    return real(*a, **k)\n"
+            "c.build_cache = build\n"
+            "sys.exit(c.main(sys.argv[1:]))\n")
+    args = [f"data={synth_root}", f"teachers={teachers}", f"cache={out}", "threads=1", "cache_shard_images=50"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not (out / "manifest.json").exists() and len(json.loads((out / "partial.json").read_text())["shards"]) == 2
+    r = subprocess.run([sys.executable, "-m", "mcad.cli", "cache", *args], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming after 2 of" in (out / "cache.log").read_text()
+    assert _shard_hashes(out) == _shard_hashes(ref)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,33 +30,20 @@ class ImageTooLarge(ValueError):
 
 
 def decode_image(src: str | Path | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
-    """Decode, centre-crop to square and resize (bicubic) to `size`; returns uint8 [3, size, size]."""
-    f = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
-    with warnings.catch_warnings():  # PIL's warning zone lies above our limit: refused below, not warned
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(f)  # reads the header only: the size is known before any decoding
-    with im:
-        limit = MAX_PIXELS if max_pixels is None else max_pixels
-        if im.size[0] * im.size[1] > limit:
-            raise ImageTooLarge(f"{im.size[0]} x {im.size[1]} = {im.size[0] * im.size[1]:,} pixels, over the "
-                                f"limit of {limit:,} (mcad.data.images.MAX_PIXELS)")
-        im.load()
-        im = im.convert("RGB")
-    w, h = im.size
-    if w != h:
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BICUBIC)
-    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    """Decode, centre-crop to square and resize (bicubic) to `size`; returns uint8 [3, size, size]
+    (mcad.data.stream.decode_view with the `square` view, mcad's own models' rule)."""
+    from mcad.data.stream import View, decode_view
+
+    return decode_view(src, View(int(size)), max_pixels)
 
 
-def content_digest(paths: list[str], size: int) -> str:
+def content_digest(paths: list[str], size: int, view=None) -> str:
     """sha256 over every image file's bytes (with its path, in order), the output size and the
     decoder version: everything a decoded array depends on. A regenerated data set at the same
     paths (`mcad data seed=2 force=true`) gets another digest."""
     h = hashlib.sha256(f"mcad-pixels/{DECODE_VERSION}|{size}|{MAX_PIXELS}".encode())
+    if view is not None and view.mode != "square":  # the square rule keeps the digests written before views
+        h.update(view.describe().encode())
     for p in paths:
         h.update(p.encode("utf-8", "surrogateescape") + b"\0")
         try:
@@ -79,11 +64,12 @@ def data_key(pixels: np.ndarray, captions: list[str]) -> str:
     return h.hexdigest()
 
 
-def _cache_file(cache_dir: str | Path, corpus: Corpus, size: int) -> Path:
+def _cache_file(cache_dir: str | Path, corpus: Corpus, size: int, view=None) -> Path:
     # named by the image list (one file per split/subset, rewritten when the content changes),
     # keyed by the content digest stored inside it
     key = hashlib.sha256(("\n".join(corpus.image_paths) + f"|{size}").encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"pixels_{corpus.split}_{size}_{key}.npz"
+    mode = "" if view is None or view.mode == "square" else f"{view.mode}_"
+    return Path(cache_dir) / f"pixels_{corpus.split}_{mode}{size}_{key}.npz"
 
 
 def _read_cache(cache: Path, digest: str) -> tuple[np.ndarray, list[int]] | None:
@@ -101,13 +87,16 @@ def _read_cache(cache: Path, digest: str) -> tuple[np.ndarray, list[int]] | None
         return None
 
 
-def _decode_all(corpus: Corpus, size: int, progress: bool) -> tuple[np.ndarray, set[int]]:
+def _decode_all(corpus: Corpus, size: int, progress: bool, view=None) -> tuple[np.ndarray, set[int]]:
+    from mcad.data.stream import View, decode_view
+
+    view = view or View(int(size))
     out = np.zeros((corpus.n_images, 3, size, size), dtype=np.uint8)
     bad: set[int] = set()
     for i, p in enumerate(tqdm(corpus.image_paths, desc=f"decode {corpus.split} images", unit="img",
                                disable=not progress, leave=False)):
         try:
-            out[i] = decode_image(p, size)
+            out[i] = decode_view(p, view)
         except ImageTooLarge as e:
             corpus.report.add(p, f"image too large ({e})")
             bad.add(i)
@@ -118,7 +107,7 @@ def _decode_all(corpus: Corpus, size: int, progress: bool) -> tuple[np.ndarray, 
 
 
 def load_images(corpus: Corpus, size: int, cache_dir: str | Path | None = None,
-                progress: bool = True) -> tuple[np.ndarray, Corpus]:
+                progress: bool = True, view=None) -> tuple[np.ndarray, Corpus]:
     """Decode every image of the corpus. Unreadable images (and images over MAX_PIXELS) are
     reported (file + error) and dropped with their captions; the returned corpus is re-indexed
     to match the array.
@@ -127,7 +116,7 @@ def load_images(corpus: Corpus, size: int, cache_dir: str | Path | None = None,
     (`content_digest`): a cache of other images at the same paths is decoded again, never reused."""
     cache = digest = None
     if cache_dir is not None:
-        cache, digest = _cache_file(cache_dir, corpus, size), content_digest(corpus.image_paths, size)
+        cache, digest = _cache_file(cache_dir, corpus, size, view), content_digest(corpus.image_paths, size, view)
         hit = _read_cache(cache, digest)
         if hit is not None:
             out, bad_list = hit
@@ -136,7 +125,7 @@ def load_images(corpus: Corpus, size: int, cache_dir: str | Path | None = None,
             bad = set(bad_list)
             # the cache holds every row (bad ones as zeros): drop them as a fresh decode does
             return (out[[i for i in range(len(out)) if i not in bad]] if bad else out), corpus.drop_images(bad)
-    out, bad = _decode_all(corpus, size, progress)
+    out, bad = _decode_all(corpus, size, progress, view)
     if cache is not None:
         from mcad.io import atomic_path
 

@@ -143,3 +143,79 @@ def load_wds(shards: str | Path | Iterable[str | Path], size: int, split: str = 
     arr = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), dtype=np.uint8)
     log.info("%s: %d samples loaded, %d skipped", report.source, len(keys), len(report.problems))
     return arr, corpus
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """webdataset's (key, extension) of a member name: `dir/key.ext.more` -> (`dir/key`, `ext.more`)."""
+    import re
+
+    m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def _tar_samples(url: str, report: LoadReport) -> Iterator[tuple[str, dict]]:
+    """(key, {ext: TarInfo, "txt": bytes}) per sample of one shard, in member order, reading only the
+    captions; a shard that ends early (truncated) is reported and yields what came before."""
+    import tarfile
+
+    key, sample = None, {}
+    try:
+        with tarfile.open(url, "r:") as tar:
+            for m in tar:
+                parts = _split_name(m.name) if m.isfile() else None
+                if parts is None:
+                    continue
+                if parts[0] != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = parts[0]
+                ext = parts[1]
+                sample[ext] = tar.extractfile(m).read() if ext in CAPTION_EXTS else m
+    except (tarfile.TarError, OSError, EOFError) as e:
+        report.add(url, f"unreadable shard ({type(e).__name__}: {e})")
+    if key is not None:
+        yield key, sample
+
+
+def index_wds(shards: str | Path | Iterable[str | Path], split: str = "train", max_samples: int | None = None,
+              name: str | None = None) -> Corpus:
+    """The shards as a Corpus without decoding any image: each image is a tar member read later by
+    offset (`meta`: tar, offset, size; mcad.data.stream.read_bytes), so images are decoded when a
+    command asks for them, in DataLoader workers. Caption problems are reported here with shard and
+    key, as `iter_wds_samples` reports them; unreadable images are found by the scan of
+    `mcad.data.stream.open_images`."""
+    urls = shard_list(shards)
+    report = LoadReport(_describe(urls))
+    keys, captions, meta = [], [], []
+    for u in urls:
+        if not Path(u).is_file():
+            report.add(u, "missing shard")
+            continue
+        for key, sample in _tar_samples(u, report):
+            where = f"{u} [{key}]"
+            img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if img_ext is None:
+                report.add(where, "no image in sample (expected ." + "/.".join(IMAGE_EXTS) + ")")
+                continue
+            raw = next((sample[e] for e in CAPTION_EXTS if e in sample), None)
+            if raw is None:
+                report.add(where, "no caption in sample (expected .txt)")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                report.add(where, "caption is not UTF-8")
+                continue
+            cap = clean_caption(text, where, report)
+            if cap is None:
+                continue
+            info = sample[img_ext]
+            keys.append(key)
+            captions.append(cap)
+            meta.append({"tar": u, "offset": int(info.offset_data), "size": int(info.size), "key": key})
+            if max_samples is not None and len(keys) >= max_samples:
+                break
+        if max_samples is not None and len(keys) >= max_samples:
+            break
+    report.log_summary()
+    return Corpus(name or Path(urls[0]).stem, split, keys, captions, np.arange(len(keys)), report, meta)

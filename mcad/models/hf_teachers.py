@@ -137,32 +137,23 @@ def clip_preprocess(images, resize: int, crop: int, mean=OPENAI_CLIP_MEAN, std=O
     """CLIP's preprocessing (as transformers' CLIPImageProcessor): resize the shortest side to
     `resize` (bicubic, long side int(resize * long / short)), centre-crop `crop` (top-left
     (H - crop) // 2), scale to [0, 1], normalise. Returns float32 [B, 3, crop, crop]."""
-    from PIL import Image
+    from mcad.data.stream import View
 
-    out = []
-    for im in _to_pil_list(images):
-        w, h = im.size
-        short, long = (w, h) if w <= h else (h, w)
-        s = max(int(resize), int(crop))
-        new_long = int(s * long / short)
-        nw, nh = (s, new_long) if w <= h else (new_long, s)
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.BICUBIC)
-        top, left = (nh - crop) // 2, (nw - crop) // 2
-        out.append(np.asarray(im, dtype=np.uint8)[top:top + crop, left:left + crop])
-    return _normalize(out, mean, std)
+    return _through_view(images, View(int(crop), "shortest", int(resize)), mean, std)
 
 
 def square_preprocess(images, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
     """BLIP's preprocessing: resize to size x size (bicubic, no crop), scale, normalise."""
-    from PIL import Image
+    from mcad.data.stream import View
 
-    out = []
-    for im in _to_pil_list(images):
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        out.append(np.asarray(im, dtype=np.uint8))
-    return _normalize(out, mean, std)
+    return _through_view(images, View(int(size), "squash"), mean, std)
+
+
+def _through_view(images, view, mean, std) -> torch.Tensor:
+    """The one decoder of training and evaluation (mcad.data.stream.apply_view), then mean/std."""
+    from mcad.data.stream import apply_view
+
+    return _normalize([apply_view(im, view).transpose(1, 2, 0) for im in _to_pil_list(images)], mean, std)
 
 
 def _first_eot_mask(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
@@ -254,6 +245,13 @@ class CLIPTeacher(nn.Module):
         return cls(hf, tok, pp.get("image_mean", OPENAI_CLIP_MEAN), pp.get("image_std", OPENAI_CLIP_STD),
                    image_size=crop, resize_size=resize, name=str(path))
 
+    @property
+    def image_view(self):
+        """How training and evaluation decode image files for it (mcad.data.stream): as clip_preprocess."""
+        from mcad.data.stream import View
+
+        return View(self.image_size, "shortest", self.resize_size)
+
     def preprocess(self, images) -> torch.Tensor:
         """PIL image(s) or uint8 pixels -> normalised float32 [B, 3, S, S]."""
         return clip_preprocess(images, self.resize_size, self.image_size, self.image_mean, self.image_std)
@@ -331,6 +329,13 @@ class BLIPITMTeacher(nn.Module):
         size = _size_value(pp.get("size"), "height") or hf.config.vision_config.image_size
         return cls(hf, tok, pp.get("image_mean", OPENAI_CLIP_MEAN), pp.get("image_std", OPENAI_CLIP_STD),
                    image_size=size, first_token=first_token, name=str(path))
+
+    @property
+    def image_view(self):
+        """How training and evaluation decode image files for it (mcad.data.stream): as square_preprocess."""
+        from mcad.data.stream import View
+
+        return View(self.image_size, "squash")
 
     def preprocess(self, images) -> torch.Tensor:
         return square_preprocess(images, self.image_size, self.image_mean, self.image_std)

@@ -60,6 +60,13 @@ class Encoder:
         self.calls = 0
         self.items = 0
 
+    @property
+    def view(self):
+        """How image files are decoded for this encoder (the student's training view)."""
+        from mcad.data.stream import View
+
+        return getattr(self, "_view", None) or View(int(self.image_size))
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         self.calls += 1
         self.items += len(batch)
@@ -92,6 +99,9 @@ class EagerEncoder(Encoder):
         self.image_size = int(model.image_size)
         self.context_length = int(model.context_length)
         self.image_mean, self.image_std = tuple(model.image_mean), tuple(model.image_std)
+        from mcad.preprocess import view_of
+
+        self._view = view_of(model)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -175,6 +185,7 @@ class ArtifactEncoder(Encoder):
         self.context_length = m.context_length
         self.image_mean = tuple(m.image_mean or self.image_mean)
         self.image_std = tuple(m.image_std or self.image_std)
+        self._view = m.view if self.image_size else None
         try:
             self.session = open_artifact(path, self.runtime, threads, names=[t.name for t in entry.inputs])
         except ValueError as e:  # a runtime this machine has not (a QNN context binary)

@@ -96,9 +96,9 @@ def encode_paths(encoder: Encoder, paths: list[str], batch: int = 64, progress: 
     from PIL import Image
     from tqdm import tqdm
 
-    from mcad.data.images import decode_image
+    from mcad.data.stream import decode_view
 
-    size = int(encoder.image_size)
+    view = encoder.view  # the student's training view: its dual teacher's size and resize rule
     embs: list[np.ndarray] = []
     ok: list[str] = []
     bad: list[tuple[str, str]] = []
@@ -114,7 +114,7 @@ def encode_paths(encoder: Encoder, paths: list[str], batch: int = 64, progress: 
 
     def decode(p: str):
         try:
-            return decode_image(p, size), None
+            return decode_view(p, view), None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return None, f"{type(e).__name__}: {e}".splitlines()[0]
 
