@@ -36,12 +36,17 @@ def _to_pte(edge, out_path: Path, alloc_inputs: bool) -> None:
 
 
 def build_xnnpack(module, example, out_path: Path, dynamic_shapes=None, alloc_inputs: bool = True) -> None:
+    """The second partitioner takes the float matmuls whose second operand is a runtime input (the
+    search program's gallery scan), which XNNPACK's default partitioner leaves to ExecuTorch's portable
+    `mm` (a plain loop: 12 ms at 100k x 64). The first claims every static-weight op, so the
+    encoder's linears keep their packed weights."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     with quiet(), torch.no_grad():
         ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes)
-        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        edge = to_edge_transform_and_lower(
+            ep, partitioner=[XnnpackPartitioner(), XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)])
         _to_pte(edge, out_path, alloc_inputs)
 
 

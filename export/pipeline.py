@@ -297,9 +297,10 @@ class Exporter:
                                  progress=self.opts.progress, desc=f"calibrate {backend} {r}")
                 for r in need}
 
-    def _programs(self, cores):
+    def _programs(self, cores, rows: bool = False):
+        """`rows`: the search program's scan in the gallery-rows form (XNNPACK; export.programs.Search)."""
         text, image = cores.get("text", (None,))[0], cores.get("image", (None,))[0]
-        return {r: program(r, text, image) for r in self.roles}
+        return {r: program(r, text, image, rows=rows) for r in self.roles}
 
     def _float_programs(self):
         from mcad.quantize.pt2e import Core
@@ -330,7 +331,7 @@ class Exporter:
         from mcad.export.builders import build_xnnpack
 
         cores = self._cores("xnnpack")
-        progs = self._programs(cores)
+        progs = self._programs(cores, rows=True)
         for role in self.roles:
             ex = self._example(role)
             dyn = self._dyn() if role == "search" else None
