@@ -12,6 +12,8 @@ Options (key=value; lists comma-separated):
   threads=1,2  galleries=1000,10000,100000  runtimes=onnxruntime,litert,executorch
   quant=fp32,int8 (filter)  make_quant=fp32,int8 (variants the bench makes itself when no export)
   scorer=faiss|numpy  k=10  peers=full|tiny|none  mobile=1|0  image=1|0
+  gallery=fp32,fp16,int8 (the encoder + scan path's gallery: faiss flat, SQfp16, SQ8 per-dimension; default fp32)
+  rerank=r (compressed galleries: re-rank the k*r best from the fp32 rows on disk; 0 = off)
   target=cpu|snapdragon|dimensity|all (default: the SoC family's export when there is one, else cpu)
   quick=1 (or --quick)  runs=N (min runs)  warmup=N  min_time=S  max_time=S  max_runs=N
   budgets=benchmarks/budgets.yaml  budget=<entry>  out=runs/<name>/bench  results=benchmarks/results|none
@@ -39,10 +41,10 @@ BENCH_OPTIONS = {"device": "local", "run": None, "threads": None, "galleries": N
                  "make_quant": None, "scorer": "faiss", "k": 10, "quick": False, "peers": None, "mobile": None,
                  "image": None, "budgets": None, "budget": None, "out": None, "results": None, "name": None,
                  "target": None, "cache": None, "runs": None, "warmup": None, "min_time": None, "max_time": None,
-                 "max_runs": None, "build_timeout": None}
+                 "max_runs": None, "build_timeout": None, "gallery": None, "rerank": 0}
 DEVICE_OPTIONS = {k: None for k in ("adb", "runner", "python", "remote_root", "et_runner", "tflite_runner", "cpus",
                                     "timeout", "keep", "options", "iterations")}
-BENCH_TYPES = {"threads": list[int], "galleries": list[int], "runtimes": list[str], "quant": list[str],
+BENCH_TYPES = {"threads": list[int], "galleries": list[int], "runtimes": list[str], "quant": list[str], "gallery": list[str],
                "make_quant": list[str], "mobile": bool, "image": bool, "runs": int, "warmup": int, "min_time": float,
                "max_time": float, "max_runs": int, "build_timeout": float, "timeout": float, "keep": bool,
                "iterations": int}
@@ -100,6 +102,14 @@ def parse_args(argv: list[str]):
         o.make_quant = kv["make_quant"]
         if set(o.make_quant) - {"fp32", "int8"}:
             raise ValueError(f"make_quant={','.join(o.make_quant)}: expected fp32 and/or int8")
+    from mcad.device.runner import GALLERY_DTYPES
+
+    o.gallery_dtypes = kv["gallery"] or ["fp32"]
+    if set(o.gallery_dtypes) - set(GALLERY_DTYPES) or not o.gallery_dtypes:
+        raise ValueError(f"gallery={','.join(o.gallery_dtypes)}: expected some of {', '.join(GALLERY_DTYPES)}")
+    o.rerank = int(kv["rerank"] or 0)
+    if o.rerank < 0:
+        raise ValueError(f"rerank={o.rerank}: expected 0 (off) or a shortlist factor r >= 1 (k * r re-ranked)")
     o.scorer = kv["scorer"]
     if o.scorer not in ("faiss", "numpy"):
         raise ValueError(f"scorer={o.scorer!r}: expected faiss or numpy")

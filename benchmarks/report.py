@@ -26,10 +26,18 @@ def _art(r: dict) -> str:
     return f"{r.get('artifact')} ({t + ': ' if t and t != 'bench-made' else ''}{r.get('file', '')})"
 
 
+def _gallery(r: dict) -> str:
+    """N, and the gallery's storage where it is not fp32 (faiss SQ: int8 / fp16; + re-rank)."""
+    dt = r.get("gallery_dtype") or "fp32"
+    if dt == "fp32" or r.get("role") == "search":
+        return str(r.get("gallery"))
+    return f"{r.get('gallery')} {dt}" + (f" +rerank x{r['rerank']}" if r.get("rerank") else "")
+
+
 def search_table(rows: list[dict]) -> list[str]:
     lines = ["| subject | artifact | runtime | quant | thr | gallery | tokenize p50 | encode p50 | score+top-k p50 | "
-             "search p50 | p90 | p99 | memory MB | peak | bare | added | runner |",
-             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+             "search p50 | p90 | p99 | memory MB | peak | bare | added | recall@10 vs fp32 | runner |",
+             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         if r.get("mode") != "search":
             continue
@@ -39,11 +47,11 @@ def search_table(rows: list[dict]) -> list[str]:
             continue
         m = r.get("memory") or {}
         mem = _f(m.get("headline_mb"), 1) + (" (added)" if (m.get("headline") or "").startswith("added") else "")
-        lines.append(f"| {r['subject']} | {_art(r)} | {r['runtime']} | {_q(r)} | {r['threads']} | {r.get('gallery')} | "
+        lines.append(f"| {r['subject']} | {_art(r)} | {r['runtime']} | {_q(r)} | {r['threads']} | {_gallery(r)} | "
                      f"{_f(_stage(r, 'tokenize'), 3)} | {_f(_stage(r, 'encode'), 3)} | {_f(_stage(r, 'score_topk'), 3)} | "
                      f"{_f(_stage(r, 'search'), 3)} | {_f(_stage(r, 'search', 'p90'), 3)} | {_f(_stage(r, 'search', 'p99'), 3)} | "
                      f"{mem} | {_f(m.get('peak_mb'), 1)} | {_f(m.get('bare_mb'), 1)} | {_f(m.get('added_mb'), 1)} | "
-                     f"{r.get('runner', '')} |")
+                     f"{_f(r.get('recall_at_10'), 3)} | {r.get('runner', '')} |")
     return lines
 
 

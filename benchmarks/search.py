@@ -34,6 +34,8 @@ class BenchOptions:
     quant: list | None = None            # filter by quantization family (fp32, int8); None = all listed
     make_quant: list = field(default_factory=lambda: ["fp32", "int8"])  # variants the bench makes itself
     scorer: str = "faiss"
+    gallery_dtypes: list = field(default_factory=lambda: ["fp32"])  # the encoder + scan path's gallery
+    rerank: int = 0                      # compressed galleries: re-rank k * rerank from the fp32 rows on disk
     k: int = 10
     quick: bool = False
     peers: str = "full"                  # full | tiny | none
@@ -55,35 +57,100 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "device"
 
 
-def plan_jobs(subjects, opts: BenchOptions, texts: list[str]) -> tuple[list[Job], list[str]]:
+RECALL_QUERIES = 16  # queries whose top-k a compressed gallery's job reports, against exact fp32 search
+
+
+def gallery_variants(role: str, opts: BenchOptions) -> list[str]:
+    """The gallery dtypes a job of this role runs: search programs take the fp32 gallery as an input
+    (dequantizing one in the graph would copy it to float per query: no memory saved)."""
+    return ["fp32"] if role == "search" else list(opts.gallery_dtypes)
+
+
+def plan_jobs(subjects, opts: BenchOptions, texts: list[str], work: Path | None = None) -> tuple[list[Job], list[str]]:
     jobs, notes = [], []
     for s in subjects:
         for a in s.artifacts:
             if a.role in ("text", "search"):
-                for t in opts.threads:
-                    for g in opts.galleries:
-                        if a.role == "search":
-                            shp = a.input_shape(1)
-                            n_fixed = shp[0] if shp and isinstance(shp[0], int) and shp[0] > 0 else None
-                            lo, hi = a.gallery_rows()
-                            if n_fixed is not None and n_fixed != g and (lo, hi) == (None, None):
-                                notes.append(f"{s.name}/{a.label}: search program fixed to N={n_fixed}; N={g} not run")
-                                continue
-                            if (lo is not None and g < lo) or (hi is not None and g > hi):
-                                notes.append(f"{s.name}/{a.label}: search program takes {lo}..{hi} gallery rows; "
-                                             f"N={g} not run")
-                                continue
-                        jobs.append(Job(subject=s.name, artifact=a, threads=t, mode="search", gallery=g,
-                                        scorer=opts.scorer, k=opts.k, ids=s.ids, tokenizer=s.tokenizer,
-                                        tokenizer_feeds_encoder=s.tokenizer_feeds_encoder,
-                                        context_length=s.context_length if s.tokenizer_feeds_encoder else None,
-                                        texts=texts, embed_dim=s.embed_dim, timing=opts.timing))
+                for t, g, dt in ((t, g, dt) for t in opts.threads for g in opts.galleries
+                                 for dt in gallery_variants(a.role, opts)):
+                    why = search_program_misfit(a, g)
+                    if why:
+                        notes.append(f"{s.name}/{a.label}: {why}; N={g} not run")
+                        continue
+                    rerank = opts.rerank if dt != "fp32" else 0
+                    jobs.append(Job(subject=s.name, artifact=a, threads=t, mode="search", gallery=g,
+                                    scorer=opts.scorer, k=opts.k, ids=s.ids, tokenizer=s.tokenizer,
+                                    tokenizer_feeds_encoder=s.tokenizer_feeds_encoder,
+                                    context_length=s.context_length if s.tokenizer_feeds_encoder else None,
+                                    texts=texts, embed_dim=s.embed_dim, timing=opts.timing,
+                                    gallery_dtype=dt, rerank=rerank,
+                                    gallery_file=gallery_file(work, g, s.embed_dim) if rerank else None,
+                                    report_queries=RECALL_QUERIES if dt != "fp32" else 0))
             elif a.role == "image" and opts.image:
                 for t in opts.threads:
                     jobs.append(Job(subject=s.name, artifact=a, threads=t, mode="image",
                                     image_size=s.image_size or (a.input_shape(0) or [1, 3, 224, 224])[-1],
                                     timing=opts.timing))
     return jobs, notes
+
+
+def search_program_misfit(a, g: int) -> str | None:
+    """Why a search program cannot take a gallery of g rows (None: it can, or it is an encoder)."""
+    if a.role != "search":
+        return None
+    shp = a.input_shape(1)
+    n_fixed = shp[0] if shp and isinstance(shp[0], int) and shp[0] > 0 else None
+    lo, hi = a.gallery_rows()
+    if n_fixed is not None and n_fixed != g and (lo, hi) == (None, None):
+        return f"search program fixed to N={n_fixed}"
+    if (lo is not None and g < lo) or (hi is not None and g > hi):
+        return f"search program takes {lo}..{hi} gallery rows"
+    return None
+
+
+def gallery_file(work: Path | None, n: int, dim: int) -> Path:
+    """The seeded random gallery's fp32 rows as .npy (what a re-rank reads from disk), written once
+    with the runner's own generator so the runner's codes and these rows are the same gallery."""
+    import numpy as np
+
+    from mcad.device.runner import _random_chunks
+
+    path = Path(work or tempfile.gettempdir()) / f"gallery-{n}x{dim}-seed0.npy"
+    if not path.exists():
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+        pos = 0
+        for c in _random_chunks(n, dim, 0, 8192):
+            out[pos:pos + len(c)] = c
+            pos += len(c)
+        out.flush()
+        del out
+    return path
+
+
+def recall_of(row: dict, job: Job) -> float | None:
+    """recall@k of a compressed gallery's reported top-k against exact fp32 search over the same rows."""
+    import numpy as np
+
+    from mcad.device.runner import _npy_chunks, _random_chunks
+
+    q = (row.pop("queries", None) or {})
+    if not q.get("emb"):
+        return None
+    emb = np.asarray(q["emb"], dtype=np.float32)
+    n, dim, k = int(job.gallery), emb.shape[1], job.k
+    chunks = _npy_chunks(str(job.gallery_file), 8192) if job.gallery_file else _random_chunks(n, dim, job.seed, 8192)
+    best = np.full((len(emb), 0), 0, dtype=np.int64)
+    best_s = np.zeros((len(emb), 0), dtype=np.float32)
+    pos = 0
+    for c in chunks:  # exact top-k, a chunk at a time (the host never holds the whole gallery either)
+        s = emb @ c.T
+        ids = np.concatenate([best, np.arange(pos, pos + len(c))[None].repeat(len(emb), 0)], 1)
+        sc = np.concatenate([best_s, s], 1)
+        top = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+        best, best_s = np.take_along_axis(ids, top, 1), np.take_along_axis(sc, top, 1)
+        pos += len(c)
+    got = [set(t[:k]) for t in q["top"]]
+    return round(float(np.mean([len(g & set(b.tolist())) / k for g, b in zip(got, best)])), 4)
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -197,7 +264,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="mcad-bench-inputs-") as work:
             subjects = build_subjects(opts, run, Path(work), texts)
-            jobs, notes = plan_jobs(subjects, opts, texts)
+            jobs, notes = plan_jobs(subjects, opts, texts, Path(work))
             notes = dropped + notes
             if not jobs:
                 raise ValueError(f"{run}: nothing to benchmark for runtimes {opts.runtimes} "
@@ -211,6 +278,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
                     row = device.run(job)
                     if ref is not None:
                         row["reference_ms"] = round(ref, 4)
+                    if job.report_queries:
+                        row[f"recall_at_{job.k}"] = recall_of(row, job)
                 except DeviceGone:
                     raise
                 except DeviceError as e:
@@ -269,11 +338,14 @@ def console_summary(res: dict) -> list[str]:
         st, m = r.get("stages") or {}, r.get("memory") or {}
         if r["mode"] == "search":
             s = st.get("search") or {}
+            dt = "" if (r.get("gallery_dtype") or "fp32") == "fp32" else f"/{r['gallery_dtype']}" + (
+                f"+rr{r['rerank']}" if r.get("rerank") else "")
+            rec = f"  recall@10 {r['recall_at_10']:.3f}" if r.get("recall_at_10") is not None else ""
             lines.append(f"{r['subject']:<15} {r['artifact'][:12]:<12} {r['runtime']:<11} {_qf(r):<5} t{r['threads']} "
-                         f"N={r['gallery']:<7} search p50 {_n(s.get('p50'))} p90 {_n(s.get('p90'))} ms  "
+                         f"N={str(r['gallery']) + dt:<7} search p50 {_n(s.get('p50'))} p90 {_n(s.get('p90'))} ms  "
                          f"(enc {_n((st.get('encode') or {}).get('p50'))}, score+top-k {_n((st.get('score_topk') or {}).get('p50'))}, "
                          f"tok {_n((st.get('tokenize') or {}).get('p50'))})  mem {_n(m.get('headline_mb'), 1)} MB"
-                         + (" added" if (m.get("headline") or "").startswith("added") else ""))
+                         + (" added" if (m.get("headline") or "").startswith("added") else "") + rec)
         else:
             e = st.get("encode") or {}
             lines.append(f"{r['subject']:<15} {r['artifact'][:12]:<12} {r['runtime']:<11} {_qf(r):<5} t{r['threads']} "

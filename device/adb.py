@@ -269,7 +269,7 @@ class AdbDevice(Device):
     def _names(self, job: Job) -> dict[str, str]:
         """Local path -> name inside the work folder (the runner resolves names next to its spec)."""
         names = {str(job.artifact.path): Path(self.push(job.artifact.path)).name}
-        for p in (job.ids, job.tokenizer):
+        for p in (job.ids, job.tokenizer, job.gallery_file):
             if p is not None:
                 names[str(p)] = Path(self.push(p)).name
         return names

@@ -47,6 +47,10 @@ class Job:
     image_size: int | None = None
     timing: Timing = field(default_factory=Timing)
     seed: int = 0
+    gallery_dtype: str = "fp32"   # fp32 | fp16 | int8 (faiss scalar quantizers, device.runner.Scorer)
+    rerank: int = 0               # re-rank the k * rerank best from the fp32 rows of gallery_file
+    gallery_file: Path | None = None  # the gallery's fp32 rows as .npy (None: seeded random unit vectors)
+    report_queries: int = 0       # after timing, this many queries' embeddings and top-k (recall on the host)
 
     @property
     def program(self) -> str:
@@ -55,6 +59,8 @@ class Job:
     @property
     def key(self) -> str:
         g = f"/N={self.gallery}" if self.gallery else ""
+        if self.gallery and self.gallery_dtype != "fp32":
+            g += f"/{self.gallery_dtype}" + (f"-rerank{self.rerank}" if self.rerank else "")
         return f"{self.subject}/{self.artifact.label}/t{self.threads}{g}"
 
     def spec(self, names: dict[str, str] | None = None) -> dict:
@@ -71,7 +77,10 @@ class Job:
                 "max_runs": self.timing.max_runs, "min_time_s": self.timing.min_time_s,
                 "max_time_s": self.timing.max_time_s}
         if self.mode == "search":
-            spec.update({"scorer": self.scorer, "gallery": {"n": int(self.gallery or 0), "seed": self.seed},
+            gallery = {"n": int(self.gallery or 0), "seed": self.seed, "dtype": self.gallery_dtype, "rerank": self.rerank}
+            if self.gallery_file is not None:
+                gallery["file"] = p(self.gallery_file)
+            spec.update({"scorer": self.scorer, "gallery": gallery, "report_queries": self.report_queries,
                          "ids": p(self.ids), "tokenizer": p(self.tokenizer), "texts": list(self.texts),
                          "tokenizer_is_model_tokenizer": self.tokenizer_feeds_encoder,
                          "context_length": self.context_length, "embed_dim": self.embed_dim})
@@ -98,6 +107,8 @@ class Job:
         return {"subject": self.subject, "artifact": a.name, "role": a.role, "runtime": a.runtime,
                 "target": a.target, "backend": a.backend, "quantization": a.quantization, "file": a.path.name, "bytes": a.bytes,
                 "threads": self.threads, "mode": self.mode, "gallery": self.gallery,
+                "gallery_dtype": self.gallery_dtype if self.mode == "search" else None,
+                "rerank": self.rerank if self.mode == "search" else None,
                 "scorer": ("search program" if self.program == "search" else self.scorer) if self.mode == "search" else None,
                 "k": self.k if self.mode == "search" else None}
 
@@ -185,6 +196,9 @@ class Device:
         if res.get("gallery"):
             row["embed_dim"] = res["gallery"].get("dim")
             row["gallery_source"] = res["gallery"].get("source")
+            row["gallery_bytes"] = res["gallery"].get("bytes")
+        if res.get("queries"):
+            row["queries"] = res["queries"]  # the bench turns them into recall and drops them
         if res.get("embed_dim"):
             row["embed_dim"] = res["embed_dim"]
         for k in ("note", "native"):

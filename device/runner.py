@@ -281,8 +281,7 @@ def _npy_chunks(path: str, chunk_rows: int):
     import numpy as np
 
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        shape, fortran, dtype = _npy_header(f)
         if len(shape) != 2 or fortran:
             raise RunnerError(f"{path}: gallery must be a C-ordered 2-D array, got shape {shape}")
         n, d = shape
@@ -290,6 +289,15 @@ def _npy_chunks(path: str, chunk_rows: int):
             rows = min(chunk_rows, n - start)
             buf = np.frombuffer(f.read(rows * d * dtype.itemsize), dtype=dtype).reshape(rows, d)
             yield buf.astype(np.float32, copy=False)
+
+
+def _npy_header(f):
+    """(shape, fortran_order, dtype) of an open .npy, the file positioned at its data."""
+    import numpy as np
+
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
 
 
 def _random_chunks(n: int, d: int, seed: int, chunk_rows: int):
@@ -304,39 +312,46 @@ def _random_chunks(n: int, d: int, seed: int, chunk_rows: int):
         yield x
 
 
+GALLERY_DTYPES = ("fp32", "fp16", "int8")
+
+
 class Scorer:
+    """The gallery and its top-k scan. `gallery`: {"n", "seed" | "file", "dtype": fp32|fp16|int8,
+    "rerank": r}. fp32 is faiss's exact flat scan; fp16 and int8 are faiss scalar quantizers (int8:
+    per-dimension ranges, faiss SQ8) holding 2 and 1 bytes per dimension; with `rerank` r > 0 and the
+    fp32 rows in `file`, the k * r best by the compressed codes are scored again exactly from rows
+    read off the disk (not resident)."""
+
     def __init__(self, kind: str, gallery: dict, k: int, dim: int):
         import numpy as np
 
-        self.np, self.kind, self.k = np, kind, k
+        self.np, self.kind, self.k, self.dim = np, kind, k, dim
         n = int(gallery["n"])
+        self.dtype = str(gallery.get("dtype") or "fp32")
+        if self.dtype not in GALLERY_DTYPES:
+            raise RunnerError(f"gallery dtype {self.dtype!r}: expected one of {', '.join(GALLERY_DTYPES)}")
         chunk = 8192
-        chunks = (_npy_chunks(gallery["file"], chunk) if gallery.get("file")
-                  else _random_chunks(n, dim, int(gallery.get("seed", 0)), chunk))
+
+        def chunks():
+            return (_npy_chunks(gallery["file"], chunk) if gallery.get("file")
+                    else _random_chunks(n, dim, int(gallery.get("seed", 0)), chunk))
+
+        self.file = gallery.get("file")
+        self.rerank = int(gallery.get("rerank") or 0) if self.dtype != "fp32" else 0
+        if self.rerank and not self.file:
+            raise RunnerError("gallery rerank needs the fp32 rows on disk (gallery.file)")
         if kind == "faiss":
             import faiss
 
             faiss.omp_set_num_threads(FAISS_THREADS)
-            self.index = faiss.IndexFlatIP(dim)
-            try:
-                # Size the flat codes once and fill them in place: add() in chunks grows a
-                # std::vector by doubling (a transient copy that would inflate the peak).
-                self.index.codes.resize(n * dim * 4)
-                xb = faiss.rev_swig_ptr(self.index.get_xb(), n * dim).reshape(n, dim)
-                pos = 0
-                for c in chunks:
-                    xb[pos:pos + len(c)] = c
-                    pos += len(c)
-                self.index.ntotal = pos
-            except AttributeError:  # older faiss: plain add
-                self.index.reset()
-                for c in chunks:
-                    self.index.add(np.ascontiguousarray(c))
+            self.index = _flat_index(dim, n, chunks()) if self.dtype == "fp32" else _sq_index(self.dtype, dim, n, chunks)
             self.n = self.index.ntotal
         elif kind == "numpy":
+            if self.dtype != "fp32":
+                raise RunnerError("a compressed gallery is scanned by faiss (scorer=faiss)")
             self.g = np.empty((n, dim), dtype=np.float32)
             pos = 0
-            for c in chunks:
+            for c in chunks():
                 self.g[pos:pos + len(c)] = c
                 pos += len(c)
             self.g = self.g[:pos]
@@ -346,6 +361,12 @@ class Scorer:
         else:
             raise RunnerError(f"unknown scorer {kind!r} (faiss, numpy)")
         self.matrix = None
+
+    def bytes(self) -> int:
+        """What the gallery holds in memory."""
+        if self.kind == "faiss":
+            return int(self.index.codes.size()) if self.dtype != "fp32" else int(self.n * self.dim * 4)
+        return int(getattr(self, "g", self.np.zeros(0)).nbytes)
 
     def as_matrix(self):
         """The gallery as one [N,D] float32 array (what a search program takes as input)."""
@@ -359,12 +380,83 @@ class Scorer:
         np = self.np
         q = np.ascontiguousarray(q.reshape(1, -1), dtype=np.float32)
         if self.kind == "faiss":
-            _, idx = self.index.search(q, self.k)
-            return idx[0]
+            _, idx = self.index.search(q, self.k * max(1, self.rerank))
+            return self._exact(q[0], idx[0]) if self.rerank else idx[0]
         scores = self.g @ q[0]
         k = min(self.k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k]
         return top[np.argsort(-scores[top])]
+
+    def _exact(self, q, cand):
+        """Re-rank a shortlist by the fp32 rows, read from the gallery file row by row."""
+        np = self.np
+        cand = cand[cand >= 0]
+        rows = _npy_rows(self.file, cand, self.dim)
+        order = np.argsort(-(rows @ q), kind="stable")[:self.k]
+        return cand[order]
+
+
+def _flat_index(dim: int, n: int, chunks):
+    """faiss IndexFlatIP filled in place: add() in chunks grows a std::vector by doubling (a transient
+    copy that would inflate the peak)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(dim)
+    try:
+        index.codes.resize(n * dim * 4)
+        xb = faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim)
+        pos = 0
+        for c in chunks:
+            xb[pos:pos + len(c)] = c
+            pos += len(c)
+        index.ntotal = pos
+    except AttributeError:  # older faiss: plain add
+        import numpy as np
+
+        index.reset()
+        for c in chunks:
+            index.add(np.ascontiguousarray(c))
+    return index
+
+
+def _sq_index(dtype: str, dim: int, n: int, chunks):
+    """faiss IndexScalarQuantizer (fp16, or 8 bits per dimension over its range) built from the
+    gallery streamed twice: the per-dimension min / max of every row first (what faiss's train with
+    RS_minmax computes, without holding the rows), then the codes written in place."""
+    import faiss
+    import numpy as np
+
+    qt = {"fp16": faiss.ScalarQuantizer.QT_fp16, "int8": faiss.ScalarQuantizer.QT_8bit}[dtype]
+    index = faiss.IndexScalarQuantizer(dim, qt, faiss.METRIC_INNER_PRODUCT)
+    if dtype == "int8":
+        lo, hi = np.full(dim, np.inf, dtype=np.float32), np.full(dim, -np.inf, dtype=np.float32)
+        for c in chunks():
+            lo, hi = np.minimum(lo, c.min(0)), np.maximum(hi, c.max(0))
+        faiss.copy_array_to_vector(np.concatenate([lo, hi - lo]).astype(np.float32), index.sq.trained)
+    index.is_trained = True
+    cs = int(index.code_size)
+    index.codes.resize(n * cs)
+    codes = faiss.rev_swig_ptr(index.codes.data(), n * cs).reshape(n, cs)
+    pos = 0
+    for c in chunks():
+        codes[pos:pos + len(c)] = index.sa_encode(np.ascontiguousarray(c, dtype=np.float32))
+        pos += len(c)
+    index.ntotal = pos
+    return index
+
+
+def _npy_rows(path: str, rows, dim: int):
+    """Rows of a C-ordered float32 [N, dim] .npy, read with pread (nothing mapped or cached)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        _npy_header(f)
+        start = f.tell()
+        size = dim * 4
+        out = np.empty((len(rows), dim), dtype=np.float32)
+        for j, r in enumerate(rows.tolist()):
+            out[j] = np.frombuffer(os.pread(f.fileno(), size, start + r * size), dtype=np.float32)
+    return out
 
 
 # -- the job ----------------------------------------------------------------------------------
@@ -485,7 +577,8 @@ def run_job(spec: dict) -> dict:
         gal_kind = "numpy" if program == "search" else scorer_kind
         scorer = Scorer(gal_kind, spec["gallery"], k, dim)
         result["build_gallery_s"] = round(time.perf_counter() - t, 3)
-        result["gallery"] = {"n": scorer.n, "dim": dim, "source": "file" if spec["gallery"].get("file") else "random unit vectors"}
+        result["gallery"] = {"n": scorer.n, "dim": dim, "source": "file" if spec["gallery"].get("file") else "random unit vectors",
+                             "dtype": scorer.dtype, "rerank": scorer.rerank, "bytes": scorer.bytes()}
         result["scorer"] = "search program" if program == "search" else scorer_kind
         if program == "search":
             model.bind(1, scorer.as_matrix())  # set once; each query feeds its ids only
@@ -523,6 +616,12 @@ def run_job(spec: dict) -> dict:
         times, elapsed = _loop(spec, step)
         result["top_ids_last"] = [int(x) for x in np.asarray(last["top"]).ravel()[:k]]
         result["tokenizer_feeds_encoder"] = use_tok_ids
+        if spec.get("report_queries") and program != "search":
+            # after the timed runs (the peak is already what it is): what the host needs for the
+            # recall of this gallery against an exact fp32 one, the embeddings and their top-k
+            q = np.concatenate([model.run([ids_all[j:j + 1]])[0] for j in range(min(len(ids_all), int(spec["report_queries"])))])
+            result["queries"] = {"emb": q.astype(np.float32).round(6).tolist(),
+                                 "top": [[int(x) for x in scorer.search(e)] for e in q]}
     else:
         raise RunnerError(f"unknown mode {mode!r} (search, image, outputs, bare)")
 

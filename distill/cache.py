@@ -425,8 +425,14 @@ def shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_
     ii, cc, d = shard_pairs(caps, lists, s, e)
     img_need, img_pos = np.unique(ii, return_inverse=True)
     cap_need, cap_pos = np.unique(cc, return_inverse=True)
-    chunks = [img_need[j:j + 256] for j in range(0, len(img_need), 256)]
+    from mcad.data.stream import image_batch
+
+    b = image_batch(int(fusion.image_size))
+    chunks = [img_need[j:j + b] for j in range(0, len(img_need), b)]
     img_tok = torch.cat([fusion.image_tokens(model_input(fusion, px)) for px in f_images.batches(chunks)])
+    # a pair batch gathers one image's tokens per pair: at most ~128 MB of them (1024 pairs of the
+    # embedded teachers' 64 x 128 tokens; 72 of BLIP-base's 577 x 768)
+    pair_batch = max(16, min(pair_batch, (128 << 20) // (img_tok[0].numel() * img_tok.element_size())))
     ids_need = torch.as_tensor(f_ids[cap_need])
     txt_tok = torch.cat([fusion.text_tokens(ids_need[j:j + 1024]) for j in range(0, len(ids_need), 1024)])
     # chunks of captions of similar length: the fusion model drops a chunk's common padding

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mcad.accelerator import autocast, model_device
-from mcad.data.stream import as_images
+from mcad.data.stream import as_images, image_batch
 from mcad.preprocess import model_input, view_of
 from mcad.retrieval import recall_table, rerank_metrics, retrieval_metrics
 
@@ -17,14 +17,16 @@ log = logging.getLogger("mcad.eval")
 
 
 @torch.no_grad()
-def encode_images(model, pixels, batch_size: int = 256) -> torch.Tensor:
+def encode_images(model, pixels, batch_size: int | None = None) -> torch.Tensor:
     """Unit embeddings [N, D] (float32, CPU) of images (mcad.data.stream.Images as the model sees
-    them, or a uint8 array), computed where the model is while the loader decodes the next batch."""
+    them, or a uint8 array), computed where the model is while the loader decodes the next batch;
+    `batch_size` None: mcad.data.stream.image_batch of the model's size."""
     model.eval()
     dev = model_device(model)
+    bs = batch_size or image_batch(int(model.image_size))
     with autocast(dev):
         out = [model.encode_image(model_input(model, px).to(dev)).float().cpu()
-               for px in as_images(pixels).as_view(view_of(model)).chunks(batch_size)]
+               for px in as_images(pixels).as_view(view_of(model)).chunks(bs)]
     return torch.cat(out)
 
 
@@ -62,7 +64,7 @@ def evaluate_rerank(fusion, pixels, ids, caption_to_image, sim, k: int = 16, bat
     dev = model_device(fusion)
     with autocast(dev):
         img_tok = torch.cat([fusion.image_tokens(model_input(fusion, px).to(dev))
-                             for px in as_images(pixels).as_view(view_of(fusion)).chunks(256)])
+                             for px in as_images(pixels).as_view(view_of(fusion)).chunks(image_batch(fusion.image_size))])
         ids_t = torch.as_tensor(ids).to(dev)
         txt_tok = torch.cat([fusion.text_tokens(ids_t[s:s + 1024]) for s in range(0, len(ids_t), 1024)])
 

@@ -161,6 +161,63 @@ def test_local_search_program_agrees_with_encoder_plus_faiss(export_run):
     assert len(set(r1["top_ids_last"])) == 10 and max(r1["top_ids_last"]) < 500
 
 
+# -- compressed galleries (issue 14) ----------------------------------------------------------------
+def test_runner_sq_galleries_are_faiss_own_codes_and_rerank_is_exact(tmp_path):
+    """int8: the two-pass streamed per-dimension ranges give the codes faiss's own SQ8 train + add
+    give; fp16 likewise; the memory each holds; a re-rank from the fp32 rows on disk returns the
+    exact top-10; without it int8 still finds most of it."""
+    import faiss
+
+    from mcad.benchmarks.search import gallery_file
+    from mcad.device.runner import Scorer, _random_chunks
+
+    n, d = 3000, 32
+    rows = np.concatenate(list(_random_chunks(n, d, 0, 8192)))
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((20, d), dtype=np.float32)
+    exact = np.argsort(-(queries @ rows.T), axis=1)[:, :10]
+    for dtype, qt in (("int8", faiss.ScalarQuantizer.QT_8bit), ("fp16", faiss.ScalarQuantizer.QT_fp16)):
+        sc = Scorer("faiss", {"n": n, "seed": 0, "dtype": dtype}, 10, d)
+        ref = faiss.IndexScalarQuantizer(d, qt, faiss.METRIC_INNER_PRODUCT)
+        ref.train(rows)
+        ref.add(rows)
+        assert faiss.vector_to_array(sc.index.codes).tobytes() == faiss.vector_to_array(ref.codes).tobytes(), dtype
+        assert sc.bytes() == n * d * (1 if dtype == "int8" else 2) and sc.n == n
+        got = [set(sc.search(q).tolist()) for q in queries]
+        assert np.mean([len(g & set(e.tolist())) for g, e in zip(got, exact)]) / 10 >= (0.9 if dtype == "int8" else 0.99)
+    f = gallery_file(tmp_path, n, d)
+    np.testing.assert_array_equal(np.load(f), rows)  # the bench's file is the runner's seeded gallery
+    sc = Scorer("faiss", {"n": n, "file": str(f), "dtype": "int8", "rerank": 4}, 10, d)
+    assert [sc.search(q).tolist() for q in queries] == exact.tolist()
+    with pytest.raises(Exception, match="rerank needs the fp32 rows on disk"):
+        Scorer("faiss", {"n": n, "seed": 0, "dtype": "int8", "rerank": 4}, 10, d)
+
+
+def test_bench_compressed_gallery_rows_memory_and_recall(export_run, tmp_path, capsys):
+    """`gallery=fp32,int8 rerank=4`: the encoder + scan path runs once per gallery, the search program
+    on fp32 only; the int8 rows hold a quarter of the gallery's bytes and report recall@10 against
+    exact search (1.0 with the re-rank)."""
+    from mcad.benchmarks.cli import main
+
+    (tmp_path / "ok.yaml").write_text(PERMISSIVE)
+    code = main(["device=local", f"run={export_run}", "quick=1", "galleries=20000", "runtimes=onnxruntime",
+                 "gallery=fp32,int8", "rerank=4", f"budgets={tmp_path / 'ok.yaml'}", f"out={tmp_path / 'out'}",
+                 "results=none", "runs=5", "warmup=1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    text = {r["gallery_dtype"]: r for r in rows if r["artifact"] == "text_encoder"}
+    assert set(text) == {"fp32", "int8"} and [r["gallery_dtype"] for r in rows if r["role"] == "search"] == ["fp32"]
+    assert text["fp32"]["gallery_bytes"] == 20000 * 64 * 4 and text["int8"]["gallery_bytes"] == 20000 * 64
+    assert text["int8"]["recall_at_10"] == 1.0 and text["int8"]["rerank"] == 4 and "queries" not in text["int8"]
+    assert text["fp32"].get("recall_at_10") is None
+    assert "N=20000/int8+rr4" in out and "recall@10 1.000" in out
+    from mcad.benchmarks.cli import parse_args
+
+    with pytest.raises(ValueError, match="gallery=int4: expected some of fp32, fp16, int8"):
+        parse_args(["gallery=int4"])
+
+
 @pytest.fixture(scope="module")
 def litert_pte(tiny_run, synth_root, tmp_path_factory):
     """fp32 LiteRT and ExecuTorch XNNPACK text encoders, made by mcad.export."""

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from test_tokenizer_clip import make_clip_tokenizer_folder  # noqa: E402  (tests/ is on sys.path)
 
 from mcad.models.hf_teachers import BLIPITMTeacher, CLIPTeacher, load_teacher  # noqa: E402
+from mcad.models.tiny_hf import bert_vocab, save_tiny_blip  # noqa: E402,F401  (test_real_path imports it from here)
 
 CAPTIONS = ["a photo of a cat", "Two dogs, playing in the park!!", "", "the red car " * 40,
             "a man riding a bike down the street", "café 東京 🚗 42"]
@@ -48,32 +49,6 @@ def clip_folder(request, tmp_path_factory):
     CLIPImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
                           image_mean=MEAN, image_std=STD).save_pretrained(str(folder))
     return folder
-
-
-def _bert_vocab() -> list[str]:
-    words = "a photo of the cat dog dogs two red car man riding bike down street playing in park".split()
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789") + list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~é東京")
-    return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + chars + ["##" + c for c in chars[:36]]
-            + ["##s", "##ing"] + ["[DEC]", "[ENC]"])
-
-
-def save_tiny_blip(folder, extra_words=(), image_size=32):
-    """A tiny random BlipForImageTextRetrieval + BERT tokenizer.json, saved with save_pretrained."""
-    src = folder / "_vocab"
-    src.mkdir(parents=True)
-    vocab = _bert_vocab() + list(extra_words)
-    (src / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    transformers.BertTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(folder))
-    torch.manual_seed(1)
-    cfg = transformers.BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
-                         bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]")),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=8, initializer_range=0.02),
-        image_text_hidden_size=16)
-    transformers.BlipForImageTextRetrieval(cfg).eval().save_pretrained(str(folder))
-    return src
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +174,7 @@ def test_blip_enc_token_option(blip_folder):
     ref = transformers.BlipForImageTextRetrieval.from_pretrained(str(blip_folder), local_files_only=True).eval()
     ids = torch.from_numpy(t.tokenizer.encode_batch(CAPTIONS[:2]))
     enc_ids = ids.clone()
-    enc_ids[:, 0] = _bert_vocab().index("[ENC]")
+    enc_ids[:, 0] = bert_vocab().index("[ENC]")
     px = _pixels(2, 32, seed=2)
     with torch.no_grad():
         h, m = t(px, ids)

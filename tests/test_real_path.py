@@ -17,7 +17,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_hf_teachers import MEAN, STD, save_tiny_blip  # noqa: E402  (tests/ is on sys.path)
-from test_tokenizer_clip import corpus as tokenizer_corpus, make_clip_tokenizer_folder  # noqa: E402
+from test_tokenizer_clip import corpus as tokenizer_corpus  # noqa: E402
+
+from mcad.models.tiny_hf import save_tiny_clip  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,22 +32,7 @@ TIMES: dict[str, float] = {}
 
 # -- fixture: teachers ---------------------------------------------------------------------------------
 def save_clip(folder, image_size=CLIP_SIZE):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tok = make_clip_tokenizer_folder(folder)
-    torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=16),
-        projection_dim=16)
-    transformers.CLIPModel(cfg).eval().save_pretrained(str(folder))
-    CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                          image_mean=MEAN, image_std=STD).save_pretrained(str(folder))
-    shutil.rmtree(folder / "_src", ignore_errors=True)
-    return folder
+    return save_tiny_clip(folder, image_size, MEAN, STD, patch_size=16)
 
 
 def save_blip(folder):

@@ -2,8 +2,6 @@
 single <|endoftext|> instead of HF's <|endoftext|> padding)."""
 from __future__ import annotations
 
-import collections
-import json
 import random
 
 import numpy as np
@@ -11,83 +9,8 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def clip_vocab_merges(texts, n_merges: int = 150):
-    """A small CLIP-format BPE: 256 byte symbols, the same with `</w>`, learned merges, then
-    <|startoftext|>, <|endoftext|> last (as in CLIP's vocab, so <|endoftext|> has the largest id)."""
-    b2u = bytes_to_unicode()
-    words = collections.Counter()
-    for t in texts:
-        for w in t.lower().split():
-            s = [b2u[b] for b in w.encode("utf-8")]
-            s[-1] += "</w>"
-            words[tuple(s)] += 1
-    merges = []
-    for _ in range(n_merges):
-        pairs = collections.Counter()
-        for w, c in words.items():
-            for a, b in zip(w, w[1:]):
-                pairs[a, b] += c
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        merges.append(best)
-        new = collections.Counter()
-        for w, c in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new[tuple(out)] += c
-        words = new
-    base = list(b2u.values())
-    vocab = base + [c + "</w>" for c in base]
-    for a, b in merges:
-        if a + b not in vocab:
-            vocab.append(a + b)
-    vocab += [SOT, EOT]
-    return {t: i for i, t in enumerate(vocab)}, merges
-
-
-TRAIN_TEXTS = [
-    "a photo of a cat sitting on the mat", "two dogs are playing in the park near a tree",
-    "the red car is parked next to the white house", "a man riding a bike down the street",
-    "a woman holding an umbrella in the rain", "people walking on the beach at sunset",
-    "a plate of food with rice and vegetables", "the train is arriving at the station",
-] * 3
-
-
-def make_clip_tokenizer_folder(folder, texts=TRAIN_TEXTS, n_merges: int = 150):
-    """vocab.json + merges.txt -> transformers.CLIPTokenizer -> save_pretrained(folder) (tokenizer.json)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab_merges(texts, n_merges)
-    src = folder / "_src"
-    src.mkdir(exist_ok=True)
-    (src / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
-                                    encoding="utf-8")
-    hf = transformers.CLIPTokenizer.from_pretrained(str(src), local_files_only=True)
-    hf.save_pretrained(str(folder))
-    return hf
+from mcad.models.tiny_hf import (EOT, SOT, TRAIN_TEXTS, bytes_to_unicode, clip_vocab_merges,  # noqa: E402,F401
+                                 make_clip_tokenizer_folder)
 
 
 def corpus(n: int = 200, seed: int = 0) -> list[str]:

@@ -34,6 +34,14 @@ log = logging.getLogger("mcad.data")
 
 MODES = ("square", "shortest", "squash")
 SCAN_VERSION = 1
+# images per encoding batch: ~4.2 M pixels, so a float batch stays ~50 MB whatever the size (256 at
+# the synthetic set's 64 px, as before; 83 at CLIP's 224 px; 28 at BLIP's 384 px)
+PIXELS_PER_BATCH = 256 * 128 * 128
+
+
+def image_batch(size: int, cap: int = 256) -> int:
+    """Images per batch of an encoding pass at `size` px (see PIXELS_PER_BATCH)."""
+    return max(8, min(int(cap), PIXELS_PER_BATCH // (int(size) * int(size))))
 
 
 @dataclass(frozen=True)
@@ -253,7 +261,7 @@ def _map(ds, workers: int, desc: str = "", progress: bool = False) -> Iterator:
     from torch.utils.data import DataLoader
 
     return iter(DataLoader(ds, batch_size=None, shuffle=False, num_workers=int(workers),
-                           collate_fn=_as_is, prefetch_factor=4, persistent_workers=False))
+                           collate_fn=_as_is, prefetch_factor=2, persistent_workers=False))
 
 
 def _as_is(x):  # items cross from the workers as they are (numpy arrays stay numpy)
