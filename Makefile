@@ -47,11 +47,13 @@ $(TEACHERS)/cache/manifest.json: $(TEACHERS)/metrics.json $(wildcard $(TEACHERS)
 	$(MCAD) cache data=$(DATA) teachers=$(TEACHERS)
 cache: $(TEACHERS)/cache/manifest.json
 
-# The embedded default needs the synthetic teachers and their cache first; a real-data recipe
+# The embedded default (student, and student-mobile: the mobile-size student on the same teachers)
+# needs the synthetic teachers and their cache first; a real-data recipe
 # (CONFIG=flickr30k|coco|<yaml>) names its own teachers and data: it reads the cache that
 # `mcad cache $(CONFIG) ...` made, or runs its teachers online (docs/real-data.md); nothing
 # synthetic is made for it.
-STUDENT_DEPS := $(if $(filter student,$(CONFIG)),$(TEACHERS)/cache/manifest.json,.venv/.installed)
+EMBEDDED_RECIPES := student student-mobile
+STUDENT_DEPS := $(if $(filter $(EMBEDDED_RECIPES),$(CONFIG)),$(TEACHERS)/cache/manifest.json,.venv/.installed)
 student: $(STUDENT_DEPS)
 ifeq ($(NPROC),1)
 	$(MCAD) student $(CONFIG) $(ARGS)
