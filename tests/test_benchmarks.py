@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 PERMISSIVE = """devices:
   local:
@@ -105,3 +106,23 @@ def test_budget_check_lines():
     c = check(rows, entry, "phone")
     assert [x["ok"] for x in c] == [False, True, True]
     assert c[0]["line"] == "BROKEN phone/student/N=1000/litert/int8/t2 search latency p50: 9.50 ms > budget 8 ms"
+
+
+def test_gallery_quality_fp32_row_is_the_students_own_retrieval(tiny_run, synth_root):
+    """The device scan over an fp32 gallery gives the student's text -> image R@k as mcad's evaluation
+    computes it from the full similarity matrix; the int8 gallery's exact re-rank gets back (nearly) all of
+    the fp32 top-10 that the int8 codes alone miss (a random-weight student's embeddings are all close:
+    the hardest case for 8 bits)."""
+    from mcad.benchmarks.gallery_quality import embeddings, measure
+    from mcad.retrieval import retrieval_metrics
+
+    res = measure(tiny_run, str(synth_root), 10)
+    rows = {(r["gallery"], r["rerank"]): r for r in res["rows"]}
+    img, txt, c2i = embeddings(tiny_run, str(synth_root), "test")
+    ref = retrieval_metrics(torch.as_tensor(img @ txt.T), c2i)
+    for k in (1, 5, 10):
+        assert rows[("fp32", 0)][f"t2i_r{k}"] == pytest.approx(ref[f"t2i_r{k}"], abs=0.01)
+    assert rows[("fp32", 0)]["recall_at_10_vs_fp32"] == 1.0
+    assert rows[("int8", 4)]["recall_at_10_vs_fp32"] >= max(0.99, rows[("int8", 0)]["recall_at_10_vs_fp32"])
+    assert rows[("int8", 0)]["recall_at_10_vs_fp32"] < 1.0  # the codes alone do lose some
+    assert rows[("int8", 0)]["bytes_per_image"] * 4 == rows[("fp32", 0)]["bytes_per_image"] == 4 * img.shape[1]
