@@ -82,22 +82,14 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mcad.benchmarks.summary import publish
     from mcad.data.spec import DEFAULT_SYNTH_ROOT
-    from mcad.io import machine, now_iso, write_json
     from mcad.runs import latest_run, resolve_run
 
     opts = parse_overrides(list(argv or []), OPTIONS, types={"run": str, "data": str}).config
     run = resolve_run(opts["run"]) if opts["run"] else latest_run("runs")
     res = measure(run, opts["data"] or DEFAULT_SYNTH_ROOT, int(opts["k"]))
-    meta = {"command": "python -m mcad.benchmarks.gallery_quality " + " ".join(argv or []), "date": now_iso(),
-            "machine": machine()}
-    md = markdown(res, meta)
-    print(md)
-    if str(opts["results"]).lower() != "none":
-        dest = Path(opts["results"])
-        dest.mkdir(parents=True, exist_ok=True)
-        write_json(dest / f"gallery_quality-{run.name}.json", {"meta": meta, **res})
-        (dest / f"gallery_quality-{run.name}.md").write_text(md)
+    publish("mcad.benchmarks.gallery_quality", argv, res, markdown, opts["results"], f"gallery_quality-{run.name}")
     return 0
 
 

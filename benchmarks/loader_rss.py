@@ -63,11 +63,15 @@ def teachers(root: Path) -> tuple[Path, Path]:
     return clip, blip
 
 
+COMMANDS = {"cache": "mcad.distill.cache", "student": "mcad.distill.recipe"}  # what `mcad cache|student` run
+
+
 def measured(argv: list[str], log: Path) -> dict:
-    """Run `mcad <argv>` in a child process: wall time and its peak RSS (MB)."""
+    """Run `mcad <argv>` (its module) in a child process: wall time and its peak RSS (MB)."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "mcad.cli", *argv], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", COMMANDS[argv[0]], *argv[1:]], stdout=f,
+                                stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -124,19 +128,10 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mcad.io import machine, now_iso, write_json
+    from mcad.benchmarks.summary import publish
 
     opts = parse_overrides(list(argv or []), OPTIONS, types={}).config
-    res = run(opts)
-    meta = {"command": "python -m mcad.benchmarks.loader_rss " + " ".join(argv or []), "date": now_iso(),
-            "machine": machine()}
-    md = markdown(res, meta)
-    print(md)
-    if str(opts["results"]).lower() != "none":
-        dest = Path(opts["results"])
-        dest.mkdir(parents=True, exist_ok=True)
-        write_json(dest / "loader_rss.json", {"meta": meta, **res})
-        (dest / "loader_rss.md").write_text(md)
+    publish("mcad.benchmarks.loader_rss", argv, run(opts), markdown, opts["results"], "loader_rss")
     return 0
 
 

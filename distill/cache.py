@@ -489,3 +489,10 @@ def main(argv: list[str]) -> int:
                 image_emb=emb)
     print(f"teacher cache: {out}")
     return 0
+
+
+if __name__ == "__main__":  # python -m: what the `mcad` command runs, for callers below the CLI (benchmarks)
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(sys.argv[1:]))

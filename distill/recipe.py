@@ -370,3 +370,10 @@ def main(argv: list[str]) -> int:
     cfg = load_command_config(argv, "student", shorthands=teacher_spec.shorthands())  # `mcad student [recipe] key=value ...`, checked against the recipe
     distill(cfg)
     return 0
+
+
+if __name__ == "__main__":  # python -m: what the `mcad` command runs, for callers below the CLI (benchmarks)
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(sys.argv[1:]))

@@ -71,6 +71,19 @@ def _exception_handler(report: LoadReport, urls: list[str]):
     return handle
 
 
+def sample_caption(raw, where: str, report: LoadReport) -> str | None:
+    """A sample's caption (bytes or text) cleaned, or None with the problem reported."""
+    if raw is None:
+        report.add(where, "no caption in sample (expected .txt)")
+        return None
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
+    except UnicodeDecodeError:
+        report.add(where, "caption is not UTF-8")
+        return None
+    return clean_caption(text, where, report)
+
+
 def iter_wds_samples(shards: str | Path | Iterable[str | Path], size: int,
                      report: LoadReport | None = None) -> Iterator[WdsSample]:
     """Stream decoded samples in shard order. Bad samples are reported and skipped."""
@@ -96,16 +109,7 @@ def iter_wds_samples(shards: str | Path | Iterable[str | Path], size: int,
         if img_ext is None:
             report.add(where, "no image in sample (expected ." + "/.".join(IMAGE_EXTS) + ")")
             continue
-        if cap_ext is None:
-            report.add(where, "no caption in sample (expected .txt)")
-            continue
-        raw = sample[cap_ext]
-        try:
-            text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
-        except UnicodeDecodeError:
-            report.add(where, "caption is not UTF-8")
-            continue
-        cap = clean_caption(text, where, report)
+        cap = sample_caption(sample.get(cap_ext) if cap_ext else None, where, report)
         if cap is None:
             continue
         try:
@@ -197,16 +201,7 @@ def index_wds(shards: str | Path | Iterable[str | Path], split: str = "train", m
             if img_ext is None:
                 report.add(where, "no image in sample (expected ." + "/.".join(IMAGE_EXTS) + ")")
                 continue
-            raw = next((sample[e] for e in CAPTION_EXTS if e in sample), None)
-            if raw is None:
-                report.add(where, "no caption in sample (expected .txt)")
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                report.add(where, "caption is not UTF-8")
-                continue
-            cap = clean_caption(text, where, report)
+            cap = sample_caption(next((sample[e] for e in CAPTION_EXTS if e in sample), None), where, report)
             if cap is None:
                 continue
             info = sample[img_ext]
