@@ -222,7 +222,7 @@ def scan(corpus, workers: int = 0, progress: bool = True) -> tuple[list[str], di
             todo.append(i)
     if todo:
         ds = _CheckFiles([corpus.image_paths[i] for i in todo], [metas[i] for i in todo])
-        results = _map(ds, workers, desc=f"check {corpus.split} images", progress=progress)
+        results = _map(ds, workers)
         for i, r in zip(todo, tqdm(results, total=len(todo), desc=f"check {corpus.split} images", unit="img",
                                    disable=not progress, leave=False)):
             out[i] = r
@@ -254,7 +254,7 @@ def _write_scan(f: Path, files: dict) -> None:
         log.info("could not keep the image scan at %s (%s)", f, e)
 
 
-def _map(ds, workers: int, desc: str = "", progress: bool = False) -> Iterator:
+def _map(ds, workers: int) -> Iterator:
     """ds[0], ds[1], ... in order, computed by `workers` DataLoader processes (0: here)."""
     if workers <= 0 or len(ds) < 2:
         return (ds[i] for i in range(len(ds)))
@@ -304,8 +304,7 @@ class Images:
     def chunks(self, batch_size: int) -> Iterator[np.ndarray]:
         """All images in order, `batch_size` at a time."""
         n = len(self)
-        return (b[0] if isinstance(b, list) else b
-                for b in self.batches(np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)))
+        return self.batches(np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size))
 
 
 class ArrayImages(Images):
