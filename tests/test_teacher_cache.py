@@ -143,16 +143,16 @@ def test_cache_resumes_after_an_interruption_and_equals_one_build(cache_setup, t
     assert sorted(p.name for p in out.glob("shard-*")) == [f for f, _ in _shard_hashes(ref)]
 
 
-def test_cache_resumes_after_sigkill(cache_setup, teachers, synth_root, tmp_path):
-    """A real kill: `mcad cache` killed by SIGKILL right after its second shard, then run again."""
+def test_cache_resumes_after_sigkill(teachers, synth_root, tmp_path):
+    """A real kill: `mcad cache` killed by SIGKILL right after its second shard, then run again, ends
+    with the files of an uninterrupted `mcad cache` (same command, one thread: bit for bit)."""
     import json
     import os
     import signal
     import subprocess
     import sys
 
-    ref = cache_setup[-1]
-    out = tmp_path / "killed"
+    out, ref = tmp_path / "killed", tmp_path / "uninterrupted"
     code = ("import os, signal, sys\n"
             "import mcad.distill.cache as c\n"
             "real = c.build_cache\n"
@@ -163,6 +163,9 @@ def test_cache_resumes_after_sigkill(cache_setup, teachers, synth_root, tmp_path
             "sys.exit(c.main(sys.argv[1:]))\n")
     args = [f"data={synth_root}", f"teachers={teachers}", f"cache={out}", "threads=1", "cache_shard_images=50"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-m", "mcad.cli", "cache", *args[:2], f"cache={ref}", *args[3:]], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert not (out / "manifest.json").exists() and len(json.loads((out / "partial.json").read_text())["shards"]) == 2
