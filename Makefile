@@ -74,8 +74,10 @@ bench: | .venv/.installed
 # entry, whose latency limits are multiples of a calibration kernel timed before each job (a busy
 # neighbour slows both; a regression of the student only the job). Exit 1 names the broken budget.
 GATE_ARGS := quick=1 target=cpu galleries=1000,100000 threads=1 peers=none mobile=0 image=0 budget=gate results=none
+# Its budgets were set on the embedded default's student (runs/mcad-student, what `make student`
+# writes), so that is the run it gates unless RUN= names another, not the newest run.
 gate: | .venv/.installed
-	$(MCAD) bench device=local $(if $(RUN),run=$(RUN)) $(GATE_ARGS) $(ARGS)
+	$(MCAD) bench device=local run=$(or $(RUN),runs/mcad-student) $(GATE_ARGS) $(ARGS)
 
 search-bench: | .venv/.installed
 	$(PY) -m mcad.benchmarks.search_bench $(if $(RUN),run=$(RUN)) $(ARGS)
