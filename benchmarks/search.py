@@ -298,11 +298,18 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
            "run": str(run), "run_name": run.name, "quick": opts.quick,
            "options": {"threads": opts.threads, "galleries": opts.galleries, "runtimes": opts.runtimes,
                        "quant": opts.quant, "scorer": opts.scorer, "k": opts.k, "peers": opts.peers,
-                       "mobile": opts.mobile, "image": opts.image, "timing": opts.timing.__dict__},
+                       "mobile": opts.mobile, "image": opts.image, "timing": opts.timing.__dict__,
+                       "gallery": opts.gallery_dtypes, "rerank": opts.rerank},
            "scorer_note": SCORER_NOTE.get(opts.scorer, opts.scorer),
            "calibration_note": calibration.describe() if any("reference_ms" in r for r in rows) else None,
            "gallery_note": "N random unit vectors (float32) built in the measured process; exact flat search cost "
-                           "does not depend on the values",
+                           "does not depend on the values" + (
+                               f"; gallery={','.join(opts.gallery_dtypes)}: the encoder + scan path over faiss flat (fp32), "
+                               f"SQfp16 (fp16) or SQ8 with per-dimension ranges (int8)"
+                               + (f", the {opts.k} x {opts.rerank} best re-ranked exactly from the fp32 rows on disk"
+                                  if opts.rerank else "") + "; recall@10 against exact fp32 search of the same rows, "
+                               f"{RECALL_QUERIES} queries; search programs take fp32"
+                               if opts.gallery_dtypes != ["fp32"] else ""),
            "memory_note": "peak resident memory (VmHWM) of the process doing the search; `bare` = a fresh process "
                           "that imported the same runtime and libraries and loaded nothing; `added` = peak - bare. "
                           "The memory column is the added part for ExecuTorch's Python runtime (it imports torch) "
