@@ -119,7 +119,7 @@ def gallery_file(work: Path | None, n: int, dim: int) -> Path:
     if not path.exists():
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
         pos = 0
-        for c in _random_chunks(n, dim, 0, 8192):
+        for c in _random_chunks(n, dim, 0, 65536):
             out[pos:pos + len(c)] = c
             pos += len(c)
         out.flush()
@@ -138,7 +138,7 @@ def recall_of(row: dict, job: Job) -> float | None:
         return None
     emb = np.asarray(q["emb"], dtype=np.float32)
     n, dim, k = int(job.gallery), emb.shape[1], job.k
-    chunks = _npy_chunks(str(job.gallery_file), 8192) if job.gallery_file else _random_chunks(n, dim, job.seed, 8192)
+    chunks = _npy_chunks(str(job.gallery_file), 65536) if job.gallery_file else _random_chunks(n, dim, job.seed, 65536)
     best = np.full((len(emb), 0), 0, dtype=np.int64)
     best_s = np.zeros((len(emb), 0), dtype=np.float32)
     pos = 0

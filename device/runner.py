@@ -341,7 +341,12 @@ def _random_chunks(n: int, d: int, seed: int, chunk_rows: int):
 GALLERY_DTYPES = ("fp32", "fp16", "int8")
 
 
-def gallery_chunks(gallery: dict, dim: int, chunk: int = 8192):
+# rows per chunk when a gallery streams in: the chunk (and its temporaries) is part of the measured
+# peak, so it is kept small (1 MB at 256-d); the values do not depend on it
+CHUNK_ROWS = 1024
+
+
+def gallery_chunks(gallery: dict, dim: int, chunk: int = CHUNK_ROWS):
     """The gallery's float32 rows, `chunk` at a time: its .npy file, or seeded random unit vectors."""
     if gallery.get("file"):
         return _npy_chunks(gallery["file"], chunk)
