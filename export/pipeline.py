@@ -255,8 +255,8 @@ class Exporter:
         self.q_idx = np.linspace(0, len(ids) - 1, n_q).round().astype(int)
         self.gallery = self.ref["image"].astype(np.float32)
         if "search" in self.roles and len(self.gallery) < SEARCH_K:
-            raise ValueError(f"{self.test.source}: {len(self.gallery)} test images, the search program needs "
-                             f">= {SEARCH_K}")
+            raise ValueError(f"{self.test.source}: {len(self.gallery)} test images, the search program's parity "
+                             f"needs >= {SEARCH_K}: give a data set with more, or roles=text,image")
 
     def inputs(self, role: str) -> list[list[np.ndarray]]:
         if role == "text":
@@ -394,6 +394,7 @@ class Exporter:
 
     def build_onnx(self) -> None:
         from mcad.export.builders import build_onnx
+        from mcad.quantize import onnx_quant, pt2e
         from mcad.quantize.onnx_quant import quantize_onnx
 
         float_progs = self._float_programs()
@@ -410,13 +411,17 @@ class Exporter:
                     build_onnx(float_progs[role], ex, fp, INPUT_NAMES[role], OUTPUT_NAMES[role], dynamic_shapes=dyn)
                     calib = {"text": lambda: {"ids": self.calib.ids}, "image": lambda: {"pixels": self.calib.pixels},
                              "search": lambda: {"ids": self.calib.ids, "gallery": self.calib_gallery}}[role]()
-                    quantize_onnx(fp, p, calib, self.keep_opt, method=self.opts.onnx_calibration)
+                    used.update(quantize_onnx(fp, p, calib, self.keep_opt, method=self.opts.onnx_calibration))
                 finally:
                     if fp.exists():
                         fp.unlink()
 
-            self._write(role, "onnx", build, self._scheme("onnx"),
-                        gallery_rows=[SEARCH_K, None] if role == "search" else None)
+            used: dict = {}
+            art = self._write(role, "onnx", build, self._scheme("onnx"),
+                              gallery_rows=[SEARCH_K, None] if role == "search" else None)
+            if used.get("fallback"):  # the manifest says which ranges the artifact really has
+                art.quantization = onnx_quant.scheme(pt2e.parse_keep(self.keep_opt, "onnx"), used["method"])
+                art.notes["calibration_fallback"] = used["fallback"]
 
     def build_tflite(self) -> None:
         from mcad.export.builders import build_tflite

@@ -88,6 +88,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     keep = parse_keep(keep_fp32, "onnx")
+    fallback = None
     out_path = Path(out_path)
     pre = out_path.with_name(out_path.name + ".pre.onnx")
     try:
@@ -114,17 +115,34 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, 
             def rewind(self):
                 reader.rewind()
 
-        quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(OPS_TO_QUANTIZE), nodes_to_exclude=exclude,
-                        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                          "percentile": CalibrationMethod.Percentile}[method],
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **(extra or {})})
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+
+        def run(m: str) -> None:
+            reader.rewind()
+            quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=list(OPS_TO_QUANTIZE), nodes_to_exclude=exclude,
+                            calibrate_method=methods[m],
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **(extra or {})})
+
+        try:
+            run(method)
+        except ValueError as e:
+            # ORT's histogram calibrators cannot bin a tensor whose values span fewer than 2048
+            # float32 steps (a near-constant activation of a barely trained model); MinMax ranges
+            # are what a histogram of such a tensor would give anyway.
+            if method == "minmax" or "bins" not in str(e):
+                raise
+            fallback = f"{method} calibration failed ({e}); MinMax ranges used"
+            log.warning("ONNX QDQ int8: %s", fallback)
+            method = "minmax"
+            run(method)
     finally:
         if pre.exists():
             pre.unlink()
     log.info("ONNX QDQ int8: %d calibration samples, %d nodes kept float", reader.n, len(exclude))
-    return {"float_nodes": len(exclude), "keep_fp32": list(keep)}
+    return {"float_nodes": len(exclude), "keep_fp32": list(keep), "method": method, "fallback": fallback}
 
 
 def scheme(keep_fp32: Sequence[str], method: str = "minmax") -> str:

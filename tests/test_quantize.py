@@ -170,3 +170,42 @@ def test_full_integer_tflite(runs, samples, tmp_path):
     c = _cos(np.concatenate([g[0] for g in got]), ref)
     assert c.mean() >= 0.99 and c.min() >= 0.97, (c.mean(), c.min())
     assert meta["inputs"][0]["quantization"]["scale"] > 0
+
+
+def test_onnx_percentile_falls_back_to_minmax_on_a_near_constant_tensor(tmp_path, caplog):
+    """ORT's histogram calibrators cannot bin a tensor spanning fewer than 2048 float32 steps (seen
+    on a two-step student of the real-data fixture); the export keeps going with MinMax ranges and
+    says so, instead of dropping the ONNX artifact."""
+    import onnx
+
+    from mcad.export.builders import build_onnx
+    from mcad.quantize.onnx_quant import quantize_onnx
+    from mcad.runtimes import run_artifact
+
+    class NearConstant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x) * 1e-7 + 1.0)  # the hidden tensor: 1.0 +- a few float32 steps
+
+    class Program(torch.nn.Module):  # nodes outside `core` stay float (onnx_quant.float_nodes)
+        def __init__(self):
+            super().__init__()
+            self.core = NearConstant()
+
+        def forward(self, x):
+            return self.core(x)
+
+    torch.manual_seed(0)
+    m, x = Program().eval(), torch.randn(16, 8)
+    fp, q8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    build_onnx(m, (x[:1],), fp, ["x"], ["y"])
+    got = quantize_onnx(fp, q8, {"x": x.numpy()}, method="percentile")
+    assert got["method"] == "minmax" and "percentile calibration failed" in got["fallback"]
+    assert "MinMax ranges used" in caplog.text
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(q8)).graph.node}
+    out, _ = run_artifact(q8, [[x[i:i + 1].numpy()] for i in range(4)])
+    np.testing.assert_allclose(np.concatenate([o[0] for o in out]), m(x[:4]).detach().numpy(), atol=0.05)
+    assert quantize_onnx(fp, tmp_path / "mm.onnx", {"x": x.numpy()})["fallback"] is None  # minmax: no fallback
