@@ -150,8 +150,10 @@ def check(rows: list[dict], entry: dict, budget_name: str) -> list[dict]:
                             "line": f"n/a    {where} {metric}: not measured by this runner"})
                 continue
             ok = float(val) <= limit
+            tries = len(r.get("attempts") or []) if metric not in ("memory_mb",) else 0
+            note = f" (fastest of {tries} attempts)" if tries > 1 else ""
             out.append({"budget": where, "metric": metric, "measured": round(float(val), 3), "limit": limit, "ok": ok,
-                        "line": f"{'ok    ' if ok else 'BROKEN'} {where} {_describe(metric, val, limit, ok, ref)}"})
+                        "line": f"{'ok    ' if ok else 'BROKEN'} {where} {_describe(metric, val, limit, ok, ref)}{note}"})
     return out
 
 

@@ -14,6 +14,8 @@ Options (key=value; lists comma-separated):
   scorer=faiss|numpy  k=10  peers=full|tiny|none  mobile=1|0  image=1|0
   gallery=fp32,fp16,int8 (the encoder + scan path's gallery: faiss flat, SQfp16, SQ8 per-dimension; default fp32)
   rerank=r (compressed galleries: re-rank the k*r best from the fp32 rows on disk; 0 = off)
+  confirm=2 (a job that breaks a latency budget runs again up to this many times and keeps its fastest
+            attempt: noise only adds time, a regression breaks every attempt; 0 = judge the first run)
   target=cpu|snapdragon|dimensity|all (default: the SoC family's export when there is one, else cpu)
   quick=1 (or --quick)  runs=N (min runs)  warmup=N  min_time=S  max_time=S  max_runs=N
   budgets=benchmarks/budgets.yaml  budget=<entry>  out=runs/<name>/bench  results=benchmarks/results|none
@@ -41,7 +43,7 @@ BENCH_OPTIONS = {"device": "local", "run": None, "threads": None, "galleries": N
                  "make_quant": None, "scorer": "faiss", "k": 10, "quick": False, "peers": None, "mobile": None,
                  "image": None, "budgets": None, "budget": None, "out": None, "results": None, "name": None,
                  "target": None, "cache": None, "runs": None, "warmup": None, "min_time": None, "max_time": None,
-                 "max_runs": None, "build_timeout": None, "gallery": None, "rerank": 0}
+                 "max_runs": None, "build_timeout": None, "gallery": None, "rerank": 0, "confirm": 2}
 DEVICE_OPTIONS = {k: None for k in ("adb", "runner", "python", "remote_root", "et_runner", "tflite_runner", "cpus",
                                     "timeout", "keep", "options", "iterations")}
 BENCH_TYPES = {"threads": list[int], "galleries": list[int], "runtimes": list[str], "quant": list[str], "gallery": list[str],
@@ -110,6 +112,9 @@ def parse_args(argv: list[str]):
     o.rerank = int(kv["rerank"] or 0)
     if o.rerank < 0:
         raise ValueError(f"rerank={o.rerank}: expected 0 (off) or a shortlist factor r >= 1 (k * r re-ranked)")
+    o.confirm = int(kv["confirm"])
+    if o.confirm < 0:
+        raise ValueError(f"confirm={o.confirm}: expected 0 (judge the first run) or how many times to re-measure")
     o.scorer = kv["scorer"]
     if o.scorer not in ("faiss", "numpy"):
         raise ValueError(f"scorer={o.scorer!r}: expected faiss or numpy")

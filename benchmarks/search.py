@@ -20,6 +20,7 @@ log = logging.getLogger("mcad.benchmarks")
 RESULTS_DIR = Path("benchmarks") / "results"
 ALL_RUNTIMES = ["onnxruntime", "litert", "executorch"]
 OURS = ("student", "student-mobile")
+LATENCY_METRICS = ("p50_ms", "p90_ms", "p50_x", "p90_x")
 SCORER_NOTE = {"faiss": "faiss IndexFlatIP (exact inner product), faiss.omp_set_num_threads(1)",
                "numpy": "numpy: gallery @ query, argpartition + sort of the top 10"}
 
@@ -36,6 +37,7 @@ class BenchOptions:
     scorer: str = "faiss"
     gallery_dtypes: list = field(default_factory=lambda: ["fp32"])  # the encoder + scan path's gallery
     rerank: int = 0                      # compressed galleries: re-rank k * rerank from the fp32 rows on disk
+    confirm: int = 2                     # a job that breaks a latency budget runs again up to this many times
     k: int = 10
     quick: bool = False
     peers: str = "full"                  # full | tiny | none
@@ -239,6 +241,70 @@ def reference_ms(device, budget_entry: dict | None, job) -> float | None:
     return kernel_ms()
 
 
+def measure(device, budget_entry: dict | None, job, errors: list[str]) -> dict:
+    """One job on the device: its row, with the calibration kernel's reference when its limits are
+    relative; a failed job is a row with `error` (and its message in `errors`)."""
+    ref = reference_ms(device, budget_entry, job)
+    try:
+        row = device.run(job)
+        if ref is not None:  # and again after it: load that came or went during the job
+            row["reference_ms"] = round(max(ref, reference_ms(device, budget_entry, job)), 4)
+        if job.report_queries:
+            row[f"recall_at_{job.k}"] = recall_of(row, job)
+    except DeviceGone:
+        raise
+    except DeviceError as e:
+        row = dict(job.describe(), device=device.name, error=str(e))
+        errors.append(str(e))
+        log.warning("%s", e)
+    if job.mode == "image":
+        row["image_size"] = job.image_size
+    return row
+
+
+def _latency_breaches(rows: list[dict], entry: dict | None, name: str | None) -> dict[int, float]:
+    """Row index -> the worst measured/limit ratio over its broken latency checks."""
+    from mcad.benchmarks.budgets import check
+
+    worst = {}
+    for i, r in enumerate(rows):
+        for c in check([r], entry, name) if entry else []:
+            if not c["ok"] and c["metric"] in LATENCY_METRICS and c["measured"] is not None:
+                worst[i] = max(worst.get(i, 0.0), c["measured"] / c["limit"])
+    return worst
+
+
+def confirm_breaches(device, entry: dict | None, name: str | None, jobs: list, rows: list[dict],
+                     confirm: int) -> None:
+    """A job that breaks a latency budget runs again, up to `confirm` more times, and keeps its least
+    loaded attempt: load from a neighbour only ever adds time, so a real regression breaks every
+    attempt while a burst of noise does not (CI once broke a 5x limit at 5.61x with the kernel itself
+    20% slower than in the jobs around it). Memory is not retried: it does not move with the load.
+    Every attempt's figures stay in the row (`attempts`)."""
+    for i, worst in _latency_breaches(rows, entry, name).items():
+        tries = [(worst, rows[i])]
+        for _ in range(confirm):
+            log.info("re-measuring %s (a latency budget broke at %.2fx its limit)", _job_name(rows[i]), worst)
+            row = measure(device, entry, jobs[i], [])
+            ratio = _latency_breaches([row], entry, name).get(0, 0.0) if not row.get("error") else float("inf")
+            tries.append((ratio, row))
+            if ratio <= 1.0:
+                break
+        best = min(tries, key=lambda t: t[0])[1]
+        best["attempts"] = [_attempt(r) for _, r in tries]
+        rows[i] = best
+
+
+def _attempt(row: dict) -> dict:
+    search = (row.get("stages") or {}).get("search") or {}
+    return {"p50_ms": search.get("p50"), "p90_ms": search.get("p90"), "reference_ms": row.get("reference_ms"),
+            "error": row.get("error")}
+
+
+def _job_name(row: dict) -> str:
+    return "/".join(str(row.get(k)) for k in ("subject", "artifact", "gallery", "runtime", "threads"))
+
+
 def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     from tqdm import tqdm
 
@@ -273,22 +339,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
             rows, errors = [], []
             for job in tqdm(jobs, desc=f"bench {device.name}", unit="job", file=sys.stderr,
                             disable=not sys.stderr.isatty()):
-                ref = reference_ms(device, budget_entry, job)
-                try:
-                    row = device.run(job)
-                    if ref is not None:  # and again after it: load that came or went during the job
-                        row["reference_ms"] = round(max(ref, reference_ms(device, budget_entry, job)), 4)
-                    if job.report_queries:
-                        row[f"recall_at_{job.k}"] = recall_of(row, job)
-                except DeviceGone:
-                    raise
-                except DeviceError as e:
-                    row = dict(job.describe(), device=device.name, error=str(e))
-                    errors.append(str(e))
-                    log.warning("%s", e)
-                if job.mode == "image":
-                    row["image_size"] = job.image_size
-                rows.append(row)
+                rows.append(measure(device, budget_entry, job, errors))
+            confirm_breaches(device, budget_entry, budget_name, jobs, rows, opts.confirm)
     finally:
         device.close()
 
@@ -299,7 +351,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
            "options": {"threads": opts.threads, "galleries": opts.galleries, "runtimes": opts.runtimes,
                        "quant": opts.quant, "scorer": opts.scorer, "k": opts.k, "peers": opts.peers,
                        "mobile": opts.mobile, "image": opts.image, "timing": opts.timing.__dict__,
-                       "gallery": opts.gallery_dtypes, "rerank": opts.rerank},
+                       "gallery": opts.gallery_dtypes, "rerank": opts.rerank,
+                       "confirm": opts.confirm},
            "scorer_note": SCORER_NOTE.get(opts.scorer, opts.scorer),
            "calibration_note": calibration.describe() if any("reference_ms" in r for r in rows) else None,
            "gallery_note": "N random unit vectors (float32) built in the measured process; exact flat search cost "
