@@ -1,0 +1,152 @@
+"""What the scan of a shipped search program costs in each runtime, beside faiss's exact flat scan, in
+one process, one thread: the floor under issue 14's "search program <= 1.5x its encoder + scan".
+
+  python -m mcad.benchmarks.scan_forms [rows=100000] [dims=64,256] [runs=40] [results=benchmarks/results]
+
+Each program takes a query embedding q [1, D] and a gallery [N, D] as runtime inputs and returns the
+top-10 (scores, ids), built by the exporter's own builders in the form the exporter ships:
+ExecuTorch XNNPACK scores gallery @ q^T (one fully connected layer over the gallery rows, q as its
+one-column weight), LiteRT and ONNX Runtime q @ gallery^T (a fully connected layer / MatMul whose
+weight is the gallery, given at run time, so the runtime repacks or re-reads it in its own layout each
+call). The ids of every program are checked against the exact top-10 before anything is timed.
+Writes scan_forms.{json,md} to `results` (none: only print)."""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcad.config import parse_overrides
+
+OPTIONS = {"rows": 100_000, "dims": [64, 256], "runs": 40, "results": "benchmarks/results", "k": 10}
+TYPES = {"dims": list[int]}
+
+
+class Scan(torch.nn.Module):
+    def __init__(self, rows_form: bool, k: int):
+        super().__init__()
+        self.rows_form, self.k = rows_form, k
+
+    def forward(self, q, gallery):
+        s = (gallery @ q.transpose(0, 1)).transpose(0, 1) if self.rows_form else q @ gallery.transpose(0, 1)
+        v, i = torch.topk(s, self.k, dim=-1)
+        return v, i
+
+
+def build(runtime: str, dim: int, k: int, folder: Path):
+    """(path, call(q, gallery) -> ids) of the runtime's scan program."""
+    from mcad.export import builders
+
+    ex = (torch.randn(1, dim), torch.nn.functional.normalize(torch.randn(64, dim), dim=-1))
+    path = folder / f"scan{dim}.{runtime}"
+    if runtime == "executorch":
+        from torch.export import Dim
+
+        builders.build_xnnpack(Scan(True, k).eval(), ex, path, dynamic_shapes=({}, {0: Dim("n", min=k, max=10**6)}),
+                               alloc_inputs=False)
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(path).load_method("forward")
+        return lambda q, g: method.execute([torch.from_numpy(q), torch.from_numpy(g)])[1].numpy()
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+        from torch.export import Dim
+
+        builders.build_onnx(Scan(False, k).eval(), ex, path, ["q", "gallery"], ["scores", "ids"],
+                            dynamic_shapes=({}, {0: Dim("n", min=k, max=10**6)}))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return lambda q, g: sess.run(["ids"], {"q": q, "gallery": g})[0]
+    from ai_edge_litert.interpreter import Interpreter
+
+    builders.build_tflite(Scan(False, k).eval(), ex, path, ["q", "gallery"])  # traced at 64 rows, resized
+    it = Interpreter(str(path), num_threads=1)
+    ins = {d["name"].split(":")[0].split("_")[-1]: d for d in it.get_input_details()}
+    gi, qi = ins["gallery"]["index"], ins["q"]["index"]
+    state = {}
+
+    def call(q, g):
+        if state.get("rows") != g.shape[0]:
+            it.resize_tensor_input(gi, list(g.shape), strict=False)
+            it.allocate_tensors()
+            state["rows"] = g.shape[0]
+        it.set_tensor(gi, g)
+        it.set_tensor(qi, q)
+        it.invoke()
+        outs = sorted(it.get_output_details(), key=lambda d: d["dtype"] == np.float32)
+        return it.get_tensor(outs[0]["index"])
+    return call
+
+
+def p50_ms(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs + 3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[3:]) * 1000.0)
+
+
+def measure(rows: int, dim: int, runs: int, k: int, folder: Path) -> dict:
+    import faiss
+
+    rng = np.random.default_rng(dim)
+    g = rng.standard_normal((rows, dim), dtype=np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = rng.standard_normal((1, dim), dtype=np.float32)
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    index = faiss.IndexFlatIP(dim)
+    index.add(g)
+    exact = index.search(q, k)[1][0]
+    out = {"rows": rows, "dim": dim, "faiss_flat_ms": None, "programs": {}}
+    calls = {rt: build(rt, dim, k, folder) for rt in ("executorch", "litert", "onnxruntime")}
+    for rt, call in calls.items():
+        ids = np.asarray(call(q, g)).reshape(-1)
+        if not np.array_equal(np.sort(ids), np.sort(exact)):
+            raise AssertionError(f"scan_forms: {rt} top-{k} at N={rows}, D={dim} differs from the exact scan: "
+                                 f"{ids.tolist()} vs {exact.tolist()}")
+    out["faiss_flat_ms"] = round(p50_ms(lambda: index.search(q, k), runs), 3)
+    for rt, call in calls.items():
+        ms = p50_ms(lambda: call(q, g), runs)
+        out["programs"][rt] = {"p50_ms": round(ms, 3), "x_faiss": round(ms / out["faiss_flat_ms"], 2)}
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Search-program scans vs faiss flat, {res['meta']['rows']:,} rows, 1 thread", "",
+             f"- command: `{res['meta']['command']}`", f"- date: {res['meta']['date']}",
+             f"- machine: {res['meta']['machine']}", "- " + __doc__.split("\n\n")[2].replace("\n", " "), "",
+             "| D | faiss flat p50 ms | ExecuTorch XNNPACK | LiteRT | ONNX Runtime |", "|--:|--:|--:|--:|--:|"]
+    for m in res["by_dim"]:
+        cells = [f"{m['programs'][rt]['p50_ms']:.3f} ({m['programs'][rt]['x_faiss']:.2f}x)"
+                 for rt in ("executorch", "litert", "onnxruntime")]
+        lines.append(f"| {m['dim']} | {m['faiss_flat_ms']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mcad.io import machine, now_iso, versions, write_json
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kv = parse_overrides(argv, OPTIONS, types=TYPES).config
+    with tempfile.TemporaryDirectory(prefix="mcad-scan-forms-") as tmp:
+        by_dim = [measure(int(kv["rows"]), int(d), int(kv["runs"]), int(kv["k"]), Path(tmp)) for d in kv["dims"]]
+    res = {"meta": {"command": "python -m mcad.benchmarks.scan_forms " + " ".join(argv), "date": now_iso(),
+                    "machine": machine(), "rows": int(kv["rows"]), "versions": versions()}, "by_dim": by_dim}
+    md = markdown(res)
+    print(md)
+    if str(kv["results"]).lower() != "none":
+        out = Path(kv["results"])
+        write_json(out / "scan_forms.json", res)
+        (out / "scan_forms.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
