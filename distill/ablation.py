@@ -63,7 +63,17 @@ def paired(a: dict[int, dict], b: dict[int, dict], metric) -> dict:
     d = np.array([metric(a[s]) - metric(b[s]) for s in seeds])
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
     return {"per_seed": dict(zip(map(str, seeds), d.tolist())), "mean": float(d.mean()),
-            "stderr": se, "above_2se": bool(len(d) > 1 and d.mean() > 2 * se)}
+            "stderr": se, "above_2se": bool(len(d) > 1 and d.mean() > 2 * se),
+            "below_2se": bool(len(d) > 1 and d.mean() < -2 * se)}
+
+
+def verdict(p: dict) -> str:
+    """The declared rule on one pair a - b: a beats b when the mean difference exceeds twice its
+    standard error, loses when it is below minus twice it, and ties otherwise."""
+    m, se = p["mean"], p["stderr"]
+    if not se == se:  # one seed: no standard error, no verdict
+        return "-"
+    return "> +2 SE (a wins)" if m > 2 * se else "< -2 SE (a loses)" if m < -2 * se else "within ±2 SE (tie)"
 
 
 def markdown(summary: dict, meta: dict) -> str:
@@ -73,16 +83,16 @@ def markdown(summary: dict, meta: dict) -> str:
     for v, row in summary["variants"].items():
         lines.append(f"| {v} | " + " | ".join(f"{row[c]['mean']:.1f} ± {row[c]['std']:.1f}" for c in COLS) + " |")
     lines += ["", "Paired RSUM differences (same seed, same batches, same initialisation):", "",
-              "| pair | per seed | mean | std. error | mean > 2 SE |", "|---|---|---:|---:|---|"]
+              "| pair (a - b) | per seed | mean | std. error | mean vs 2 SE |", "|---|---|---:|---:|---|"]
     for name, p in summary["paired"].items():
         ps = ", ".join(f"{s}: {d:+.1f}" for s, d in p["per_seed"].items())
-        lines.append(f"| {name} | {ps} | {p['mean']:+.1f} | {p['stderr']:.1f} | {'yes' if p['above_2se'] else 'no'} |")
+        lines.append(f"| {name} | {ps} | {p['mean']:+.1f} | {p['stderr']:.1f} | {verdict(p)} |")
     if summary.get("paired_r1"):
         lines += ["", "Paired R@1 differences (mean of image->text and text->image R@1):", "",
-                  "| pair | per seed | mean | std. error | mean > 2 SE |", "|---|---|---:|---:|---|"]
+                  "| pair (a - b) | per seed | mean | std. error | mean vs 2 SE |", "|---|---|---:|---:|---|"]
         for name, p in summary["paired_r1"].items():
             ps = ", ".join(f"{s}: {d:+.1f}" for s, d in p["per_seed"].items())
-            lines.append(f"| {name} | {ps} | {p['mean']:+.1f} | {p['stderr']:.1f} | {'yes' if p['above_2se'] else 'no'} |")
+            lines.append(f"| {name} | {ps} | {p['mean']:+.1f} | {p['stderr']:.1f} | {verdict(p)} |")
     return "\n".join(lines) + "\n"
 
 

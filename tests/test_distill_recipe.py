@@ -93,7 +93,7 @@ def test_mcad_with_the_order_form_two_steps(teachers, synth_root, tmp_path):
 
 
 def test_ablation_summary_paired_differences():
-    from mcad.distill.ablation import markdown, summarize
+    from mcad.distill.ablation import markdown, paired, summarize, verdict
 
     def r(rsum):
         return {c: rsum / 6 for c in ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]} | {"rsum": rsum}
@@ -106,8 +106,14 @@ def test_ablation_summary_paired_differences():
     assert abs(p["stderr"] - 5 / 3 ** 0.5) < 1e-9 and p["above_2se"]
     q = s["paired"]["mcad - dual"]
     assert q["per_seed"] == {"0": 1, "1": -5, "2": 15} and not q["above_2se"]
+    assert not q["below_2se"]
     md = markdown(s, {"seeds": [0, 1, 2], "command": "x", "date": "d", "machine": "m"})
     assert "| dual - none |" in md
+    lines = {ln.split(" | ")[0]: ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert lines["| dual - none"].endswith("| > +2 SE (a wins) |")
+    assert lines["| mcad - dual"].endswith("| within ±2 SE (tie) |")
+    lose = paired({0: r(300), 1: r(310), 2: r(290)}, {0: r(320), 1: r(335), 2: r(305)}, lambda x: x["rsum"])
+    assert lose["below_2se"] and verdict(lose) == "< -2 SE (a loses)"
 
 
 def test_ablation_runs_two_variants(teachers, synth_root, tmp_path):
