@@ -71,7 +71,7 @@ bench: | .venv/.installed
 	$(MCAD) bench device=$(DEVICE) $(if $(RUN),run=$(RUN)) $(ARGS)
 
 # CI's budget gate: the run's cpu export on this machine against benchmarks/budgets.yaml's `gate`
-# entry, whose latency limits are multiples of a calibration kernel timed before each job (a busy
+# entry, whose latency limits are multiples of a calibration kernel timed before and after each job (a busy
 # neighbour slows both; a regression of the student only the job). Exit 1 names the broken budget.
 GATE_ARGS := quick=1 target=cpu galleries=1000,100000 threads=1 peers=none mobile=0 image=0 budget=gate results=none
 # Its budgets were set on the embedded default's student (runs/mcad-student, what `make student`
