@@ -48,39 +48,22 @@ def build(runtime: str, dim: int, k: int, folder: Path):
 
         builders.build_xnnpack(Scan(True, k).eval(), ex, path, dynamic_shapes=({}, {0: Dim("n", min=k, max=10**6)}),
                                alloc_inputs=False)
-        from executorch.runtime import Runtime
+        from executorch.runtime import Runtime  # in process: open_artifact's worker would time its IPC too
 
         method = Runtime.get().load_program(path).load_method("forward")
         return lambda q, g: method.execute([torch.from_numpy(q), torch.from_numpy(g)])[1].numpy()
     if runtime == "onnxruntime":
-        import onnxruntime as ort
         from torch.export import Dim
 
         builders.build_onnx(Scan(False, k).eval(), ex, path, ["q", "gallery"], ["scores", "ids"],
                             dynamic_shapes=({}, {0: Dim("n", min=k, max=10**6)}))
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return lambda q, g: sess.run(["ids"], {"q": q, "gallery": g})[0]
-    from ai_edge_litert.interpreter import Interpreter
+    else:
+        builders.build_tflite(Scan(False, k).eval(), ex, path, ["q", "gallery"])  # traced at 64 rows, resized
+    from mcad.runtimes import open_artifact  # the project's one way to open an artifact
 
-    builders.build_tflite(Scan(False, k).eval(), ex, path, ["q", "gallery"])  # traced at 64 rows, resized
-    it = Interpreter(str(path), num_threads=1)
-    ins = {d["name"].split(":")[0].split("_")[-1]: d for d in it.get_input_details()}
-    gi, qi = ins["gallery"]["index"], ins["q"]["index"]
-    state = {}
-
-    def call(q, g):
-        if state.get("rows") != g.shape[0]:
-            it.resize_tensor_input(gi, list(g.shape), strict=False)
-            it.allocate_tensors()
-            state["rows"] = g.shape[0]
-        it.set_tensor(gi, g)
-        it.set_tensor(qi, q)
-        it.invoke()
-        outs = sorted(it.get_output_details(), key=lambda d: d["dtype"] == np.float32)
-        return it.get_tensor(outs[0]["index"])
-    return call
+    session = open_artifact(path, runtime, threads=1, names=["q", "gallery"])
+    ids = next(i for i, o in enumerate(session.outputs) if "int" in o["dtype"])
+    return lambda q, g: session.run([q, g])[ids]
 
 
 def p50_ms(fn, runs: int) -> float:
