@@ -3,12 +3,13 @@ one process, one thread: the floor under issue 14's "search program <= 1.5x its 
 
   python -m mcad.benchmarks.scan_forms [rows=100000] [dims=64,256] [runs=40] [results=benchmarks/results]
 
-Each program takes a query embedding q [1, D] and a gallery [N, D] as runtime inputs and returns the
-top-10 (scores, ids), built by the exporter's own builders in the form the exporter ships:
-ExecuTorch XNNPACK scores gallery @ q^T (one fully connected layer over the gallery rows, q as its
-one-column weight), LiteRT and ONNX Runtime q @ gallery^T (a fully connected layer / MatMul whose
-weight is the gallery, given at run time, so the runtime repacks or re-reads it in its own layout each
-call). The ids of every program are checked against the exact top-10 before anything is timed.
+Each program takes a query embedding q [1, D] and a gallery as runtime inputs and returns the
+top-10 (scores, ids), built by the exporter's own builders in the form the exporter ships
+(export.programs.SCANS): ExecuTorch XNNPACK scores gallery [N, D] @ q^T (one fully connected layer
+over the gallery rows, q as its one-column weight), LiteRT q @ gallery^T (a fully connected layer
+whose weight is the gallery, given at run time, so the runtime repacks it each call), ONNX Runtime
+q @ gallery with the gallery given as columns [D, N] (a plain GEMM). The ids of every program are
+checked against the exact top-10 before anything is timed.
 Writes scan_forms.{json,md} to `results` (none: only print)."""
 from __future__ import annotations
 
@@ -27,14 +28,16 @@ TYPES = {"dims": list[int]}
 
 
 class Scan(torch.nn.Module):
-    def __init__(self, rows_form: bool, k: int):
+    """The search program's scan and top-k (export.programs.Search without the text encoder)."""
+
+    def __init__(self, scan: str, k: int):
         super().__init__()
-        self.rows_form, self.k = rows_form, k
+        from mcad.export.programs import Search
+
+        self.search = Search(torch.nn.Identity(), k=k, scan=scan)
 
     def forward(self, q, gallery):
-        s = (gallery @ q.transpose(0, 1)).transpose(0, 1) if self.rows_form else q @ gallery.transpose(0, 1)
-        v, i = torch.topk(s, self.k, dim=-1)
-        return v, i
+        return self.search(q, gallery)
 
 
 def build(runtime: str, dim: int, k: int, folder: Path):
@@ -46,24 +49,76 @@ def build(runtime: str, dim: int, k: int, folder: Path):
     if runtime == "executorch":
         from torch.export import Dim
 
-        builders.build_xnnpack(Scan(True, k).eval(), ex, path, dynamic_shapes=({}, {0: Dim("n", min=k, max=10**6)}),
+        builders.build_xnnpack(Scan("rows", k).eval(), ex, path, dynamic_shapes=({}, {0: Dim("n", min=k, max=10**6)}),
                                alloc_inputs=False)
         from executorch.runtime import Runtime  # in process: open_artifact's worker would time its IPC too
 
         method = Runtime.get().load_program(path).load_method("forward")
-        return lambda q, g: method.execute([torch.from_numpy(q), torch.from_numpy(g)])[1].numpy()
+        return lambda q, g, gt=None: method.execute([torch.from_numpy(q), torch.from_numpy(g)])[1].numpy()
     if runtime == "onnxruntime":
         from torch.export import Dim
 
-        builders.build_onnx(Scan(False, k).eval(), ex, path, ["q", "gallery"], ["scores", "ids"],
-                            dynamic_shapes=({}, {0: Dim("n", min=k, max=10**6)}))
+        builders.build_onnx(Scan("columns", k).eval(), (ex[0], ex[1].T.contiguous()), path, ["q", "gallery"],
+                            ["scores", "ids"], dynamic_shapes=({}, {1: Dim("n", min=k, max=10**6)}))
     else:
-        builders.build_tflite(Scan(False, k).eval(), ex, path, ["q", "gallery"])  # traced at 64 rows, resized
+        builders.build_tflite(Scan("rows-t", k).eval(), ex, path, ["q", "gallery"])  # traced at 64 rows, resized
     from mcad.runtimes import open_artifact  # the project's one way to open an artifact
 
     session = open_artifact(path, runtime, threads=1, names=["q", "gallery"])
     ids = next(i for i, o in enumerate(session.outputs) if "int" in o["dtype"])
-    return lambda q, g: session.run([q, g])[ids]
+    if runtime == "onnxruntime":  # the gallery as the program takes it, laid out once (not per query)
+        return lambda q, g, gt=None: session.run([q, gt if gt is not None else g.T.copy()])[ids]
+    return lambda q, g, gt=None: session.run([q, g])[ids]
+
+
+class BoundScan(torch.nn.Module):
+    """The scan with the gallery bound into the program as a weight (a Linear whose rows are the
+    gallery): the runtime packs it once, at load, and each query is one matrix-vector product."""
+
+    def __init__(self, gallery: np.ndarray, k: int):
+        super().__init__()
+        self.scan = torch.nn.Linear(gallery.shape[1], gallery.shape[0], bias=False)
+        with torch.no_grad():
+            self.scan.weight.copy_(torch.from_numpy(gallery))
+        self.k = k
+
+    def forward(self, q):
+        v, i = torch.topk(self.scan(q), self.k, dim=-1)
+        return v, i
+
+
+BOUND = ("executorch-int8", "executorch-fp32", "litert-fp32")
+
+
+def build_bound(form: str, g: np.ndarray, k: int, folder: Path):
+    """(call(q) -> ids) of a program with the gallery g bound in: ExecuTorch XNNPACK fp32, or int8
+    (weights per-row symmetric int8, the query quantized per call: XNNPACK's dynamic-quantized fully
+    connected layer, the PT2E dynamic scheme), LiteRT fp32."""
+    from mcad.export import builders
+
+    m, ex = BoundScan(g, k).eval(), (torch.zeros(1, g.shape[1]),)
+    path = folder / f"bound{g.shape[1]}.{form}"
+    if form.startswith("executorch"):
+        if form == "executorch-int8":
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer, get_symmetric_quantization_config)
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            qz = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+            prepared = prepare_pt2e(torch.export.export(m, ex).module(), qz)
+            prepared(*ex)
+            m = convert_pt2e(prepared)
+        builders.build_xnnpack(m, ex, path)
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(path).load_method("forward")
+        return lambda q: method.execute([torch.from_numpy(q)])[1].numpy()
+    builders.build_tflite(m, ex, path, ["q"])
+    from mcad.runtimes import open_artifact
+
+    session = open_artifact(path, "litert", threads=1, names=["q"])
+    ids = next(i for i, o in enumerate(session.outputs) if "int" in o["dtype"])
+    return lambda q: session.run([q])[ids]
 
 
 def p50_ms(fn, runs: int) -> float:
@@ -95,9 +150,22 @@ def measure(rows: int, dim: int, runs: int, k: int, folder: Path) -> dict:
             raise AssertionError(f"scan_forms: {rt} top-{k} at N={rows}, D={dim} differs from the exact scan: "
                                  f"{ids.tolist()} vs {exact.tolist()}")
     out["faiss_flat_ms"] = round(p50_ms(lambda: index.search(q, k), runs), 3)
+    gt = np.ascontiguousarray(g.T)
     for rt, call in calls.items():
-        ms = p50_ms(lambda: call(q, g), runs)
+        ms = p50_ms(lambda: call(q, g, gt), runs)
         out["programs"][rt] = {"p50_ms": round(ms, 3), "x_faiss": round(ms / out["faiss_flat_ms"], 2)}
+    del calls
+    out["bound"] = {}
+    for form in BOUND:  # one at a time: each holds its packed copy of the gallery
+        call = build_bound(form, g, k, folder)
+        ids = np.asarray(call(q)).reshape(-1)
+        hits = len(set(ids.tolist()) & set(exact.tolist()))
+        if form.endswith("fp32") and hits != k:
+            raise AssertionError(f"scan_forms: bound {form} top-{k} at N={rows}, D={dim} differs from the exact scan")
+        ms = p50_ms(lambda: call(q), runs)
+        out["bound"][form] = {"p50_ms": round(ms, 3), "x_faiss": round(ms / out["faiss_flat_ms"], 2),
+                              "recall_at_k": round(hits / k, 2)}
+        del call
     return out
 
 
@@ -110,6 +178,14 @@ def markdown(res: dict) -> str:
         cells = [f"{m['programs'][rt]['p50_ms']:.3f} ({m['programs'][rt]['x_faiss']:.2f}x)"
                  for rt in ("executorch", "litert", "onnxruntime")]
         lines.append(f"| {m['dim']} | {m['faiss_flat_ms']:.3f} | " + " | ".join(cells) + " |")
+    if any(m.get("bound") for m in res["by_dim"]):
+        lines += ["", "The gallery bound into the program instead (a weight the runtime packs once, at load; each query "
+                  "feeds q only; " + " ".join(build_bound.__doc__.split(": ", 1)[1].split()) + "):", "",
+                  "| D | faiss flat p50 ms | " + " | ".join(BOUND) + " |", "|--:|--:|" + "--:|" * len(BOUND)]
+        for m in res["by_dim"]:
+            cells = [f"{b['p50_ms']:.3f} ({b['x_faiss']:.2f}x, recall@10 {b['recall_at_k']:.2f})"
+                     for b in (m["bound"][f] for f in BOUND)]
+            lines.append(f"| {m['dim']} | {m['faiss_flat_ms']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -78,6 +78,8 @@ class Job:
                 "max_time_s": self.timing.max_time_s}
         if self.mode == "search":
             gallery = {"n": int(self.gallery or 0), "seed": self.seed, "dtype": self.gallery_dtype, "rerank": self.rerank}
+            if self.program == "search":  # the layout the program takes its gallery in (rows | columns)
+                gallery["layout"] = self.artifact.gallery_layout
             if self.gallery_file is not None:
                 gallery["file"] = p(self.gallery_file)
             spec.update({"scorer": self.scorer, "gallery": gallery, "report_queries": self.report_queries,

@@ -230,17 +230,23 @@ class Model:
             self.bound[i] = self.torch.from_numpy(self.bound[i])
         self._shapes = None  # LiteRT: resized and set at the next run
 
-    def bind_rows(self, i: int, n: int, dim: int, chunks, example: list) -> None:
+    def bind_rows(self, i: int, n: int, dim: int, chunks, example: list, layout: str = "rows") -> None:
         """`bind` for a gallery of n x dim float32 rows that arrive in chunks: LiteRT gets them written
         straight into its own input buffer (a separate array first would double the peak by the
         gallery: 102 MB at 100k x 256); the others take one array in place (zero-copy inputs).
-        `example`: the other inputs as a run will feed them (None at i)."""
+        `example`: the other inputs as a run will feed them (None at i). layout="columns": the
+        program takes the gallery as [dim, n] (the manifest's notes.gallery_layout), written so."""
         np = self.np
-        if self.runtime != "litert":
-            g = np.empty((n, dim), dtype=np.float32)
+        if layout not in ("rows", "columns"):
+            raise RunnerError(f"gallery layout {layout!r}: expected rows or columns")
+        if self.runtime != "litert" or layout == "columns":
+            g = np.empty((n, dim) if layout == "rows" else (dim, n), dtype=np.float32)
             pos = 0
             for c in chunks:
-                g[pos:pos + len(c)] = c
+                if layout == "rows":
+                    g[pos:pos + len(c)] = c
+                else:
+                    g[:, pos:pos + len(c)] = c.T
                 pos += len(c)
             return self.bind(i, g)
         shapes = [(n, dim) if j == i else tuple(x.shape) for j, x in enumerate(example)]
@@ -595,16 +601,18 @@ def run_job(spec: dict) -> dict:
             dim = int(spec["embed_dim"])
         elif program == "search":  # the gallery input's last dimension
             shp = model.in_shapes[1] if len(model.in_shapes) > 1 else []
-            if not shp or not isinstance(shp[-1], (int, np.integer)) or int(shp[-1]) <= 0:
+            d_at = 0 if spec["gallery"].get("layout") == "columns" else -1
+            if not shp or not isinstance(shp[d_at], (int, np.integer)) or int(shp[d_at]) <= 0:
                 raise RunnerError("search program: embedding size unknown (give spec.embed_dim)")
-            dim = int(shp[-1])
+            dim = int(shp[d_at])
         else:
             dim = int(model.run([ids_all[:1]])[0].shape[-1])
         t = time.perf_counter()
         gsource = "file" if spec["gallery"].get("file") else "random unit vectors"
         if program == "search":  # the program holds the gallery: given once, each query feeds its ids only
             n = int(spec["gallery"]["n"])
-            model.bind_rows(1, n, dim, gallery_chunks(spec["gallery"], dim), [ids_all[:1], None])
+            model.bind_rows(1, n, dim, gallery_chunks(spec["gallery"], dim), [ids_all[:1], None],
+                            layout=str(spec["gallery"].get("layout") or "rows"))
             result["gallery"] = {"n": n, "dim": dim, "source": gsource, "dtype": "fp32", "rerank": 0, "bytes": n * dim * 4}
         else:
             scorer = Scorer(scorer_kind, spec["gallery"], k, dim)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcad.artifacts import MANIFEST, Artifact, ExportManifest, Tensor
+from mcad.artifacts import MANIFEST, Artifact, ExportManifest, Tensor, gallery_input
 from mcad.export import folder
 from mcad.export import parity as P
 from mcad.export.programs import INPUT_NAMES, NAMES, OUTPUT_NAMES, ROLES, SEARCH_K, example_inputs, program
@@ -258,12 +258,14 @@ class Exporter:
             raise ValueError(f"{self.test.source}: {len(self.gallery)} test images, the search program's parity "
                              f"needs >= {SEARCH_K}: give a data set with more, or roles=text,image")
 
-    def inputs(self, role: str) -> list[list[np.ndarray]]:
+    def inputs(self, role: str, layout: str | None = None) -> list[list[np.ndarray]]:
+        """The held-out inputs of a program; a search program's gallery in its `layout`."""
         if role == "text":
             return [[self.test.ids[i:i + 1]] for i in range(len(self.test.ids))]
         if role == "image":
             return [[self.test.pixels[i:i + 1]] for i in range(len(self.test.pixels))]
-        return [[self.test.ids[i:i + 1], self.gallery] for i in self.q_idx]
+        g = gallery_input(self.gallery, layout)
+        return [[self.test.ids[i:i + 1], g] for i in self.q_idx]
 
     # -- building -----------------------------------------------------------------------------
     def _write(self, role: str, backend: str, build, quantization: str, **notes) -> Built:
@@ -297,15 +299,15 @@ class Exporter:
                                  progress=self.opts.progress, desc=f"calibrate {backend} {r}")
                 for r in need}
 
-    def _programs(self, cores, rows: bool = False):
-        """`rows`: the search program's scan in the gallery-rows form (XNNPACK; export.programs.Search)."""
+    def _programs(self, cores, scan: str = "rows-t"):
+        """`scan`: the search program's scan form for the runtime (export.programs.SCANS)."""
         text, image = cores.get("text", (None,))[0], cores.get("image", (None,))[0]
-        return {r: program(r, text, image, rows=rows) for r in self.roles}
+        return {r: program(r, text, image, scan=scan) for r in self.roles}
 
-    def _float_programs(self):
+    def _float_programs(self, scan: str = "rows-t"):
         from mcad.quantize.pt2e import Core
 
-        return self._programs({r: (Core(self.encoders[r]).eval(), None) for r in self._needed()})
+        return self._programs({r: (Core(self.encoders[r]).eval(), None) for r in self._needed()}, scan=scan)
 
     def _scheme(self, kind: str) -> str:
         from mcad.quantize import onnx_quant, pt2e, tflite_quant
@@ -319,19 +321,19 @@ class Exporter:
             return tflite_quant.scheme(keep, self.opts.npu_activation_bits)
         return pt2e.scheme(kind, keep)
 
-    def _dyn(self):
+    def _dyn(self, layout: str = "rows"):
         from torch.export import Dim
 
-        return ({}, {0: Dim("n", min=SEARCH_K, max=int(self.opts.max_gallery))})
+        return ({}, {1 if layout == "columns" else 0: Dim("n", min=SEARCH_K, max=int(self.opts.max_gallery))})
 
-    def _example(self, role: str, gallery: int = 64):
-        return example_inputs(self.towers, role, gallery)
+    def _example(self, role: str, gallery: int = 64, layout: str = "rows"):
+        return example_inputs(self.towers, role, gallery, layout)
 
     def build_xnnpack(self) -> None:
         from mcad.export.builders import build_xnnpack
 
         cores = self._cores("xnnpack")
-        progs = self._programs(cores, rows=True)
+        progs = self._programs(cores, scan="rows")
         for role in self.roles:
             ex = self._example(role)
             dyn = self._dyn() if role == "search" else None
@@ -397,10 +399,10 @@ class Exporter:
         from mcad.quantize import onnx_quant, pt2e
         from mcad.quantize.onnx_quant import quantize_onnx
 
-        float_progs = self._float_programs()
+        float_progs = self._float_programs(scan="columns")  # the gallery input is [D, N]: see SCANS
         for role in self.roles:
-            ex = self._example(role)
-            dyn = self._dyn() if role == "search" else None
+            ex = self._example(role, layout="columns")
+            dyn = self._dyn("columns") if role == "search" else None
 
             def build(p, role=role, ex=ex, dyn=dyn):
                 if self.opts.precision == "fp32":
@@ -410,7 +412,7 @@ class Exporter:
                 try:
                     build_onnx(float_progs[role], ex, fp, INPUT_NAMES[role], OUTPUT_NAMES[role], dynamic_shapes=dyn)
                     calib = {"text": lambda: {"ids": self.calib.ids}, "image": lambda: {"pixels": self.calib.pixels},
-                             "search": lambda: {"ids": self.calib.ids, "gallery": self.calib_gallery}}[role]()
+                             "search": lambda: {"ids": self.calib.ids, "gallery": self.calib_gallery.T.copy()}}[role]()
                     used.update(quantize_onnx(fp, p, calib, self.keep_opt, method=self.opts.onnx_calibration))
                 finally:
                     if fp.exists():
@@ -418,7 +420,8 @@ class Exporter:
 
             used: dict = {}
             art = self._write(role, "onnx", build, self._scheme("onnx"),
-                              gallery_rows=[SEARCH_K, None] if role == "search" else None)
+                              gallery_rows=[SEARCH_K, None] if role == "search" else None,
+                              gallery_layout="columns" if role == "search" else None)
             if used.get("fallback"):  # the manifest says which ranges the artifact really has
                 art.quantization = onnx_quant.scheme(pt2e.parse_keep(self.keep_opt, "onnx"), used["method"])
                 art.notes["calibration_fallback"] = used["fallback"]
@@ -493,7 +496,7 @@ class Exporter:
         with ExecuTorchWorker() as worker:  # one child process for every .pte (started when needed)
             for a in self.artifacts:
                 if a.runtime in HOST_RUNTIMES:
-                    a.outputs, a.meta = run_artifact(a.path, self.inputs(a.role), a.runtime,
+                    a.outputs, a.meta = run_artifact(a.path, self.inputs(a.role, a.notes.get("gallery_layout")), a.runtime,
                                                      names=INPUT_NAMES[a.role], worker=worker)
 
     def check(self) -> dict:
@@ -576,7 +579,8 @@ class Exporter:
         ins = [Tensor(n, list(x["shape"]), x["dtype"], x.get("quantization")) for x, n in zip(ins, INPUT_NAMES[a.role])]
         outs = [Tensor(n, list(x["shape"]), x["dtype"], x.get("quantization")) for x, n in zip(outs, OUTPUT_NAMES[a.role])]
         if a.role == "search":
-            ins[1].shape = ["N", self.towers.embed_dim]
+            D = self.towers.embed_dim
+            ins[1].shape = [D, "N"] if a.notes.get("gallery_layout") == "columns" else ["N", D]
         return ins, outs
 
     def _reported(self, a: Built) -> dict:

@@ -36,37 +36,53 @@ class ImageProgram(nn.Module):
         return l2_normalize(self.core(pixels))
 
 
+# How each runtime reads a gallery given at run time fastest (benchmarks/results/scan_forms.md):
+# "rows": gallery [N, D] scored as gallery @ q^T (XNNPACK runs it as one fully connected layer over
+# the gallery rows, read in place; q @ gallery^T packs the whole gallery each query, 4-13x slower);
+# "rows-t": gallery [N, D], q @ gallery^T (LiteRT: the rows form's reshape cannot be resized; the
+# NPU backends); "columns": gallery [D, N] (the rows transposed once, when the gallery is bound),
+# q @ gallery (ONNX Runtime: a plain GEMM at ~1x faiss's flat scan, where q @ gallery^T cost 2.7x).
+SCANS = ("rows", "rows-t", "columns")
+
+
+def gallery_layout(scan: str) -> str:
+    """The layout of the gallery input a scan form takes: rows [N, D] or columns [D, N]."""
+    return "columns" if scan == "columns" else "rows"
+
+
 class Search(nn.Module):
-    """ids int64 [1, L], gallery float32 [N, D] (unit rows) -> scores float32 [1, k], indices
-    int64 [1, k]: the k best gallery rows by cosine to the query, best first.
+    """ids int64 [1, L], gallery float32 [N, D] (unit rows; [D, N] for scan="columns") -> scores
+    float32 [1, k], indices int64 [1, k]: the k best gallery rows by cosine to the query, best first."""
 
-    `rows=True` scores as gallery @ q^T ([N, D] x [D, 1], the gallery read in place), the form
-    ExecuTorch's XNNPACK delegate runs as one fully connected layer over the gallery rows (2.3 ms at
-    100k x 64 against 7.8 ms for q @ gallery^T, whose transpose copies the gallery each query);
-    LiteRT and ONNX Runtime take q @ gallery^T (LiteRT cannot resize the other form's reshape)."""
-
-    def __init__(self, text_core: nn.Module, k: int = SEARCH_K, rows: bool = False):
+    def __init__(self, text_core: nn.Module, k: int = SEARCH_K, scan: str = "rows-t"):
         super().__init__()
+        if scan not in SCANS:
+            raise ValueError(f"search scan {scan!r}: expected one of {', '.join(SCANS)}")
         self.core = text_core
         self.k = int(k)
-        self.rows = bool(rows)
+        self.scan = scan
 
     def forward(self, ids: torch.Tensor, gallery: torch.Tensor):
         q = l2_normalize(self.core(ids))
-        scores = (gallery @ q.transpose(0, 1)).transpose(0, 1) if self.rows else q @ gallery.transpose(0, 1)
+        if self.scan == "rows":
+            scores = (gallery @ q.transpose(0, 1)).transpose(0, 1)
+        elif self.scan == "columns":
+            scores = q @ gallery
+        else:
+            scores = q @ gallery.transpose(0, 1)
         values, indices = torch.topk(scores, self.k, dim=-1)
         return values, indices
 
 
 def program(role: str, text_core: nn.Module | None = None, image_core: nn.Module | None = None,
-            rows: bool = False) -> nn.Module:
+            scan: str = "rows-t") -> nn.Module:
     m = TextProgram(text_core) if role == "text" else ImageProgram(image_core) if role == "image" else \
-        Search(text_core, rows=rows)
+        Search(text_core, scan=scan)
     m.training = False  # the wrapper only: .eval() would recurse into a converted PT2E graph, which refuses it
     return m
 
 
-def example_inputs(towers, role: str, gallery_size: int = 64):
+def example_inputs(towers, role: str, gallery_size: int = 64, layout: str = "rows"):
     """Batch-1 example inputs (what is traced; the gallery's row count is a dynamic dim where the
     backend allows it). `towers`: export.towers.Towers, or a DualEncoder."""
     L, S, D = towers.context_length, towers.image_size, towers.embed_dim
@@ -78,7 +94,7 @@ def example_inputs(towers, role: str, gallery_size: int = 64):
     if role == "text":
         return (ids,)
     g = l2_normalize(torch.randn(max(gallery_size, SEARCH_K), D, generator=torch.Generator().manual_seed(0)))
-    return (ids, g)
+    return (ids, g.T.contiguous() if layout == "columns" else g)
 
 
 def brute_force_topk(query: torch.Tensor, gallery: torch.Tensor, k: int = SEARCH_K):

@@ -18,6 +18,22 @@ ROLES = ("text", "image", "search")
 DYNAMIC = "N"  # a dimension the artifact takes at any size
 
 
+GALLERY_LAYOUTS = ("rows", "columns")  # a search program's gallery input: [N, D] or [D, N]
+
+
+def gallery_input(rows, layout: str | None):
+    """A search program's gallery input made from the gallery's unit rows [N, D], in the layout
+    the program takes (its notes.gallery_layout; absent = rows): columns is the transpose, made once
+    when the gallery is given, so the runtime scans it as a plain matrix product (export.programs.SCANS)."""
+    import numpy as np
+
+    if layout in (None, "rows"):
+        return rows
+    if layout != "columns":
+        raise ManifestError(f"gallery layout {layout!r}: expected one of {', '.join(GALLERY_LAYOUTS)}")
+    return np.ascontiguousarray(np.asarray(rows).T)
+
+
 class ManifestError(ValueError):
     """A manifest that cannot be read as this version of the type (one line, names the file)."""
 
@@ -97,6 +113,11 @@ class Artifact:
         if isinstance(rows, (list, tuple)) and len(rows) == 2:
             return tuple(None if r is None else int(r) for r in rows)  # type: ignore[return-value]
         return (None, None)
+
+    @property
+    def gallery_layout(self) -> str:
+        """rows ([N, D]) or columns ([D, N]): how this search program takes its gallery."""
+        return str(self.notes.get("gallery_layout") or "rows")
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {"name": self.name, "role": self.role, "runtime": self.runtime, "backend": self.backend,

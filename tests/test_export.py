@@ -76,13 +76,16 @@ def cpu_export(trained_run, synth_root):
     return _export(trained_run, synth_root, target="cpu")
 
 
-def _golden_runs(out, role):
+def _golden_runs(out, role, layout=None):
+    from mcad.artifacts import gallery_input
+
     z = np.load(out / "golden.npz")
     if role == "text":
         return [[z["ids"][i:i + 1]] for i in range(len(z["ids"]))]
     if role == "image":
         return [[z["pixels"][i:i + 1]] for i in range(len(z["pixels"]))]
-    return [[z["ids"][i:i + 1], z["gallery"]] for i in range(len(z["ids"]))]
+    g = gallery_input(z["gallery"], layout)  # as the program takes it (notes.gallery_layout)
+    return [[z["ids"][i:i + 1], g] for i in range(len(z["ids"]))]
 
 
 def _phone_runner(artifact, runs, tmp_path):
@@ -119,7 +122,7 @@ def _check_runner_agrees_with_host(out, tmp_path):
     assert m.artifacts
     with ExecuTorchWorker(threads=1) as worker:
         for a in m.artifacts:
-            runs = _golden_runs(out, a.role)
+            runs = _golden_runs(out, a.role, a.gallery_layout)
             host, spec = run_artifact(a.path, runs, a.runtime, names=[t.name for t in a.inputs], worker=worker)
             phone = _phone_runner(a, runs, tmp_path)
             assert len(phone) == len(host[0]) == len(a.outputs), a.file
@@ -155,7 +158,10 @@ def test_cpu_manifest(cpu_export, trained_run):
         assert "int8" in a["quantization"] and a["inputs"] and a["outputs"]
         if a["role"] == "search":
             assert [i["name"] for i in a["inputs"]] == ["ids", "gallery"]
-            assert a["inputs"][1]["shape"] == ["N", 64] and a["k"] == 10
+            # ONNX Runtime scans a [D, N] gallery at ~1x faiss, [N, D] at 2.7x (export.programs.SCANS)
+            columns = a["runtime"] == "onnxruntime"
+            assert a.get("notes", {}).get("gallery_layout", "rows") == ("columns" if columns else "rows")
+            assert a["inputs"][1]["shape"] == ([64, "N"] if columns else ["N", 64]) and a["k"] == 10
             assert [o["shape"] for o in a["outputs"]] == [[1, 10], [1, 10]]
             assert a["outputs"][1]["dtype"] == "int64"
         else:
@@ -200,18 +206,20 @@ def test_golden_npz(cpu_export, trained_run):
 
 
 def test_search_program_runs_any_gallery_size(cpu_export, trained_run):
-    """The shipped search programs take a gallery of any row count (>= k)."""
+    """The shipped search programs take a gallery of any row count (>= k), in their layout."""
+    from mcad.artifacts import gallery_input, load_manifest
     from mcad.runtimes import open_artifact
 
     out = trained_run / "export" / "cpu"
     z = np.load(out / "golden.npz")
     q = z["ids"][:1]
+    layouts = {a.file: a.gallery_layout for a in load_manifest(out).artifacts}
     for name in ("search.xnnpack.int8.pte", "search.int8.onnx", "search.int8.tflite"):
         with open_artifact(out / name, names=["ids", "gallery"]) as s:
             for n in (37, 64, 10):  # resized up and down, in one session
                 g = z["gallery"][:n]
                 ref = np.argsort(-(g @ z["text_emb"][0]))[:10]
-                scores, idx = s.run([q, g])
+                scores, idx = s.run([q, gallery_input(g, layouts[name])])
                 assert idx.dtype == np.int64 and scores.dtype == np.float32, name
                 assert idx.shape == (1, 10) and len(set(idx[0].tolist())) == 10 and idx.max() < n, (name, n)
                 assert len(set(idx[0].tolist()) & set(ref.tolist())) >= 8, (name, n)  # int8 query vs fp32

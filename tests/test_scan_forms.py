@@ -18,6 +18,9 @@ def test_scan_forms_exact_and_written(tmp_path):
     assert m["dim"] == 8 and m["rows"] == 300 and m["faiss_flat_ms"] > 0
     assert set(m["programs"]) == {"executorch", "litert", "onnxruntime"}
     assert all(p["p50_ms"] > 0 for p in m["programs"].values())
+    assert set(m["bound"]) == {"executorch-int8", "executorch-fp32", "litert-fp32"}
+    assert m["bound"]["executorch-fp32"]["recall_at_k"] == m["bound"]["litert-fp32"]["recall_at_k"] == 1.0
+    assert m["bound"]["executorch-int8"]["recall_at_k"] >= 0.7  # int8 rows, int8 query, 8 dims
     assert "| 8 |" in (tmp_path / "scan_forms.md").read_text()
 
 
