@@ -100,6 +100,9 @@ def search_program_misfit(a, g: int) -> str | None:
     """Why a search program cannot take a gallery of g rows (None: it can, or it is an encoder)."""
     if a.role != "search":
         return None
+    bound = a.notes.get("gallery_bound")
+    if bound:
+        return None if int(bound["n"]) == g else f"search program holds a gallery of {bound['n']} rows (bound at export)"
     shp = a.input_shape(1)
     n_fixed = shp[0] if shp and isinstance(shp[0], int) and shp[0] > 0 else None
     lo, hi = a.gallery_rows()

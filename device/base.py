@@ -80,6 +80,8 @@ class Job:
             gallery = {"n": int(self.gallery or 0), "seed": self.seed, "dtype": self.gallery_dtype, "rerank": self.rerank}
             if self.program == "search":  # the layout the program takes its gallery in (rows | columns)
                 gallery["layout"] = self.artifact.gallery_layout
+                if self.artifact.notes.get("gallery_bound"):  # the program holds its gallery: none to give
+                    gallery["bound"] = dict(self.artifact.notes["gallery_bound"])
             if self.gallery_file is not None:
                 gallery["file"] = p(self.gallery_file)
             spec.update({"scorer": self.scorer, "gallery": gallery, "report_queries": self.report_queries,

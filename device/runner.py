@@ -597,7 +597,10 @@ def run_job(spec: dict) -> dict:
         if ids_all is None:
             ids_all = np.concatenate([tok.encode(t) for t in texts])
         ids_all = ids_all.astype(np.int64, copy=False)
-        if spec.get("embed_dim"):
+        bound = spec["gallery"].get("bound") if program == "search" else None
+        if bound:
+            dim = int(bound["dim"])
+        elif spec.get("embed_dim"):
             dim = int(spec["embed_dim"])
         elif program == "search":  # the gallery input's last dimension
             shp = model.in_shapes[1] if len(model.in_shapes) > 1 else []
@@ -609,7 +612,12 @@ def run_job(spec: dict) -> dict:
             dim = int(model.run([ids_all[:1]])[0].shape[-1])
         t = time.perf_counter()
         gsource = "file" if spec["gallery"].get("file") else "random unit vectors"
-        if program == "search":  # the program holds the gallery: given once, each query feeds its ids only
+        if bound:  # bound into the program at export (export.bound): nothing to give
+            if int(bound["n"]) != int(spec["gallery"]["n"]):
+                raise RunnerError(f"search program holds a gallery of {bound['n']} rows, the job asks for {spec['gallery']['n']}")
+            result["gallery"] = {"n": int(bound["n"]), "dim": dim, "source": "bound in the program",
+                                 "dtype": bound.get("dtype", "fp32"), "rerank": 0, "bytes": int(bound.get("bytes") or 0)}
+        elif program == "search":  # the program holds the gallery: given once, each query feeds its ids only
             n = int(spec["gallery"]["n"])
             model.bind_rows(1, n, dim, gallery_chunks(spec["gallery"], dim), [ids_all[:1], None],
                             layout=str(spec["gallery"].get("layout") or "rows"))
@@ -629,7 +637,7 @@ def run_job(spec: dict) -> dict:
             if not use_tok_ids or ids is None:
                 ids = ids_all[i % len(ids_all)][None]
             if program == "search":
-                outs = model.run([ids, None])
+                outs = model.run([ids] if bound else [ids, None])
                 top = outs[-1][0]
                 t2 = t3 = time.perf_counter()
             else:

@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_other_loggers()
     opts = options(parse_args(argv))
     from mcad.export.parity import table
-    from mcad.export.pipeline import export
+    from mcad.export.pipeline import default_out, export
 
     manifest = export(opts)
-    out = Path(manifest["run"]) / "export" / opts.target if opts.out is None else Path(opts.out)
+    out = default_out(Path(manifest["run"]), opts) if opts.out is None else Path(opts.out)
     print(f"wrote {out}/ ({len(manifest['artifacts'])} artifacts)")
     for a in manifest["artifacts"]:
         print(f"  {a['file']:<44} {a['backend']:<8} {a['runtime']:<12} {a['bytes'] / 1024:8.1f} KiB")

@@ -85,6 +85,10 @@ class Options:
     npu_activation_bits: int = 16   # full-integer TFLite activations: 16 (A16W8, NeuroPilot/HTP) or 8 (A8W8)
     backends: tuple[str, ...] | None = None  # subset of the target's plan (tests)
     roles: tuple[str, ...] = ROLES            # subset of text, image, search (tests)
+    # bind this gallery (.npy of unit rows [N, D], or an `mcad index` folder) into the XNNPACK and
+    # LiteRT search programs (export.bound); default out: runs/<name>/export/<target>-bound
+    gallery: str | Path | None = None
+    bound_dtype: str = "int8"       # ExecuTorch's bound gallery: int8 | fp32 (LiteRT binds fp32)
     seed: int = 0
     progress: bool = True
 
@@ -218,7 +222,16 @@ class Exporter:
         self.missing = check_sdks(opts)
         if opts.out is None and self.run is None:
             raise ValueError("out= is needed when no run folder is exported")
-        self.out = Path(opts.out) if opts.out is not None else self.run / "export" / opts.target
+        self.bound = None
+        if opts.bound_dtype not in ("int8", "fp32"):
+            raise ValueError(f"bound_dtype={opts.bound_dtype!r}: expected int8 or fp32")
+        if opts.gallery:
+            from mcad.export.bound import load_gallery
+
+            if "search" not in self.roles:
+                raise ValueError(f"gallery={opts.gallery}: binds a gallery into the search programs, and roles= has none")
+            self.bound = load_gallery(opts.gallery, towers.embed_dim)
+        self.out = Path(opts.out) if opts.out is not None else default_out(self.run, opts)
         self.previous = folder.claim(self.out, self.planned_files())  # a user's folder: refused before any work
         self.artifacts: list[Built] = []
         self.skipped: list[dict] = []
@@ -258,12 +271,15 @@ class Exporter:
             raise ValueError(f"{self.test.source}: {len(self.gallery)} test images, the search program's parity "
                              f"needs >= {SEARCH_K}: give a data set with more, or roles=text,image")
 
-    def inputs(self, role: str, layout: str | None = None) -> list[list[np.ndarray]]:
-        """The held-out inputs of a program; a search program's gallery in its `layout`."""
+    def inputs(self, role: str, layout: str | None = None, bound: bool = False) -> list[list[np.ndarray]]:
+        """The held-out inputs of a program; a search program's gallery in its `layout`, none when
+        the program holds it (`bound`)."""
         if role == "text":
             return [[self.test.ids[i:i + 1]] for i in range(len(self.test.ids))]
         if role == "image":
             return [[self.test.pixels[i:i + 1]] for i in range(len(self.test.pixels))]
+        if bound:
+            return [[self.test.ids[i:i + 1]] for i in self.q_idx]
         g = gallery_input(self.gallery, layout)
         return [[self.test.ids[i:i + 1], g] for i in self.q_idx]
 
@@ -299,10 +315,29 @@ class Exporter:
                                  progress=self.opts.progress, desc=f"calibrate {backend} {r}")
                 for r in need}
 
-    def _programs(self, cores, scan: str = "rows-t"):
-        """`scan`: the search program's scan form for the runtime (export.programs.SCANS)."""
+    def _programs(self, cores, scan: str = "rows-t", backend: str | None = None):
+        """`scan`: the search program's scan form for the runtime (export.programs.SCANS); with a
+        gallery to bind (gallery=), `backend`'s search program holds it (export.bound.BOUND_DTYPE)."""
+        from mcad.export.bound import bound_dtype, gallery_scan
+
         text, image = cores.get("text", (None,))[0], cores.get("image", (None,))[0]
-        return {r: program(r, text, image, scan=scan) for r in self.roles}
+        bound = None
+        dtype = bound_dtype(backend or "", self.opts.bound_dtype)
+        if self.bound is not None and dtype is not None and "search" in self.roles:
+            bound = gallery_scan(self.bound.rows, dtype)
+        return {r: program(r, text, image, scan=scan, bound=bound) for r in self.roles}
+
+    def _bound_notes(self, role: str, backend: str) -> dict:
+        """Manifest notes of a search program with the gallery bound in (none for the others)."""
+        from mcad.export.bound import bound_dtype
+
+        dtype = bound_dtype(backend, self.opts.bound_dtype)
+        if role != "search" or self.bound is None or dtype is None:
+            return {}
+        return {"gallery_bound": self.bound.record(dtype)}
+
+    def _bound_example(self, role: str, example):
+        return example[:1] if role == "search" and self.bound is not None else example
 
     def _float_programs(self, scan: str = "rows-t"):
         from mcad.quantize.pt2e import Core
@@ -333,13 +368,15 @@ class Exporter:
         from mcad.export.builders import build_xnnpack
 
         cores = self._cores("xnnpack")
-        progs = self._programs(cores, scan="rows")
+        progs = self._programs(cores, scan="rows", backend="xnnpack")
         for role in self.roles:
-            ex = self._example(role)
-            dyn = self._dyn() if role == "search" else None
-            self._write(role, "xnnpack", lambda p, m=progs[role], e=ex, d=dyn, r=role:
-                        build_xnnpack(m, e, p, dynamic_shapes=d, alloc_inputs=r != "search"),
-                        self._scheme("xnnpack"), gallery_rows=[SEARCH_K, self.opts.max_gallery] if role == "search" else None)
+            ex = self._bound_example(role, self._example(role))
+            run_gallery = role == "search" and len(ex) == 2
+            dyn = self._dyn() if run_gallery else None
+            self._write(role, "xnnpack", lambda p, m=progs[role], e=ex, d=dyn, g=run_gallery:
+                        build_xnnpack(m, e, p, dynamic_shapes=d, alloc_inputs=not g),
+                        self._scheme("xnnpack"), gallery_rows=[SEARCH_K, self.opts.max_gallery] if run_gallery else None,
+                        **self._bound_notes(role, "xnnpack"))
 
     def build_qnn(self) -> None:
         from mcad.export.builders import build_qnn
@@ -430,14 +467,16 @@ class Exporter:
         from mcad.export.builders import build_tflite
 
         cores = self._cores("litert")
-        progs = self._programs(cores)
+        progs = self._programs(cores, backend="tflite")
         for role in self.roles:
-            ex = self._example(role, self.opts.fixed_gallery)
+            ex = self._bound_example(role, self._example(role, self.opts.fixed_gallery))
+            run_gallery = role == "search" and len(ex) == 2
             self._write(role, "tflite", lambda p, m=progs[role], e=ex, r=role, q=cores["text" if role == "search" else role][1]:
-                        build_tflite(m, e, p, INPUT_NAMES[r], pt2e_quantizer=q),
+                        build_tflite(m, e, p, INPUT_NAMES[r][:len(e)], pt2e_quantizer=q),
                         self._scheme("litert"),
-                        gallery_rows=[SEARCH_K, None] if role == "search" else None,
-                        note="traced with a fixed gallery; resize_tensor_input to any N >= 10" if role == "search" else None)
+                        gallery_rows=[SEARCH_K, None] if run_gallery else None,
+                        note="traced with a fixed gallery; resize_tensor_input to any N >= 10" if run_gallery else None,
+                        **self._bound_notes(role, "tflite"))
 
     def build_tflite_full(self) -> None:
         from mcad.export.builders import build_tflite
@@ -496,8 +535,10 @@ class Exporter:
         with ExecuTorchWorker() as worker:  # one child process for every .pte (started when needed)
             for a in self.artifacts:
                 if a.runtime in HOST_RUNTIMES:
-                    a.outputs, a.meta = run_artifact(a.path, self.inputs(a.role, a.notes.get("gallery_layout")), a.runtime,
-                                                     names=INPUT_NAMES[a.role], worker=worker)
+                    bound = "gallery_bound" in a.notes
+                    a.outputs, a.meta = run_artifact(a.path, self.inputs(a.role, a.notes.get("gallery_layout"), bound),
+                                                     a.runtime, names=INPUT_NAMES[a.role][:1 if bound else None],
+                                                     worker=worker)
 
     def check(self) -> dict:
         from mcad.retrieval import retrieval_metrics
@@ -527,8 +568,11 @@ class Exporter:
             idx = np.concatenate([o[1] for o in a.outputs]).astype(np.int64)
             text = emb.get(a.notes["group"], {}).get("text")
             q_same = text[self.q_idx] if text is not None else None
-            s = P.search_check(idx, scores, q_same, self.ref["text"][self.q_idx], self.gallery,
-                               shared_query=a.notes["group"] != "tflite_full")
+            bound = a.notes.get("gallery_bound")
+            s = P.search_check(idx, scores, q_same, self.ref["text"][self.q_idx],
+                               self.bound.rows if bound else self.gallery,
+                               shared_query=a.notes["group"] != "tflite_full",
+                               int8_gallery=bool(bound) and bound["dtype"] == "int8")
             out["artifacts"][a.path.name].update({"search": s, "pass": s["pass"]})
         for group, e in emb.items():
             if "text" in e and "image" in e:
@@ -578,7 +622,7 @@ class Exporter:
                 [{"shape": [1, SEARCH_K], "dtype": "float32"}, {"shape": [1, SEARCH_K], "dtype": "int64"}]
         ins = [Tensor(n, list(x["shape"]), x["dtype"], x.get("quantization")) for x, n in zip(ins, INPUT_NAMES[a.role])]
         outs = [Tensor(n, list(x["shape"]), x["dtype"], x.get("quantization")) for x, n in zip(outs, OUTPUT_NAMES[a.role])]
-        if a.role == "search":
+        if a.role == "search" and len(ins) > 1:
             D = self.towers.embed_dim
             ins[1].shape = [D, "N"] if a.notes.get("gallery_layout") == "columns" else ["N", D]
         return ins, outs
@@ -671,6 +715,12 @@ class Exporter:
         # only now, with the new record in place: what the previous export wrote and this one did not
         folder.clean(self.out, self.previous, folder.recorded(self.out) or set())
         return manifest
+
+
+def default_out(run: Path, opts: Options) -> Path:
+    """runs/<name>/export/<target>, or <target>-bound for an export with a gallery bound in (so the
+    target's general export, which takes any gallery, stays as it is)."""
+    return Path(run) / "export" / (opts.target + ("-bound" if opts.gallery else ""))
 
 
 def export(opts: Options) -> dict:

@@ -74,10 +74,26 @@ class Search(nn.Module):
         return values, indices
 
 
+class BoundSearch(nn.Module):
+    """ids int64 [1, L] -> scores float32 [1, k], indices int64 [1, k] over the gallery bound into
+    `scan` (q [1, D] -> scores [1, N]; export.bound): no gallery input, the runtime packs it at load."""
+
+    def __init__(self, text_core: nn.Module, scan: nn.Module, k: int = SEARCH_K):
+        super().__init__()
+        self.core = text_core
+        self.scan = scan
+        self.k = int(k)
+
+    def forward(self, ids: torch.Tensor):
+        values, indices = torch.topk(self.scan(l2_normalize(self.core(ids))), self.k, dim=-1)
+        return values, indices
+
+
 def program(role: str, text_core: nn.Module | None = None, image_core: nn.Module | None = None,
-            scan: str = "rows-t") -> nn.Module:
+            scan: str = "rows-t", bound: nn.Module | None = None) -> nn.Module:
+    """`bound`: a gallery scan module (export.bound.gallery_scan) to bind into the search program."""
     m = TextProgram(text_core) if role == "text" else ImageProgram(image_core) if role == "image" else \
-        Search(text_core, scan=scan)
+        BoundSearch(text_core, bound) if bound is not None else Search(text_core, scan=scan)
     m.training = False  # the wrapper only: .eval() would recurse into a converted PT2E graph, which refuses it
     return m
 

@@ -76,7 +76,7 @@ def cpu_export(trained_run, synth_root):
     return _export(trained_run, synth_root, target="cpu")
 
 
-def _golden_runs(out, role, layout=None):
+def _golden_runs(out, role, layout=None, bound=False):
     from mcad.artifacts import gallery_input
 
     z = np.load(out / "golden.npz")
@@ -84,6 +84,8 @@ def _golden_runs(out, role, layout=None):
         return [[z["ids"][i:i + 1]] for i in range(len(z["ids"]))]
     if role == "image":
         return [[z["pixels"][i:i + 1]] for i in range(len(z["pixels"]))]
+    if bound:  # the program holds its gallery (export.bound)
+        return [[z["ids"][i:i + 1]] for i in range(len(z["ids"]))]
     g = gallery_input(z["gallery"], layout)  # as the program takes it (notes.gallery_layout)
     return [[z["ids"][i:i + 1], g] for i in range(len(z["ids"]))]
 
@@ -122,7 +124,7 @@ def _check_runner_agrees_with_host(out, tmp_path):
     assert m.artifacts
     with ExecuTorchWorker(threads=1) as worker:
         for a in m.artifacts:
-            runs = _golden_runs(out, a.role, a.gallery_layout)
+            runs = _golden_runs(out, a.role, a.gallery_layout, bound="gallery_bound" in a.notes)
             host, spec = run_artifact(a.path, runs, a.runtime, names=[t.name for t in a.inputs], worker=worker)
             phone = _phone_runner(a, runs, tmp_path)
             assert len(phone) == len(host[0]) == len(a.outputs), a.file
@@ -223,6 +225,78 @@ def test_search_program_runs_any_gallery_size(cpu_export, trained_run):
                 assert idx.dtype == np.int64 and scores.dtype == np.float32, name
                 assert idx.shape == (1, 10) and len(set(idx[0].tolist())) == 10 and idx.max() < n, (name, n)
                 assert len(set(idx[0].tolist()) & set(ref.tolist())) >= 8, (name, n)  # int8 query vs fp32
+
+
+@pytest.fixture(scope="session")
+def bound_export(cpu_export, trained_run, synth_root, tmp_path_factory):
+    """`gallery=`: the search programs with a gallery bound in (the golden file's 100 real image
+    embeddings of the trained run), ExecuTorch int8 and LiteRT fp32; ONNX keeps its run-time gallery."""
+    gal = tmp_path_factory.mktemp("bound") / "gallery.npy"
+    np.save(gal, np.load(trained_run / "export" / "cpu" / "golden.npz")["gallery"])
+    return _export(trained_run, synth_root, target="cpu", roles=("text", "search"), gallery=str(gal)), gal
+
+
+def test_bound_gallery_search_programs(bound_export, trained_run, tmp_path, capsys):
+    """The bound programs take the ids only, say which gallery they hold (rows, dtype, sha256), agree
+    with exact search over it (int8: up to what int8 can move a score; recall reported), run the same in the phone runner and in the
+    bench, which runs them at their own gallery size only; the general export is left as it was."""
+    import hashlib
+
+    from mcad.artifacts import load_manifest
+    from mcad.benchmarks.cli import main
+
+    m, gal = bound_export
+    out = trained_run / "export" / "cpu-bound"
+    assert (trained_run / "export" / "cpu" / "search.int8.onnx").exists() and m["parity"]["pass"], m["parity"]
+    rows = np.load(gal)
+    search = {a["backend"]: a for a in m["artifacts"] if a["role"] == "search"}
+    for backend, dtype in (("xnnpack", "int8"), ("tflite", "fp32")):
+        a = search[backend]
+        assert [i["name"] for i in a["inputs"]] == ["ids"], a
+        b = a["notes"]["gallery_bound"]
+        assert (b["n"], b["dim"], b["dtype"]) == (100, 64, dtype) and b["source"] == str(gal)
+        assert b["sha256"] == hashlib.sha256(rows.astype(np.float32).tobytes()).hexdigest()
+        s = m["parity"]["artifacts"][a["file"]]["search"]
+        assert s["gallery"] == 100 and s["queries"] == 8, s
+        if dtype == "int8":
+            assert s["int8_gallery"] and s["agree_int8_ties_aside"] == 8 and s["recall_at_k"] >= 0.95, s
+        else:
+            assert s["agree_ties_aside"] == 8 and s["max_score_err"] <= 1e-3, s
+    assert search["onnx"]["notes"]["gallery_layout"] == "columns" and "gallery_bound" not in search["onnx"]["notes"]
+    _check_runner_agrees_with_host(out, tmp_path)
+    (tmp_path / "ok.yaml").write_text("devices:\n  local: {match: [local], budgets: {student: {100: "
+                                      "{p50_ms: 1000, p90_ms: 1000, memory_mb: 4000}}}}\n")
+    code = main(["device=local", f"run={trained_run}", "target=cpu-bound", "quick=1", "galleries=100,1000",
+                 "runtimes=executorch,litert", f"budgets={tmp_path / 'ok.yaml'}", f"out={tmp_path / 'b'}",
+                 "results=none", "runs=5", "warmup=1"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    bench = json.loads((tmp_path / "b" / "bench.json").read_text())
+    ran = {(r["artifact"], r["runtime"], r["gallery"]): r for r in bench["rows"] if r["role"] == "search"}
+    assert set(ran) == {("search", "executorch", 100), ("search", "litert", 100)}, sorted(ran)
+    assert ran[("search", "executorch", 100)]["gallery_bytes"] == 100 * 64
+    assert ran[("search", "litert", 100)]["gallery_bytes"] == 100 * 64 * 4
+    assert any("holds a gallery of 100 rows (bound at export); N=1000 not run" in n for n in bench["plan_notes"])
+
+
+def test_bound_gallery_bad_input_is_one_line(trained_run, synth_root, tmp_path):
+    from mcad.export.pipeline import Options, export
+
+    def run(g, **kw):
+        return export(Options(run=trained_run, data=synth_root, target="cpu", roles=("text", "search"),
+                              gallery=str(g), progress=False, **kw))
+    rows = np.load(trained_run / "export" / "cpu" / "golden.npz")["gallery"]
+    np.save(tmp_path / "wide.npy", np.ones((20, 65), np.float32) / np.sqrt(65))
+    with pytest.raises(ValueError, match=r"wide.npy: shape \(20, 65\), the student embeds in 64 dims"):
+        run(tmp_path / "wide.npy")
+    np.save(tmp_path / "raw.npy", rows * 2)
+    with pytest.raises(ValueError, match="raw.npy: row 0 has norm 2.0000 .*L2-normalised"):
+        run(tmp_path / "raw.npy")
+    np.save(tmp_path / "few.npy", rows[:5])
+    with pytest.raises(ValueError, match="few.npy: 5 rows, a search program returns 10"):
+        run(tmp_path / "few.npy")
+    with pytest.raises(ValueError, match="bound_dtype='int4': expected int8 or fp32"):
+        run(tmp_path / "few.npy", bound_dtype="int4")
 
 
 def test_phone_runner_agrees_with_host_runtimes(cpu_export, trained_run, tmp_path):
