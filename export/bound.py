@@ -1,4 +1,5 @@
-"""Search programs with the gallery bound in: `mcad export gallery=<.npy | mcad index folder>`.
+"""Search programs with the gallery bound in: `mcad export gallery=<.npy | random:N>`, or from an
+index folder `mcad index ... bind=<target>` (mcad.search.bind).
 
 A search program that takes its gallery at run time cannot scan it at a flat scan's cost in every
 runtime. XNNPACK (ExecuTorch's delegate, LiteRT's default one) packs a fully connected layer's
@@ -8,7 +9,7 @@ with the query as the weight (ExecuTorch's rows form), it is a one-column produc
 of the kernel's lanes idle (2-3x). Bound in as a constant weight, the gallery is packed once when
 the program loads and a query is one matrix-vector product: ExecuTorch int8 0.15-0.38x faiss,
 LiteRT fp32 0.83-1.12x (benchmarks/results/scan_forms.md). The price: the program is that gallery's;
-a changed gallery is a new export (`mcad export ... gallery=<index>`, seconds at 100k).
+a changed gallery is a new export (seconds at 100k).
 
 ExecuTorch binds it int8 (per-row symmetric weights, the query quantized per call: XNNPACK's
 dynamic-quantized fully connected layer), LiteRT fp32 (its converter's int8 path quantizes
@@ -51,24 +52,30 @@ class BoundGallery:
                 "bytes": int(n * d * (1 if dtype == "int8" else 4))}
 
 
+def random_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """n seeded random unit rows (what the bench's latency and memory figures need, not recall)."""
+    rows = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows
+
+
 def load_gallery(path: str | Path, dim: int) -> BoundGallery:
-    """The gallery's unit rows from a .npy [N, D] float32 or an `mcad index` folder (its stored
-    embeddings). Bad input is one line naming the file and the fix."""
+    """The gallery's unit rows from a .npy [N, D] float32 or `random:N[:seed]` (seeded random unit
+    rows, for the bench and CI's gate). Bad input is one line naming the file and the fix."""
     import hashlib
 
     p = Path(path)
-    if p.is_dir():
-        from mcad.search import store
-
-        folder = store.load(p, with_embeddings=True)
-        if folder.embeddings is None:
-            raise ValueError(f"gallery={p}: the index keeps no embeddings (built with keep_embeddings=false); "
-                             f"rebuild it with keep_embeddings=true or give a .npy of its rows")
-        rows = np.asarray(folder.embeddings, dtype=np.float32)
+    spec = str(path)
+    if spec.startswith("random:"):
+        parts = spec.split(":")[1:]
+        if not 1 <= len(parts) <= 2 or not all(x.isdigit() for x in parts):
+            raise ValueError(f"gallery={spec}: expected random:N or random:N:seed (e.g. random:100000)")
+        rows = random_rows(int(parts[0]), dim, int(parts[1]) if len(parts) == 2 else 0)
     elif p.suffix == ".npy" and p.is_file():
         rows = np.load(p, mmap_mode="r")
     else:
-        raise ValueError(f"gallery={p}: expected an `mcad index` folder or a .npy of unit rows [N, D]")
+        raise ValueError(f"gallery={p}: expected a .npy of unit rows [N, D] or random:N (an index folder: "
+                         f"`mcad index ... bind=<target>`)")
     if rows.ndim != 2 or rows.shape[1] != dim:
         raise ValueError(f"gallery={p}: shape {tuple(rows.shape)}, the student embeds in {dim} dims: expected [N, {dim}]")
     from mcad.export.programs import SEARCH_K

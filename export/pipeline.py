@@ -2,7 +2,9 @@
 real runtime against the eager fp32 student, and write runs/<name>/export/<target>/ with a
 manifest (docs/interfaces.md), tokenizer.json and golden.npz.
 
-Targets and what they hold (each with text encoder, image encoder and search program):
+Targets and what they hold, each with a text and an image encoder, and search programs: ONNX
+Runtime's and the NPU backends' take any gallery at run time; XNNPACK's and LiteRT's are made with a
+gallery bound in (gallery=, export.bound) or when asked for (any_gallery_search=1: RUN_GALLERY_SLOW):
   cpu         ExecuTorch XNNPACK int8 .pte, ONNX int8 (QDQ), TFLite int8 (PT2E)
   snapdragon  ExecuTorch QNN (HTP, soc=SM8650|SM8750|...) .pte when $QNN_SDK_ROOT has a QNN SDK;
               always XNNPACK .pte + ONNX int8 + TFLite int8 (what Qualcomm AI Hub compiles);
@@ -85,10 +87,12 @@ class Options:
     npu_activation_bits: int = 16   # full-integer TFLite activations: 16 (A16W8, NeuroPilot/HTP) or 8 (A8W8)
     backends: tuple[str, ...] | None = None  # subset of the target's plan (tests)
     roles: tuple[str, ...] = ROLES            # subset of text, image, search (tests)
-    # bind this gallery (.npy of unit rows [N, D], or an `mcad index` folder) into the XNNPACK and
-    # LiteRT search programs (export.bound); default out: runs/<name>/export/<target>-bound
+    # bind this gallery (.npy of unit rows [N, D], or random:N) into the XNNPACK and LiteRT search
+    # programs (export.bound; an index folder: `mcad index ... bind=<target>`); default out:
+    # runs/<name>/export/<target>-bound
     gallery: str | Path | None = None
     bound_dtype: str = "int8"       # ExecuTorch's bound gallery: int8 | fp32 (LiteRT binds fp32)
+    any_gallery_search: bool = False  # also the XNNPACK / LiteRT search programs with a run-time gallery (RUN_GALLERY_SLOW)
     seed: int = 0
     progress: bool = True
 
@@ -104,6 +108,18 @@ class Built:
     notes: dict = field(default_factory=dict)     # notes["group"]: the backend that built it
     meta: dict = field(default_factory=dict)      # I/O as the runtime reports it
     outputs: list | None = None                   # runtime outputs on the held-out inputs
+
+
+# Backends whose search program with a run-time gallery costs more than the text encoder + a flat
+# scan the same export ships: XNNPACK (ExecuTorch's delegate, LiteRT's default) packs a run-time
+# weight every call, so the scan costs 2-3x (ExecuTorch) and 3.7-5.3x (LiteRT) faiss's at 100k
+# (benchmarks/results/scan_forms.md) and the program 2.2-3x its encoder + scan. Not made unless the
+# gallery is bound in (gallery=) or asked for (any_gallery_search=1); ONNX Runtime's (columns, ~1x)
+# and the NPU backends' are made as before.
+RUN_GALLERY_SLOW = ("xnnpack", "tflite")
+RUN_GALLERY_MSG = ("a search program with a run-time gallery runs 2.2-3x the text encoder + a flat scan here (XNNPACK "
+                   "repacks the gallery every query, benchmarks/results/scan_forms.md): bind the gallery instead (0.35-1.1x: "
+                   "`mcad index ... bind=<target>`, or gallery=<.npy of unit rows>), or any_gallery_search=1 to make this one anyway")
 
 
 class SdkMissing(RuntimeError):
@@ -243,8 +259,18 @@ class Exporter:
         """Every file name this export may write (hub downloads aside)."""
         names = {MANIFEST, "tokenizer.json", "golden.npz"}
         names.update(_file_name(r, b, self.opts.precision, self.soc, self.npu_scheme)
-                     for b in self.plan if b != "hub" for r in self.roles)
+                     for b in self.plan if b != "hub" for r in self.roles_for(b))
         return names
+
+    def roles_for(self, backend: str) -> tuple[str, ...]:
+        """The programs `backend` makes: all roles, less a search program that would cost more than
+        the encoder + scan beside it (RUN_GALLERY_SLOW)."""
+        slow = backend in RUN_GALLERY_SLOW and self.bound is None and not self.opts.any_gallery_search
+        return tuple(r for r in self.roles if not (slow and r == "search"))
+
+    def _skip_slow_search(self, backend: str) -> None:
+        if "search" in self.roles and "search" not in self.roles_for(backend):
+            self._skip(_file_name("search", backend, self.opts.precision, self.soc, self.npu_scheme), RUN_GALLERY_MSG)
 
     # -- data ---------------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -325,7 +351,7 @@ class Exporter:
         dtype = bound_dtype(backend or "", self.opts.bound_dtype)
         if self.bound is not None and dtype is not None and "search" in self.roles:
             bound = gallery_scan(self.bound.rows, dtype)
-        return {r: program(r, text, image, scan=scan, bound=bound) for r in self.roles}
+        return {r: program(r, text, image, scan=scan, bound=bound) for r in self.roles_for(backend or "")}
 
     def _bound_notes(self, role: str, backend: str) -> dict:
         """Manifest notes of a search program with the gallery bound in (none for the others)."""
@@ -369,7 +395,8 @@ class Exporter:
 
         cores = self._cores("xnnpack")
         progs = self._programs(cores, scan="rows", backend="xnnpack")
-        for role in self.roles:
+        self._skip_slow_search("xnnpack")
+        for role in self.roles_for("xnnpack"):
             ex = self._bound_example(role, self._example(role))
             run_gallery = role == "search" and len(ex) == 2
             dyn = self._dyn() if run_gallery else None
@@ -468,7 +495,8 @@ class Exporter:
 
         cores = self._cores("litert")
         progs = self._programs(cores, backend="tflite")
-        for role in self.roles:
+        self._skip_slow_search("tflite")
+        for role in self.roles_for("tflite"):
             ex = self._bound_example(role, self._example(role, self.opts.fixed_gallery))
             run_gallery = role == "search" and len(ex) == 2
             self._write(role, "tflite", lambda p, m=progs[role], e=ex, r=role, q=cores["text" if role == "search" else role][1]:

@@ -152,8 +152,12 @@ def test_cpu_manifest(cpu_export, trained_run):
         assert key in m["versions"]
     got = {(a["role"], a["backend"], a["runtime"]) for a in m["artifacts"]}
     want = {(r, b, rt) for r in ("text", "image", "search")
-            for b, rt in (("xnnpack", "executorch"), ("onnx", "onnxruntime"), ("tflite", "litert"))}
+            for b, rt in (("xnnpack", "executorch"), ("onnx", "onnxruntime"), ("tflite", "litert"))
+            if r != "search" or b == "onnx"}  # XNNPACK's and LiteRT's only bound or asked for (RUN_GALLERY_SLOW)
     assert got == want
+    slow = {s["artifact"]: s["reason"] for s in m["skipped"]}
+    assert set(slow) == {"search.xnnpack.int8.pte", "search.int8.tflite"}
+    assert all("bind=<target>" in r and "any_gallery_search=1" in r for r in slow.values())
     for a in m["artifacts"]:
         f = out / a["file"]
         assert f.stat().st_size == a["bytes"] > 0 and sha256_file(f) == a["sha256"]
@@ -207,15 +211,26 @@ def test_golden_npz(cpu_export, trained_run):
     assert z["ids"].dtype == np.int64 and z["captions"].shape == (4,)
 
 
-def test_search_program_runs_any_gallery_size(cpu_export, trained_run):
-    """The shipped search programs take a gallery of any row count (>= k), in their layout."""
+@pytest.fixture(scope="session")
+def any_gallery_export(cpu_export, trained_run, synth_root, tmp_path_factory):
+    """any_gallery_search=1: XNNPACK's and LiteRT's search programs with a run-time gallery too."""
+    out = tmp_path_factory.mktemp("anygallery") / "cpu"
+    _export(trained_run, synth_root, target="cpu", roles=("text", "search"), any_gallery_search=True, out=out)
+    return out
+
+
+def test_search_program_runs_any_gallery_size(cpu_export, any_gallery_export, trained_run):
+    """The run-time-gallery search programs (ONNX Runtime's by default, XNNPACK's and LiteRT's when
+    asked for) take a gallery of any row count (>= k), in their layout, and pass parity."""
     from mcad.artifacts import gallery_input, load_manifest
     from mcad.runtimes import open_artifact
 
-    out = trained_run / "export" / "cpu"
+    out = any_gallery_export
+    m = load_manifest(out)
+    assert m.parity["pass"] and not m.skipped, (m.parity, m.skipped)
     z = np.load(out / "golden.npz")
     q = z["ids"][:1]
-    layouts = {a.file: a.gallery_layout for a in load_manifest(out).artifacts}
+    layouts = {a.file: a.gallery_layout for a in m.artifacts}
     for name in ("search.xnnpack.int8.pte", "search.int8.onnx", "search.int8.tflite"):
         with open_artifact(out / name, names=["ids", "gallery"]) as s:
             for n in (37, 64, 10):  # resized up and down, in one session
@@ -277,6 +292,29 @@ def test_bound_gallery_search_programs(bound_export, trained_run, tmp_path, caps
     assert ran[("search", "executorch", 100)]["gallery_bytes"] == 100 * 64
     assert ran[("search", "litert", 100)]["gallery_bytes"] == 100 * 64 * 4
     assert any("holds a gallery of 100 rows (bound at export); N=1000 not run" in n for n in bench["plan_notes"])
+
+
+def test_index_bind_makes_programs_holding_its_rows(cpu_export, trained_run, synth_root, tmp_path, capsys):
+    """`mcad index ... bind=cpu`: the index's own stored rows bound into the ExecuTorch and LiteRT
+    programs in <index>/programs-cpu/, parity passing; an index without embeddings is one line."""
+    import hashlib
+
+    from mcad.search import store
+    from mcad.search.common import SearchError
+    from mcad.search.index import main
+
+    idx = tmp_path / "idx"
+    data = str(synth_root / "dataset_synth.json")
+    assert main([f"data={data}", "split=test", f"run={trained_run}", f"out={idx}", "bind=cpu", "progress=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "holds 100 x 64 int8" in printed and "holds 100 x 64 fp32" in printed and "all artifacts pass" in printed
+    rows = store.load(idx, with_embeddings=True).embeddings
+    m = json.loads((idx / "programs-cpu" / "manifest.json").read_text())
+    bound = [a["notes"]["gallery_bound"] for a in m["artifacts"] if "gallery_bound" in a.get("notes", {})]
+    assert len(bound) == 2 and {b["sha256"] for b in bound} == {hashlib.sha256(rows.tobytes()).hexdigest()}
+    with pytest.raises(SearchError, match="keeps no embeddings .*keep_embeddings=true to bind it"):
+        main([f"data={data}", "split=test", f"run={trained_run}", f"out={tmp_path / 'lean'}", "keep_embeddings=false",
+              "bind=cpu", "progress=false"])
 
 
 def test_bound_gallery_bad_input_is_one_line(trained_run, synth_root, tmp_path):

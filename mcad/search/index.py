@@ -5,6 +5,7 @@
   mcad index PHOTOS_DIR out=... encoder=runs/<name>/export/cpu/image_encoder.onnx
   mcad index MORE_PHOTOS out=... mode=add          # encodes only paths not in the index yet
   mcad index out=... mode=rebuild type=ivfsq8      # new index type from the stored embeddings
+  mcad index PHOTOS_DIR out=... run=... bind=cpu   # + search programs holding this gallery (mcad.search.bind)
 
 Folders are scanned recursively for .jpg/.jpeg/.png/.webp. Unreadable images are reported (path +
 error), counted in the manifest, and left out of the index (a later `mode=add` retries them).
@@ -35,7 +36,7 @@ PARAM_KEYS = ("nlist", "nprobe", "m", "nbits", "M", "efConstruction", "efSearch"
 OPTIONS: dict[str, Any] = {
     "out": None, "index": None, "run": None, "encoder": None, "images": None, "data": None,
     "split": "test", "data_root": None, "type": "auto", "mode": "create", "batch": 64,
-    "overwrite": False, "keep_embeddings": True, "threads": None, "progress": True,
+    "overwrite": False, "keep_embeddings": True, "threads": None, "progress": True, "bind": None,
     **{k: None for k in PARAM_KEYS},
 }
 MAX_SKIPPED_LISTED = 200
@@ -352,4 +353,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {s['skipped']} unreadable images (listed in {out / store.MANIFEST} 'skipped'):")
         for p in s["skipped_paths"][:10]:
             print(f"  {p}")
-    return 0
+    return _bind(out, opts) if opts["bind"] else 0
+
+
+def _bind(out: Path, opts: dict) -> int:
+    """bind=<target>: the search programs holding this index's gallery; 1 when one misses a parity bar."""
+    from mcad.export.parity import table
+    from mcad.search.bind import bind_programs, programs_folder
+
+    m = bind_programs(out, str(opts["bind"]), run=opts["run"], progress=bool(opts["progress"]))
+    print(f"bound the index's gallery into search programs: {programs_folder(out, str(opts['bind']))}/")
+    for a in m["artifacts"]:
+        b = a.get("notes", {}).get("gallery_bound")
+        print(f"  {a['file']:<36} {a['runtime']:<12} " + (f"holds {b['n']} x {b['dim']} {b['dtype']}" if b else
+                                                          "run-time gallery" if a["role"] == "search" else "text encoder"))
+    if m.get("parity"):
+        print(table(m["parity"]))
+    return 0 if not m.get("parity") or m["parity"]["pass"] else 1
