@@ -365,7 +365,10 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
                                + (f", the {opts.k} x {opts.rerank} best re-ranked exactly from the fp32 rows on disk"
                                   if opts.rerank else "") + "; recall@10 against exact fp32 search of the same rows, "
                                f"{RECALL_QUERIES} queries; search programs take fp32"
-                               if opts.gallery_dtypes != ["fp32"] else ""),
+                               if opts.gallery_dtypes != ["fp32"] else "") + (
+                               "; a search program with its gallery bound in at export (export/bound.py) holds its "
+                               "own rows and runs at its own N only (bench.json: gallery_source, gallery_bytes)"
+                               if any(r.get("gallery_source") == "bound in the program" for r in rows) else ""),
            "memory_note": "peak resident memory (VmHWM) of the process doing the search; `bare` = a fresh process "
                           "that imported the same runtime and libraries and loaded nothing; `added` = peak - bare. "
                           "The memory column is the added part for ExecuTorch's Python runtime (it imports torch) "

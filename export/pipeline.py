@@ -113,13 +113,16 @@ class Built:
 # Backends whose search program with a run-time gallery costs more than the text encoder + a flat
 # scan the same export ships: XNNPACK (ExecuTorch's delegate, LiteRT's default) packs a run-time
 # weight every call, so the scan costs 2-3x (ExecuTorch) and 3.7-5.3x (LiteRT) faiss's at 100k
-# (benchmarks/results/scan_forms.md) and the program 2.2-3x its encoder + scan. Not made unless the
-# gallery is bound in (gallery=) or asked for (any_gallery_search=1); ONNX Runtime's (columns, ~1x)
-# and the NPU backends' are made as before.
-RUN_GALLERY_SLOW = ("xnnpack", "tflite")
-RUN_GALLERY_MSG = ("a search program with a run-time gallery runs 2.2-3x the text encoder + a flat scan here (XNNPACK "
-                   "repacks the gallery every query, benchmarks/results/scan_forms.md): bind the gallery instead (0.35-1.1x: "
-                   "`mcad index ... bind=<target>`, or gallery=<.npy of unit rows>), or any_gallery_search=1 to make this one anyway")
+# (benchmarks/results/scan_forms.md) and the program 2.2-3x its encoder + scan; the full-integer
+# TFLite one (A16W8, for NPU delegates, which commonly take a fully connected layer's weights only as
+# constants) 2.5x on the CPU. Not made unless the gallery is bound in (gallery=; XNNPACK and LiteRT)
+# or asked for (any_gallery_search=1); ONNX Runtime's (columns, ~1x) and the QNN and MediaTek ones
+# (not measurable here) are made as before.
+RUN_GALLERY_SLOW = ("xnnpack", "tflite", "tflite_full")
+RUN_GALLERY_MSG = ("a search program with a run-time gallery runs 2.2-3x the text encoder + a flat scan here (the runtime "
+                   "repacks the gallery every query, benchmarks/results/scan_forms.md): bind the gallery instead "
+                   "(`mcad index ... bind=<target>` or gallery=<.npy of unit rows>: ExecuTorch and LiteRT programs holding it, "
+                   "0.35-1.1x), or any_gallery_search=1 to make this one anyway")
 
 
 class SdkMissing(RuntimeError):
@@ -511,7 +514,8 @@ class Exporter:
         from mcad.quantize.tflite_quant import full_integer
 
         float_progs = self._float_programs()
-        for role in self.roles:
+        self._skip_slow_search("tflite_full")
+        for role in self.roles_for("tflite_full"):
             ex = self._example(role, self.opts.fixed_gallery)
 
             def build(p, role=role, ex=ex):

@@ -367,8 +367,9 @@ def test_dimensity_a8w8_for_nnapi(trained_run, synth_root, tmp_path):
 
 
 def test_dimensity_full_integer(trained_run, synth_root, tmp_path):
+    # any_gallery_search: the full-integer search program with a run-time gallery is made on request
     m = _export(trained_run, synth_root, target="dimensity", backends=("tflite_full", "mediatek"),
-                parity_images=40)
+                parity_images=40, any_gallery_search=True)
     arts = {a["file"]: a for a in m["artifacts"]}
     # A16W8 by default: int8 weights, int16 activations (8-bit activations lost 1.2 R@1 on the default student)
     assert set(arts) == {"text_encoder.full_a16w8.tflite", "image_encoder.full_a16w8.tflite",
