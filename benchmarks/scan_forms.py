@@ -4,8 +4,8 @@ one process, one thread: the floor under issue 14's "search program <= 1.5x its 
   python -m mcad.benchmarks.scan_forms [rows=100000] [dims=64,256] [runs=40] [results=benchmarks/results]
 
 Each program takes a query embedding q [1, D] and a gallery as runtime inputs and returns the
-top-10 (scores, ids), built by the exporter's own builders in the form the exporter ships
-(export.programs.SCANS): ExecuTorch XNNPACK scores gallery [N, D] @ q^T (one fully connected layer
+top-10 (scores, ids), built by the exporter's own builders in the form the exporter makes for a
+run-time gallery (export.programs.SCANS; ExecuTorch's and LiteRT's only with any_gallery_search=1): ExecuTorch XNNPACK scores gallery [N, D] @ q^T (one fully connected layer
 over the gallery rows, q as its one-column weight), LiteRT q @ gallery^T (a fully connected layer
 whose weight is the gallery, given at run time, so the runtime repacks it each call), ONNX Runtime
 q @ gallery with the gallery given as columns [D, N] (a plain GEMM). The ids of every program are
