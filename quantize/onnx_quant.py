@@ -119,12 +119,17 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, 
                    "percentile": CalibrationMethod.Percentile}
 
         def run(m: str) -> None:
+            import contextlib
+            import io
+
             reader.rewind()
-            quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=list(OPS_TO_QUANTIZE), nodes_to_exclude=exclude,
-                            calibrate_method=methods[m],
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **(extra or {})})
+            # ORT's histogram calibrators print their settings to stdout: keep the CLI's output to our lines
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=list(OPS_TO_QUANTIZE), nodes_to_exclude=exclude,
+                                calibrate_method=methods[m],
+                                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **(extra or {})})
 
         try:
             run(method)
