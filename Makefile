@@ -83,7 +83,7 @@ GATE_RUN = $(or $(RUN),runs/mcad-student)
 gate: | .venv/.installed
 	$(MCAD) bench device=local run=$(GATE_RUN) $(GATE_ARGS) $(ARGS)
 	$(MCAD) export target=cpu run=$(GATE_RUN) gallery=random:100000 backends=xnnpack,tflite roles=text,search progress=0
-	$(MCAD) bench device=local run=$(GATE_RUN) $(GATE_COMMON) target=cpu-bound galleries=100000 $(ARGS)
+	$(MCAD) bench device=local run=$(GATE_RUN) $(GATE_COMMON) target=cpu-bound galleries=100000 out=$(GATE_RUN)/bench/bound $(ARGS)
 
 search-bench: | .venv/.installed
 	$(PY) -m mcad.benchmarks.search_bench $(if $(RUN),run=$(RUN)) $(ARGS)

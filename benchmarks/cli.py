@@ -16,7 +16,7 @@ Options (key=value; lists comma-separated):
   rerank=r (compressed galleries: re-rank the k*r best from the fp32 rows on disk; 0 = off)
   confirm=2 (a job that breaks a latency budget runs again up to this many times and keeps its fastest
             attempt: noise only adds time, a regression breaks every attempt; 0 = judge the first run)
-  target=cpu|snapdragon|dimensity|all (default: the SoC family's export when there is one, else cpu)
+  target=cpu|snapdragon|dimensity|<target>-bound|all (default: the SoC family's export when there is one, else cpu)
   quick=1 (or --quick)  runs=N (min runs)  warmup=N  min_time=S  max_time=S  max_runs=N
   budgets=benchmarks/budgets.yaml  budget=<entry>  out=runs/<name>/bench  results=benchmarks/results|none
   name=<summary name>  cache=build/bench-cache  build_timeout=900 (s per bench-made artifact)

@@ -104,7 +104,8 @@ def search_program_misfit(a, g: int) -> str | None:
     if bound:
         return None if int(bound["n"]) == g else f"search program holds a gallery of {bound['n']} rows (bound at export)"
     shp = a.input_shape(1)
-    n_fixed = shp[0] if shp and isinstance(shp[0], int) and shp[0] > 0 else None
+    n_at = -1 if a.gallery_layout == "columns" else 0  # the rows dimension of the gallery input
+    n_fixed = shp[n_at] if shp and isinstance(shp[n_at], int) and shp[n_at] > 0 else None
     lo, hi = a.gallery_rows()
     if n_fixed is not None and n_fixed != g and (lo, hi) == (None, None):
         return f"search program fixed to N={n_fixed}"

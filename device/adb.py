@@ -309,11 +309,12 @@ class AdbDevice(Device):
                 raise DeviceError(f"adb: {job.key}: native runners need token ids (golden ids)")
             dt = a.inputs[0].dtype if a.inputs else ("int32" if a.runtime == "litert" else "int64")
             arrays = [(a.inputs[0].name if a.inputs else "ids", ids.astype(dt))]
-            if a.role == "search":
-                d = int(job.embed_dim or (a.input_shape(1) or [0, 64])[-1])
+            if a.role == "search" and not a.notes.get("gallery_bound"):  # a bound program holds its own
+                columns = a.gallery_layout == "columns"
+                d = int(job.embed_dim or (a.input_shape(1) or [0, 64])[0 if columns else -1])
                 g = np.random.default_rng(job.seed).standard_normal((int(job.gallery), d), dtype=np.float32)
                 g /= np.linalg.norm(g, axis=1, keepdims=True)
-                arrays.append((a.inputs[1].name if len(a.inputs) > 1 else "gallery", g))
+                arrays.append((a.inputs[1].name if len(a.inputs) > 1 else "gallery", g.T.copy() if columns else g))
         for name, arr in arrays:
             f = tmp / f"{a.path.stem}_{name}_{arr.shape[0]}.bin"
             np.ascontiguousarray(arr).tofile(f)

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 # the backends that bind the gallery, and the dtypes each can bind it in (first: the default); the
-# others keep their run-time gallery. ExecuTorch int8 holds a quarter of the bytes (29 MB added at
-# 100k x 256 against 102 MB fp32) at recall@10 0.996 on the default student's test gallery (0.97-0.99
-# on random unit vectors, whose top-10 sit closer together): `bound_dtype=fp32` where that is too low.
+# others keep their run-time gallery. ExecuTorch int8 holds a quarter of the bytes (its program added
+# 54.9 MB at 100k x 256, benchmarks/results/bound-mobile-local.md; the fp32 one ~100 MB more) at recall@10
+# 1.000 on a 200-image index of the default student, 0.90-1.00 on random unit vectors (whose top-10 sit
+# within int8's error; benchmarks/results/scan_forms.md): `bound_dtype=fp32` where that is too low.
 BOUND_DTYPES = {"xnnpack": ("int8", "fp32"), "tflite": ("fp32",)}
 
 

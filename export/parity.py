@@ -78,8 +78,8 @@ def search_check(indices: np.ndarray, scores: np.ndarray, q_same: np.ndarray | N
     so its query is as far from fp32 as the text encoder's but not equal to it: the exact check
     against q_same is recorded, and the bar is agreement with fp32 within twice that distance.
     int8_gallery: the program scans an int8 copy of the gallery (export.bound), so its scores are
-    approximate by design; the bar is issue 14's for a compressed gallery, recall@k >= INT8_RECALL
-    against the exact top-k of the same query (q_same, else the fp32 one)."""
+    approximate by design; the bar is the exact top-k of the same query (q_same, else the fp32 one) up
+    to what int8 can move a score (twice int8_scan_error), and recall@k against it is reported."""
     Q, k = indices.shape
     exact = ties = ties_fp32 = 0
     overlap = []

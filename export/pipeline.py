@@ -3,8 +3,9 @@ real runtime against the eager fp32 student, and write runs/<name>/export/<targe
 manifest (docs/interfaces.md), tokenizer.json and golden.npz.
 
 Targets and what they hold, each with a text and an image encoder, and search programs: ONNX
-Runtime's and the NPU backends' take any gallery at run time; XNNPACK's and LiteRT's are made with a
-gallery bound in (gallery=, export.bound) or when asked for (any_gallery_search=1: RUN_GALLERY_SLOW):
+Runtime's, QNN's and MediaTek's take any gallery at run time; XNNPACK's and LiteRT's are made with a
+gallery bound in (gallery=, export.bound) or when asked for (any_gallery_search=1: RUN_GALLERY_SLOW),
+full-integer TFLite's only when asked for:
   cpu         ExecuTorch XNNPACK int8 .pte, ONNX int8 (QDQ), TFLite int8 (PT2E)
   snapdragon  ExecuTorch QNN (HTP, soc=SM8650|SM8750|...) .pte when $QNN_SDK_ROOT has a QNN SDK;
               always XNNPACK .pte + ONNX int8 + TFLite int8 (what Qualcomm AI Hub compiles);
@@ -119,8 +120,8 @@ class Built:
 # or asked for (any_gallery_search=1); ONNX Runtime's (columns, ~1x) and the QNN and MediaTek ones
 # (not measurable here) are made as before.
 RUN_GALLERY_SLOW = ("xnnpack", "tflite", "tflite_full")
-RUN_GALLERY_MSG = ("a search program with a run-time gallery runs 2.2-3x the text encoder + a flat scan here (the runtime "
-                   "repacks the gallery every query, benchmarks/results/scan_forms.md): bind the gallery instead "
+RUN_GALLERY_MSG = ("a search program with a run-time gallery runs 2.2-3x the text encoder + a flat scan here (its runtime "
+                   "cannot scan a run-time weight at a flat scan's cost, benchmarks/results/scan_forms.md): bind the gallery instead "
                    "(`mcad index ... bind=<target>` or gallery=<.npy of unit rows>: ExecuTorch and LiteRT programs holding it, "
                    "0.35-1.1x), or any_gallery_search=1 to make this one anyway")
 
@@ -268,7 +269,10 @@ class Exporter:
     def roles_for(self, backend: str) -> tuple[str, ...]:
         """The programs `backend` makes: all roles, less a search program that would cost more than
         the encoder + scan beside it (RUN_GALLERY_SLOW)."""
-        slow = backend in RUN_GALLERY_SLOW and self.bound is None and not self.opts.any_gallery_search
+        from mcad.export.bound import bound_dtype
+
+        binds = self.bound is not None and bound_dtype(backend, self.opts.bound_dtype) is not None
+        slow = backend in RUN_GALLERY_SLOW and not binds and not self.opts.any_gallery_search
         return tuple(r for r in self.roles if not (slow and r == "search"))
 
     def _skip_slow_search(self, backend: str) -> None:
@@ -365,6 +369,15 @@ class Exporter:
             return {}
         return {"gallery_bound": self.bound.record(dtype)}
 
+    def _bound_scheme(self, role: str, backend: str, scheme: str) -> str:
+        """The quantization a program records: its encoder's, and how a bound gallery is held."""
+        notes = self._bound_notes(role, backend)
+        if not notes:
+            return scheme
+        dtype = notes["gallery_bound"]["dtype"]
+        return scheme + ("; gallery bound in: int8 dynamic (per-row int8 weights, the query quantized per call)"
+                         if dtype == "int8" else "; gallery bound in: fp32")
+
     def _bound_example(self, role: str, example):
         return example[:1] if role == "search" and self.bound is not None else example
 
@@ -405,7 +418,8 @@ class Exporter:
             dyn = self._dyn() if run_gallery else None
             self._write(role, "xnnpack", lambda p, m=progs[role], e=ex, d=dyn, g=run_gallery:
                         build_xnnpack(m, e, p, dynamic_shapes=d, alloc_inputs=not g),
-                        self._scheme("xnnpack"), gallery_rows=[SEARCH_K, self.opts.max_gallery] if run_gallery else None,
+                        self._bound_scheme(role, "xnnpack", self._scheme("xnnpack")),
+                        gallery_rows=[SEARCH_K, self.opts.max_gallery] if run_gallery else None,
                         **self._bound_notes(role, "xnnpack"))
 
     def build_qnn(self) -> None:
@@ -504,7 +518,7 @@ class Exporter:
             run_gallery = role == "search" and len(ex) == 2
             self._write(role, "tflite", lambda p, m=progs[role], e=ex, r=role, q=cores["text" if role == "search" else role][1]:
                         build_tflite(m, e, p, INPUT_NAMES[r][:len(e)], pt2e_quantizer=q),
-                        self._scheme("litert"),
+                        self._bound_scheme(role, "tflite", self._scheme("litert")),
                         gallery_rows=[SEARCH_K, None] if run_gallery else None,
                         note="traced with a fixed gallery; resize_tensor_input to any N >= 10" if run_gallery else None,
                         **self._bound_notes(role, "tflite"))
@@ -649,7 +663,9 @@ class Exporter:
         ins, outs = spec.get("inputs"), spec.get("outputs")
         if not ins:  # not openable here (a device-only runtime): what the program was traced with
             D = self.towers.embed_dim
-            ins = [{"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} for x in self._example(a.role)]
+            ex = self._example(a.role, layout=a.notes.get("gallery_layout") or "rows")
+            ex = ex[:1] if "gallery_bound" in a.notes else ex  # a bound program takes the ids only
+            ins = [{"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} for x in ex]
             outs = [{"shape": [1, D], "dtype": "float32"}] if a.role != "search" else \
                 [{"shape": [1, SEARCH_K], "dtype": "float32"}, {"shape": [1, SEARCH_K], "dtype": "int64"}]
         ins = [Tensor(n, list(x["shape"]), x["dtype"], x.get("quantization")) for x, n in zip(ins, INPUT_NAMES[a.role])]

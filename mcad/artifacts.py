@@ -214,6 +214,10 @@ class ExportManifest:
             return np.asarray(z["ids"], dtype=np.int64) if "ids" in z.files else None
 
     def rebuild_command(self) -> str:
+        bound = next((a.notes["gallery_bound"] for a in self.artifacts if a.notes.get("gallery_bound")), None)
+        if bound:  # an export with a gallery bound in is made again with that gallery
+            return (f"`mcad export target={self.target}" + (f" run={self.run}" if self.run else "")
+                    + f" gallery={bound.get('source')}` (or `mcad index ... bind={self.target}`)")
         return rebuild_command(self.target, self.run)
 
     def to_json(self) -> dict:

@@ -271,6 +271,8 @@ def test_bound_gallery_search_programs(bound_export, trained_run, tmp_path, caps
         b = a["notes"]["gallery_bound"]
         assert (b["n"], b["dim"], b["dtype"]) == (100, 64, dtype) and b["source"] == str(gal)
         assert b["sha256"] == hashlib.sha256(rows.astype(np.float32).tobytes()).hexdigest()
+        assert a["quantization"].endswith("gallery bound in: " + ("int8 dynamic (per-row int8 weights, the query "
+                                                                  "quantized per call)" if dtype == "int8" else "fp32"))
         s = m["parity"]["artifacts"][a["file"]]["search"]
         assert s["gallery"] == 100 and s["queries"] == 8, s
         if dtype == "int8":
@@ -315,6 +317,18 @@ def test_index_bind_makes_programs_holding_its_rows(cpu_export, trained_run, syn
     with pytest.raises(SearchError, match="keeps no embeddings .*keep_embeddings=true to bind it"):
         main([f"data={data}", "split=test", f"run={trained_run}", f"out={tmp_path / 'lean'}", "keep_embeddings=false",
               "bind=cpu", "progress=false"])
+
+
+def test_bound_gallery_without_parity_records_ids_only(trained_run, synth_root, tmp_path):
+    """parity=0 (nothing run here): the manifest still says a bound program takes the ids only, and
+    how to make it again (with its gallery)."""
+    from mcad.artifacts import load_manifest
+
+    m = _export(trained_run, synth_root, target="cpu", backends=("xnnpack",), roles=("text", "search"),
+                gallery="random:50", parity=False, out=tmp_path / "b")
+    (s,) = [a for a in m["artifacts"] if a["role"] == "search"]
+    assert [i["name"] for i in s["inputs"]] == ["ids"] and s["notes"]["gallery_bound"]["source"] == "random:50"
+    assert "gallery=random:50" in load_manifest(tmp_path / "b").rebuild_command()
 
 
 def test_bound_gallery_bad_input_is_one_line(trained_run, synth_root, tmp_path):

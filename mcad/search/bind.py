@@ -37,7 +37,11 @@ def bind_programs(index_root: str | Path, target: str, run: str | Path | None = 
     if not run:
         raise SearchError(f"{root}: built from an exported image encoder, not a run: give run=runs/<name> to bind it")
     store.verify_file(root, emb)  # the rows the programs will hold are the ones the manifest names
-    from mcad.export.pipeline import Options, export
+    import dataclasses
 
-    return export(Options(target=target, run=run, gallery=str(root / emb["path"]), roles=("text", "search"),
-                          out=programs_folder(root, target), progress=progress))
+    from mcad.export.cli import defaults
+    from mcad.export.pipeline import export
+
+    # the export defaults with mcad/configs/export.yaml's recipe over them, as `mcad export` takes them
+    return export(dataclasses.replace(defaults(), target=target, run=run, gallery=str(root / emb["path"]),
+                                      roles=("text", "search"), out=programs_folder(root, target), progress=progress))

@@ -311,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     out = opts["out"] or opts["index"]
     if not out:
         raise SearchError("where? give out=<index folder> (e.g. out=runs/<name>/index)")
+    if opts["bind"]:  # before any image is encoded
+        from mcad.search.bind import TARGETS
+
+        if str(opts["bind"]) not in TARGETS:
+            raise SearchError(f"bind={opts['bind']}: expected one of {', '.join(TARGETS)}")
     out = Path(out)
     if opts["threads"]:
         import torch
