@@ -72,15 +72,11 @@ def build(runtime: str, dim: int, k: int, folder: Path):
 
 
 class BoundScan(torch.nn.Module):
-    """The scan with the gallery bound into the program as a weight (a Linear whose rows are the
-    gallery): the runtime packs it once, at load, and each query is one matrix-vector product."""
+    """The bound scan the exporter makes (export.bound.gallery_scan) and the top-k."""
 
-    def __init__(self, gallery: np.ndarray, k: int):
+    def __init__(self, scan: torch.nn.Module, k: int):
         super().__init__()
-        self.scan = torch.nn.Linear(gallery.shape[1], gallery.shape[0], bias=False)
-        with torch.no_grad():
-            self.scan.weight.copy_(torch.from_numpy(gallery))
-        self.k = k
+        self.scan, self.k = scan, k
 
     def forward(self, q):
         v, i = torch.topk(self.scan(q), self.k, dim=-1)
@@ -96,18 +92,13 @@ def build_bound(form: str, g: np.ndarray, k: int, folder: Path):
     connected layer, the PT2E dynamic scheme), LiteRT fp32."""
     from mcad.export import builders
 
-    m, ex = BoundScan(g, k).eval(), (torch.zeros(1, g.shape[1]),)
+    from mcad.export.bound import gallery_scan
+
+    m = BoundScan(gallery_scan(g, "int8" if form == "executorch-int8" else "fp32"), k)
+    m.training = False  # the wrapper only: a converted PT2E graph refuses .eval()
+    ex = (torch.zeros(1, g.shape[1]),)
     path = folder / f"bound{g.shape[1]}.{form}"
     if form.startswith("executorch"):
-        if form == "executorch-int8":
-            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-                XNNPACKQuantizer, get_symmetric_quantization_config)
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-            qz = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
-            prepared = prepare_pt2e(torch.export.export(m, ex).module(), qz)
-            prepared(*ex)
-            m = convert_pt2e(prepared)
         builders.build_xnnpack(m, ex, path)
         from executorch.runtime import Runtime
 
