@@ -1,5 +1,5 @@
 """`mcad export target=cpu|snapdragon|dimensity [run=runs/<name>] [strict=1] [hub=1] [soc=SM8650]
-[calib=256] [keep_fp32=proj,softmax] [precision=int8|fp32] [data=data/synth] [parity=1]
+[calib=256] [keep_fp32=proj,softmax] [precision=int8|fp32] [data=<default: the run's own>] [parity=1]
 [gallery=<.npy of unit rows | random:N> [bound_dtype=int8|fp32]] [any_gallery_search=1]`
 
 Every key is a field of mcad.export.pipeline.Options (its defaults, with mcad/configs/export.yaml's

@@ -71,7 +71,7 @@ NPU_SCHEMES = {16: "a16w8", 8: "int8"}
 class Options:
     target: str = "cpu"
     run: str | Path | None = None
-    data: str | Path | None = None
+    data: Any = None                # None: the data the run was trained on (its manifest's data: spec)
     out: str | Path | None = None
     calib: int = 256
     strict: bool = False
@@ -197,6 +197,15 @@ def _eager_embed_b1(module, x: torch.Tensor) -> np.ndarray:
         return torch.cat([module(x[i:i + 1]) for i in range(len(x))]).numpy()
 
 
+def _run_data(run: Path | None):
+    """The data a run was trained on (its manifest's `data:` spec), which calibrates and checks its
+    export unless data= says otherwise: a student of a user's photos is not calibrated on the
+    synthetic set. None (the embedded default) for a run from before manifests, or no run."""
+    from mcad.runs import run_record
+
+    return ((run_record(run).get("config") or {}).get("data") or None) if run is not None else None
+
+
 class Exporter:
     """`towers` / `calib` given (the bench): those encoders, calibrated on those samples, no run's
     data needed; otherwise the run's student and samples of `opts.data`."""
@@ -229,6 +238,7 @@ class Exporter:
             self.run = Path(opts.run) if opts.run is not None else None
         self.towers = towers
         self.student_sha = sha256_file(self.run / STUDENT) if self.run and (self.run / STUDENT).exists() else None
+        self.data = opts.data if opts.data is not None else _run_data(self.run)
         self.given_calib = calib
         if opts.parity and self.tokenizer is None:
             raise ValueError("parity needs the run's student and data (towers were given): pass parity=False")
@@ -287,12 +297,12 @@ class Exporter:
         if self.given_calib is not None:
             self.calib = self.given_calib
         else:
-            self.calib = load_samples(self.towers, self.tokenizer, o.data, n=o.calib, split="train", seed=o.seed)
+            self.calib = load_samples(self.towers, self.tokenizer, self.data, n=o.calib, split="train", seed=o.seed)
         if "search" in self.roles:  # a calibration gallery for quantizers that see the whole search program
             self.calib_gallery = _eager_embed(self.encoders["image"], torch.as_tensor(self.calib.pixels)).astype(np.float32)
         if self.tokenizer is None or (self.given_calib is not None and not o.parity):
             return  # calibration given, nothing checked: no held-out data, no golden file (the bench)
-        self.test = load_samples(self.towers, self.tokenizer, o.data, n=o.parity_images, split="test",
+        self.test = load_samples(self.towers, self.tokenizer, self.data, n=o.parity_images, split="test",
                                  seed=o.seed, captions_per_image=0)
         ids, px = torch.as_tensor(self.test.ids), torch.as_tensor(self.test.pixels)
         self.ref = {"text": _eager_embed(self.encoders["text"], ids), "image": _eager_embed(self.encoders["image"], px)}

@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic benchmark and a run folder with a (briefly trained) student."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -43,8 +44,9 @@ def tokenizer(synth_root):
     return train_bpe(corpus.captions, vocab_size=256, context_length=24)
 
 
-def make_run(path, tokenizer, model_name: str = "student-tiny", seed: int = 0):
-    """A run folder as `make student` writes it, with a randomly initialised student."""
+def make_run(path, tokenizer, model_name: str = "student-tiny", seed: int = 0, data=None):
+    """A run folder as `make student` writes it, with a randomly initialised student; with `data`,
+    a manifest recording that it was trained on it (what export calibrates on by default)."""
     from mcad.models.checkpoint import save_model
     from mcad.models.registry import create_model, with_tokenizer
 
@@ -53,6 +55,11 @@ def make_run(path, tokenizer, model_name: str = "student-tiny", seed: int = 0):
     path.mkdir(parents=True, exist_ok=True)
     save_model(model, path / "student.safetensors")
     tokenizer.save(path / "tokenizer.json")
+    if data is not None:
+        from mcad.data.spec import DATA_DEFAULTS
+
+        record = {"kind": "run", "config": {"name": path.name, "data": {**DATA_DEFAULTS, "root": str(data)}}}
+        (path / "manifest.json").write_text(json.dumps(record, indent=1))
     return path
 
 

@@ -55,7 +55,7 @@ def trained_run(tmp_path_factory, tokenizer, synth_root):
     from mcad.models.checkpoint import save_model
     from mcad.runs import load_student
 
-    path = make_run(tmp_path_factory.mktemp("trained") / "tiny", tokenizer, "student-tiny")
+    path = make_run(tmp_path_factory.mktemp("trained") / "tiny", tokenizer, "student-tiny", data=synth_root)
     model = _train_briefly(load_student(path)[0], tokenizer, synth_root)
     save_model(model, path / "student.safetensors")
     return path
@@ -314,6 +314,8 @@ def test_index_bind_makes_programs_holding_its_rows(cpu_export, trained_run, syn
     m = json.loads((idx / "programs-cpu" / "manifest.json").read_text())
     bound = [a["notes"]["gallery_bound"] for a in m["artifacts"] if "gallery_bound" in a.get("notes", {})]
     assert len(bound) == 2 and {b["sha256"] for b in bound} == {hashlib.sha256(rows.tobytes()).hexdigest()}
+    # calibrated and checked on the data the run was trained on (its manifest), not the embedded default
+    assert m["calibration"]["source"] == f"{synth_root / 'dataset_synth.json'}:train"
     with pytest.raises(SearchError, match="keeps no embeddings .*keep_embeddings=true to bind it"):
         main([f"data={data}", "split=test", f"run={trained_run}", f"out={tmp_path / 'lean'}", "keep_embeddings=false",
               "bind=cpu", "progress=false"])

@@ -2,6 +2,9 @@
 and full-integer TFLite, each checked against the eager fp32 encoder (cosine)."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +76,35 @@ def test_calibration_samples(runs, tokenizer, synth_root):
     assert len(allcaps.ids) == 20 and allcaps.caption_to_image.tolist() == sorted(allcaps.caption_to_image.tolist())
     with pytest.raises(FileNotFoundError, match="no such data set"):
         load_samples(model, tokenizer, synth_root / "missing.json")
+
+
+def test_calibration_samples_from_any_data_format(runs, tokenizer, synth_root, tmp_path):
+    """A user's CSV (by path, or as the `data:` spec a run records) gives the same samples as the
+    Karpathy file holding the same pairs: export calibrates a run on the data it was trained on."""
+    from mcad.data.images import load_images, normalize
+    from mcad.data.karpathy import load_karpathy
+    from mcad.quantize.calib import load_samples
+
+    model = runs["student-tiny"]
+    corpus = load_karpathy(synth_root / "dataset_synth.json", split="train").subset(12)
+    (tmp_path / "img").mkdir()
+    for p in corpus.image_paths:  # a user's folder: the images beside the CSV that names them
+        shutil.copy(p, tmp_path / "img" / Path(p).name)
+    rows = ["filepath,caption"] + [f"img/{Path(corpus.image_paths[i]).name},{corpus.captions[c]}"
+                                   for c, i in enumerate(corpus.caption_to_image.tolist())]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    by_path = load_samples(model, tokenizer, tmp_path / "pairs.csv", n=5, split="train", seed=1, captions_per_image=0)
+    by_spec = load_samples(model, tokenizer, {"format": "csv", "csv": str(tmp_path / "pairs.csv"), "root": None},
+                           n=5, split="train", seed=1, captions_per_image=0)
+    np.testing.assert_array_equal(by_path.pixels, by_spec.pixels)
+    np.testing.assert_array_equal(by_path.ids, by_spec.ids)
+    assert len(by_path) == 5 and by_path.source == f"data.format=csv data.csv={tmp_path / 'pairs.csv'}:train"
+    # all of it: the Karpathy rows' images, decoded and normalised as the model sees them, and their captions
+    full = load_samples(model, tokenizer, tmp_path / "pairs.csv", n=0, split="train", captions_per_image=0)
+    pixels_u8, _ = load_images(corpus, model.image_size, progress=False)
+    np.testing.assert_array_equal(full.pixels, normalize(pixels_u8, model.image_mean, model.image_std).numpy())
+    np.testing.assert_array_equal(full.ids, tokenizer.encode_batch(corpus.captions))
+    np.testing.assert_array_equal(full.caption_to_image, corpus.caption_to_image)
 
 
 @pytest.mark.parametrize("backend", ["xnnpack", "qnn", "litert"])
