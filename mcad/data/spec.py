@@ -189,7 +189,8 @@ def _empty_fix(spec: DataSpec, split: str) -> str:
         return (f"(its images per split: {listed}; Karpathy splits are train/restval, val, test"
                 + (f": choose another, e.g. eval.split={others[0]})" if others else ")"))
     key = "csv" if spec.format == "csv" else "shards"
-    return f"(give the {split} split its own file: data.{key}={{train: ..., {split}: ...}})"
+    splits = dict.fromkeys(["train", split])  # (train once when it is the split asked for)
+    return f"(give the {split} split its own file: data.{key}={{{', '.join(f'{s}: ...' for s in splits)}}})"
 
 
 def _karpathy_splits(json_path: Path) -> dict[str, int]:
