@@ -197,22 +197,13 @@ def _eager_embed_b1(module, x: torch.Tensor) -> np.ndarray:
         return torch.cat([module(x[i:i + 1]) for i in range(len(x))]).numpy()
 
 
-def _run_data(run: Path | None):
-    """The data a run was trained on (its manifest's `data:` spec), which calibrates and checks its
-    export unless data= says otherwise: a student of a user's photos is not calibrated on the
-    synthetic set. None (the embedded default) for a run from before manifests, or no run."""
-    from mcad.runs import run_record
-
-    return ((run_record(run).get("config") or {}).get("data") or None) if run is not None else None
-
-
 class Exporter:
     """`towers` / `calib` given (the bench): those encoders, calibrated on those samples, no run's
     data needed; otherwise the run's student and samples of `opts.data`."""
 
     def __init__(self, opts: Options, towers: Towers | None = None, calib=None):
         from mcad.quantize.pt2e import parse_keep
-        from mcad.runs import STUDENT, latest_run, load_student
+        from mcad.runs import STUDENT, latest_run, load_student, run_record
 
         if opts.target not in TARGETS:
             raise ValueError(f"target={opts.target!r}: unknown target (one of {', '.join(TARGETS)})")
@@ -238,7 +229,11 @@ class Exporter:
             self.run = Path(opts.run) if opts.run is not None else None
         self.towers = towers
         self.student_sha = sha256_file(self.run / STUDENT) if self.run and (self.run / STUDENT).exists() else None
-        self.data = opts.data if opts.data is not None else _run_data(self.run)
+        # the run's manifest, read once: its data (which calibrates and checks the export unless data=
+        # says otherwise: a student of a user's photos is not calibrated on the synthetic set; none for a
+        # run from before manifests: the embedded default), its preprocessing and its teachers
+        self.record = run_record(self.run) if self.run is not None else {}
+        self.data = opts.data if opts.data is not None else (self.record.get("config") or {}).get("data")
         self.given_calib = calib
         if opts.parity and self.tokenizer is None:
             raise ValueError("parity needs the run's student and data (towers were given): pass parity=False")
@@ -727,19 +722,15 @@ class Exporter:
     def preprocess_record(self) -> dict | None:
         """What the image encoder's input is made from a file: the run's record (its dual teacher's view)."""
         from mcad.preprocess import record
-        from mcad.runs import run_record
 
         t = self.towers
         if t.image_encoder is None:
             return None
-        rec = run_record(self.run).get("preprocess") if self.run else None
-        return rec or record(t, t.view)
+        return self.record.get("preprocess") or record(t, t.view)
 
     def run_teachers(self) -> dict | None:
         """The teachers the run was distilled from (specs and file hashes), as its manifest records them."""
-        from mcad.runs import run_record
-
-        return run_record(self.run).get("teachers") if self.run else None
+        return self.record.get("teachers")
 
     # -- all --------------------------------------------------------------------------------------
     def export(self) -> dict:
