@@ -86,7 +86,7 @@ gate: | .venv/.installed
 	$(MCAD) bench device=local run=$(GATE_RUN) $(GATE_COMMON) target=cpu-bound galleries=100000 out=$(GATE_RUN)/bench/bound $(ARGS)
 
 search-bench: | .venv/.installed
-	$(PY) -m mcad.benchmarks.search_bench $(if $(RUN),run=$(RUN)) $(ARGS)
+	$(PY) benchmarks/studies/search_bench.py $(if $(RUN),run=$(RUN)) $(ARGS)
 
 report: | .venv/.installed
 	$(MCAD) report $(RUN) $(ARGS)

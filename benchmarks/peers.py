@@ -3,7 +3,7 @@ subprocess): CLIP's text tower and MobileViT's image tower, unit-norm outputs.
 
 Both keep the student encoders' contract (a `.text` / `.visual` tower and a `.proj`, forward =
 l2_normalize(proj(tower(x)))), so mcad.export lowers and quantizes them exactly as it does the
-student (mcad.export.towers)."""
+student (mcad.export.encoders)."""
 from __future__ import annotations
 
 import torch

@@ -213,7 +213,7 @@ def mobile_subject(work: Path, runtimes: list[str], quants: list[str], tokenizer
     import torch
 
     from mcad.benchmarks.artifacts import build_variants, cache_key, random_ids
-    from mcad.export.towers import Towers
+    from mcad.export.encoders import Towers
     from mcad.models.registry import create_model, model_config
 
     cfg = model_config("student-mobile")
@@ -239,7 +239,7 @@ def clip_text_subject(work: Path, runtimes: list[str], quants: list[str], tokeni
 
     from mcad.benchmarks.artifacts import build_variants, cache_key, random_ids
     from mcad.benchmarks.peers import ClipTextTower
-    from mcad.export.towers import Towers
+    from mcad.export.encoders import Towers
 
     cfg = CLIP_TINY_TEXT if tiny else CLIP_B32_TEXT
     name = "clip-tiny-text" if tiny else "clip-vit-b32-text"
@@ -264,7 +264,7 @@ def mobilevit_subject(runtimes: list[str], quants: list[str], cache: Path = DEFA
 
     from mcad.benchmarks.artifacts import build_variants, cache_key
     from mcad.benchmarks.peers import MobileViTTower
-    from mcad.export.towers import Towers
+    from mcad.export.encoders import Towers
 
     cfg = MOBILEVIT_TINY if tiny else MOBILEVIT_SMALL
     name = "mobilevit-tiny" if tiny else "mobilevit-small"

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from mcad.config import load_command_config
 from mcad.evaluate import encode_images, encode_texts, image_keys
 from mcad.io import atomic_path, read_json, sha256_file, write_manifest
-from mcad.sampling import nearest_neighbours
+from mcad.distill.sampling import nearest_neighbours
 
 log = logging.getLogger("mcad.cache")
 # 2: neighbours are other scenes (image_keys), not duplicates; 3: + h_img/h_txt (loss.fused=candidates).
@@ -465,7 +465,7 @@ def main(argv: list[str]) -> int:
     from mcad.checks import CACHE, require_counts
     from mcad.data import spec as data_spec
     from mcad.preprocess import view_of
-    from mcad.teachers import add_file_log
+    from mcad.distill.teachers import add_file_log
 
     # the student recipe (data, teachers, neighbours, cache, device) + the shard size, which only the cache reads
     cfg = load_command_config(argv, "student", extra={"cache_shard_images": 2048}, shorthands=teacher_spec.shorthands())

@@ -33,15 +33,15 @@ from mcad.distill.losses import (FUSED, NEG, WITHIN, FusionAdapters, distributio
                                  mcad_targets, modified_features, single_teacher_loss)
 from mcad.evaluate import evaluate_dual, image_keys
 from mcad.io import write_json, write_manifest
-from mcad.losses import clip_loss
+from mcad.distill.losses import clip_loss
 from mcad.models.checkpoint import save_model
 from mcad.models.registry import count_params, create_model, student_overrides
 from mcad.preprocess import model_input, same_input, view_of
 from mcad.retrieval import recall_table
-from mcad.sampling import ConfuserBatches, caption_choice
+from mcad.distill.sampling import ConfuserBatches, caption_choice
 from mcad.teacher_spec import load_teachers
-from mcad.teachers import add_file_log
-from mcad.trainer import Trainer
+from mcad.distill.teachers import add_file_log
+from mcad.distill.trainer import Trainer
 
 log = logging.getLogger("mcad.distill")
 VARIANTS = ("none", "dual", "single", "mcad")

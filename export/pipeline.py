@@ -32,7 +32,7 @@ from mcad.artifacts import MANIFEST, Artifact, ExportManifest, Tensor, gallery_i
 from mcad.export import folder
 from mcad.export import parity as P
 from mcad.export.programs import INPUT_NAMES, NAMES, OUTPUT_NAMES, ROLES, SEARCH_K, example_inputs, program
-from mcad.export.towers import Towers
+from mcad.export.encoders import Towers
 from mcad.io import atomic_path, now_iso, sha256_file, versions, write_json
 
 log = logging.getLogger("mcad.export")

@@ -10,7 +10,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mcad.data.cli", "make the synthetic benchmark (or check a data set) and report its ceiling"),
-    "teachers": ("mcad.teachers", "train the dual and fusion teachers on the embedded default"),
+    "teachers": ("mcad.distill.teachers", "train the dual and fusion teachers on the embedded default"),
     "eval": ("mcad.evaluate", "retrieval R@1/5/10 + RSUM of a checkpoint (and fusion re-ranking)"),
     "cache": ("mcad.distill.cache", "run the teachers once over a data set and store their outputs"),
     "student": ("mcad.distill.recipe", "distill the student (MCAD) and evaluate it"),
@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mcad.benchmarks.cli", "search latency and running memory on a device, against budgets"),
     "index": ("mcad.search.index", "build or extend a faiss index over a gallery"),
     "search": ("mcad.search.query", "query an index with text"),
-    "report": ("mcad.report", "write the HTML report of a run"),
+    "report": ("mcad.search.report", "write the HTML report of a run"),
 }
 
 

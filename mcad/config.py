@@ -68,7 +68,8 @@ def read_yaml(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if base is not None:
         if path.resolve() in _seen:
             raise ConfigError(f"{path}: base: {base} leads back to this recipe")
-        cfg = inherit(read_yaml(base, (*_seen, path.resolve())), cfg, path)
+        sibling = path.parent / f"{base}.yaml"  # a recipe beside this one first, then a registered one
+        cfg = inherit(read_yaml(sibling if sibling.is_file() else base, (*_seen, path.resolve())), cfg, path)
     return cfg
 
 

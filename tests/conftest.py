@@ -72,7 +72,7 @@ def tiny_run(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def teachers(synth_root, tmp_path_factory):
     """Both teachers, trained for two steps (the real recipe, tiny budgets)."""
-    from mcad.teachers import main
+    from mcad.distill.teachers import main
 
     out = tmp_path_factory.mktemp("teachers")
     assert main([f"data={synth_root}", f"out={out}", "dual.steps=2", "fusion.steps=2", "dual.batch_size=16",

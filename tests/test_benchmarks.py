@@ -71,7 +71,7 @@ def test_quick_bench_with_peers(tiny_run, tmp_path, capsys):
 
 
 def test_ratios_and_quant_family():
-    from mcad.benchmarks.search import ratios
+    from mcad.benchmarks.engine import ratios
     from mcad.benchmarks.subjects import quant_family
 
     assert quant_family("int8 static QDQ per-channel") == "int8" and quant_family("") == "fp32"
@@ -113,7 +113,7 @@ def test_gallery_quality_fp32_row_is_the_students_own_retrieval(tiny_run, synth_
     computes it from the full similarity matrix; the int8 gallery's exact re-rank gets back (nearly) all of
     the fp32 top-10 that the int8 codes alone miss (a random-weight student's embeddings are all close:
     the hardest case for 8 bits)."""
-    from mcad.benchmarks.gallery_quality import embeddings, measure
+    from gallery_quality import embeddings, measure
     from mcad.retrieval import retrieval_metrics
 
     res = measure(tiny_run, str(synth_root), 10)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from mcad.benchmarks.candidates import candidate_stats
+from candidates import candidate_stats
 
 
 def test_tied_dual_scores_order_moves_nothing_split_follows_fusion():

@@ -83,7 +83,7 @@ def test_student_dotted_keys_and_recipe_positional(capsys, monkeypatch, tmp_path
 
 
 def test_benchmark_scripts_use_the_same_parser(capsys):
-    from mcad.benchmarks import search_bench
+    import search_bench
 
     with pytest.raises(ConfigError, match=r"^typs: unknown key; did you mean types\?$"):
         search_bench.parse_args(["typs=flat"])
@@ -208,8 +208,8 @@ def test_results_go_to_the_working_checkout_not_the_package(monkeypatch, tmp_pat
     """bench and search_bench write their summaries under ./benchmarks/results of where they run
     (or where results=/out= says), never beside the installed mcad/benchmarks modules."""
     import mcad.benchmarks
-    from mcad.benchmarks import search_bench
-    from mcad.benchmarks.search import BenchOptions
+    import search_bench
+    from mcad.benchmarks.engine import BenchOptions
     parse_args = _command("bench").parse_args
 
     monkeypatch.chdir(tmp_path)

@@ -168,7 +168,7 @@ def test_runner_sq_galleries_are_faiss_own_codes_and_rerank_is_exact(tmp_path):
     exact top-10; without it int8 still finds most of it."""
     import faiss
 
-    from mcad.benchmarks.search import gallery_file
+    from mcad.benchmarks.engine import gallery_file
     from mcad.device.runner import Scorer, _random_chunks
 
     n, d = 3000, 32

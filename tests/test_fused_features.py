@@ -4,12 +4,15 @@ batch draws another of the image's captions (it does in the old `matched` form).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from mcad.distill.losses import FusionAdapters, candidate_mix, fused_features, modified_features
+
+STUDIES = Path(__file__).resolve().parents[1] / "benchmarks" / "studies" / "configs"
 
 
 def unit(x):
@@ -74,7 +77,7 @@ def fused_cache(teachers, synth_root, tmp_path_factory):
     from mcad.distill.cache import TeacherCache, build_cache, candidate_lists, dual_neighbours
     from mcad.evaluate import image_keys
     from mcad.models.checkpoint import load_model
-    from mcad.teachers import load_split
+    from mcad.distill.teachers import load_split
     from mcad.tokenizer import Tokenizer
 
     dual, fusion = load_model(teachers / "dual.safetensors"), load_model(teachers / "fusion.safetensors")
@@ -100,7 +103,7 @@ def adapters_with_weights(h_dim, dim):
 def test_cache_holds_what_running_f_gives(fused_cache):
     from mcad.data.images import normalize
     from mcad.distill.cache import caption_table, online_candidate_features
-    from mcad.sampling import ConfuserBatches, caption_choice
+    from mcad.distill.sampling import ConfuserBatches, caption_choice
 
     dual, fusion, pixels, ids, corpus, lists, cache = fused_cache
     assert cache.manifest["format"] == "mcad-teacher-cache/3" and cache.manifest["fused_tau_f"] == 0.7
@@ -121,7 +124,7 @@ def test_image_side_target_does_not_depend_on_the_drawn_caption(fused_cache):
     """Swap the caption the batch drew for image 0 (another of its own captions): with
     loss.fused=candidates the image-side targets ṽ of every image stay equal; with the old matched
     form image 0's target moves with the caption."""
-    from mcad.sampling import ConfuserBatches, caption_choice
+    from mcad.distill.sampling import ConfuserBatches, caption_choice
 
     dual, fusion, pixels, ids, corpus, lists, cache = fused_cache
     caps = corpus.image_captions()
@@ -191,7 +194,7 @@ def test_records_leave_out_the_new_keys_at_their_defaults():
     assert cfg["train_split"] == "train" and cfg["loss"]["fused"] == "matched"
     rec = without_new_defaults(cfg)
     assert "train_split" not in rec and "fused" not in rec["loss"] and rec["loss"]["lam"] == cfg["loss"]["lam"]
-    web = load_config("student-weblabels")
+    web = load_config(STUDIES / "student-weblabels.yaml")
     assert without_new_defaults(web)["train_split"] == "distill"
     assert without_new_defaults(web)["loss"]["fused"] == "candidates"
 
@@ -221,17 +224,17 @@ def test_weblabels_recipes_run_end_to_end(tmp_path):
     from mcad.data.cli import main as data_main
     from mcad.distill.ablation import main as ablation_main
     from mcad.distill.cache import TeacherCache, main as cache_main
-    from mcad.teachers import main as teachers_main
+    from mcad.distill.teachers import main as teachers_main
 
     data, teachers, cache = tmp_path / "web", tmp_path / "teachers", tmp_path / "cache"
     assert data_main([f"out={data}", "n_train=64", "n_val=0", "n_test=16", "n_distill=32", "distill_captions=2",
                       "web_partial=0.5", "web_wrong=0.2", "progress=false"]) == 0
-    assert teachers_main(["teachers-strong", f"data={data}", f"out={teachers}", "dual.steps=2", "fusion.steps=2",
+    assert teachers_main([str(STUDIES / "teachers-strong.yaml"), f"data={data}", f"out={teachers}", "dual.steps=2", "fusion.steps=2",
                           "dual.batch_size=16", "fusion.batch_size=8", "threads=1", "eval.rerank_k=4"]) == 0
     student = [f"data={data}", f"teachers={teachers}", f"cache={cache}", "threads=1"]
-    assert cache_main(["student-weblabels", *student]) == 0
+    assert cache_main([str(STUDIES / "student-weblabels.yaml"), *student]) == 0
     assert len(TeacherCache(cache).lists) == 32  # over the distillation split, not the teachers' train split
-    assert ablation_main(["student-weblabels", *student, f"out={tmp_path / 'runs'}", "variants=none,mcad,mcad-lam0",
+    assert ablation_main([str(STUDIES / "student-weblabels.yaml"), *student, f"out={tmp_path / 'runs'}", "variants=none,mcad,mcad-lam0",
                           "seeds=0", "steps=2", "batch_size=16", "adapters.steps=2", "adapters.batch_size=8",
                           "warmup=1", f"results={tmp_path / 'res'}"]) == 0
     res = json.loads((tmp_path / "res" / "ablation.json").read_text())

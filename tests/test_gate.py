@@ -133,7 +133,7 @@ class _Job:
 ])
 def test_a_broken_latency_budget_is_confirmed_before_it_fails(tmp_path, script, kept, attempts, ok):
     from mcad.benchmarks.budgets import check, load_budgets
-    from mcad.benchmarks.search import confirm_breaches, measure
+    from mcad.benchmarks.engine import confirm_breaches, measure
 
     p = tmp_path / "b.yaml"
     p.write_text("devices:\n  gate: {budgets: {student: {1000: {p50_ms: 8, memory_mb: 100}}}}\n")

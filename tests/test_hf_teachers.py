@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from test_tokenizer_clip import make_clip_tokenizer_folder  # noqa: E402  (tests/ is on sys.path)
 
 from mcad.models.hf_teachers import BLIPITMTeacher, CLIPTeacher, load_teacher  # noqa: E402
-from mcad.models.tiny_hf import bert_vocab, save_tiny_blip  # noqa: E402,F401  (test_real_path imports it from here)
+from tiny_hf import bert_vocab, save_tiny_blip  # noqa: E402,F401  (test_real_path imports it from here)
 
 CAPTIONS = ["a photo of a cat", "Two dogs, playing in the park!!", "", "the red car " * 40,
             "a man riding a bike down the street", "café 東京 🚗 42"]

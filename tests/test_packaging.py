@@ -84,3 +84,16 @@ def test_installed_wheel_has_a_model_registry(wheel, tmp_path):
     assert Path(got["file"]).resolve().is_relative_to(site.resolve()), got["file"]  # not the editable checkout
     assert got["models"] == sorted(p.stem for p in (REPO / "mcad" / "models" / "configs").glob("*.yaml"))
     assert "student-tiny" in got["models"] and got["student_steps"] > 0 and got["budgets"]
+
+
+def test_wheel_holds_no_study_recipe_of_a_study_or_test_fixture(wheel):
+    """The product only: the studies and their recipes (benchmarks/studies/) and the suite's
+    fixtures (tests/) stay in the checkout."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    studies = REPO / "benchmarks" / "studies"
+    left_out = [*studies.rglob("*.py"), *studies.rglob("*.yaml"), *(REPO / "tests").glob("*.py")]
+    assert left_out
+    shipped = {n.rsplit("/", 1)[-1] for n in names if n.startswith("mcad/")}
+    inside = [f.relative_to(REPO) for f in left_out if f.name in shipped and f.name not in ("__init__.py",)]
+    assert not inside, f"in the wheel: {inside}"
+    assert not [n for n in names if "/studies/" in n or n.startswith("tests/")]

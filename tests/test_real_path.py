@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from test_hf_teachers import MEAN, STD, save_tiny_blip  # noqa: E402  (tests/ is on sys.path)
 from test_tokenizer_clip import corpus as tokenizer_corpus  # noqa: E402
 
-from mcad.models.tiny_hf import save_tiny_clip  # noqa: E402
+from tiny_hf import save_tiny_clip  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

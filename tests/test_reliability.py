@@ -40,7 +40,7 @@ def test_pixel_cache_is_keyed_by_image_content(tmp_path):
     the pixel cache beside the data must not hand back the old ones."""
     from mcad.data.images import load_images
     from mcad.data.karpathy import load_karpathy
-    from mcad.teachers import load_split
+    from mcad.distill.teachers import load_split
 
     root = tiny_synth(tmp_path / "d", seed=0)
     old, _ = load_split(root, "train", 64)                 # writes pixels_train_64_*.npz
@@ -98,7 +98,7 @@ def test_teacher_cache_refuses_other_teachers_with_the_rebuild_command(built_cac
     from mcad.data.images import data_key
     from mcad.distill.cache import TeacherCache
     from mcad.distill.recipe import main as student_main
-    from mcad.teachers import load_split
+    from mcad.distill.teachers import load_split
 
     pixels, corpus = load_split(synth_root, "train", 64)
     cache = TeacherCache(built_cache)
@@ -116,7 +116,7 @@ def test_teacher_cache_refuses_other_data_and_damaged_shards(built_cache, synth_
     import shutil
 
     from mcad.distill.cache import TeacherCache
-    from mcad.teachers import load_split
+    from mcad.distill.teachers import load_split
 
     pixels, corpus = load_split(synth_root, "train", 64)
     cache = TeacherCache(built_cache)
@@ -137,7 +137,7 @@ def test_teacher_cache_refuses_other_data_and_damaged_shards(built_cache, synth_
 
 
 def test_teachers_refuse_models_and_checkpoints_of_another_recipe(synth_root, tmp_path):
-    from mcad.teachers import main
+    from mcad.distill.teachers import main
 
     out = tmp_path / "teachers"
     args = [f"data={synth_root}", f"out={out}", "dual.steps=2", "fusion.steps=1", "dual.batch_size=16",
@@ -430,8 +430,8 @@ def test_counts_are_checked_at_each_command_naming_the_key(tmp_path, synth_root,
     from mcad.data.cli import make_synthetic
     from mcad.distill.cache import main as cache_main
     from mcad.distill.recipe import main as student_main
-    from mcad.teachers import main as teachers_main
-    from mcad.trainer import Trainer
+    from mcad.distill.teachers import main as teachers_main
+    from mcad.distill.trainer import Trainer
 
     with pytest.raises(ValueError, match=r"n_train=-4: must be an integer >= 0"):
         make_synthetic({"out": str(tmp_path / "d"), "n_train": -4, "progress": False})
@@ -474,8 +474,8 @@ def test_budgets_file_schema_is_one_line_at_load(tmp_path, text, key):
 def _interrupted_run(tmp_path, interrupt_at=None, steps=6):
     import signal
 
-    from mcad.sampling import RandomBatches
-    from mcad.trainer import Trainer
+    from mcad.distill.sampling import RandomBatches
+    from mcad.distill.trainer import Trainer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -498,7 +498,7 @@ def _interrupted_run(tmp_path, interrupt_at=None, steps=6):
 def test_ctrl_c_saves_the_step_and_says_where_and_resume_is_exact(tmp_path):
     import signal
 
-    from mcad.trainer import TrainingInterrupted
+    from mcad.distill.trainer import TrainingInterrupted
 
     # as in a terminal: a suite started in the background (CI, nohup) inherits SIGINT ignored,
     # and the trainer rightly leaves an ignored Ctrl-C alone
@@ -525,7 +525,7 @@ def test_ctrl_c_in_any_command_is_one_line(monkeypatch, capsys):
     import types
 
     from mcad import cli
-    from mcad.trainer import TrainingInterrupted
+    from mcad.distill.trainer import TrainingInterrupted
 
     def main(argv):
         raise TrainingInterrupted("student: interrupted at step 3 of 9; saved runs/x/student.ckpt.pt (step 3)")
@@ -569,7 +569,7 @@ def test_temp_files_of_killed_saves_are_swept_on_start(tmp_path):
     import subprocess
     import time
 
-    from mcad.trainer import Trainer
+    from mcad.distill.trainer import Trainer
 
     run = tmp_path / "run"
     run.mkdir()

@@ -92,7 +92,7 @@ def full_run(tiny_run, tmp_path_factory):
 
 
 def _render(run, results, synth_root, out, **kw):
-    from mcad.report import render
+    from mcad.search.report import render
 
     return render(run, synth_root, results, out, **kw)
 
@@ -102,7 +102,7 @@ def test_report_has_every_section(full_run, synth_root):
     out = _render(run, results, synth_root, run / "report.html")
     h = out.read_text()
     assert h.startswith("<!DOCTYPE html>") and "http://" not in h and "https://" not in h  # no network
-    from mcad.report import _fmt
+    from mcad.search.report import _fmt
 
     parity, row = export_parity(), bench_rows()[0]
     cos = parity["artifacts"]["text_encoder.onnx"]

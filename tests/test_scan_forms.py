@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_scan_forms_exact_and_written(tmp_path):
-    from mcad.benchmarks import scan_forms
+    import scan_forms
 
     assert scan_forms.main(["rows=300", "dims=8", "runs=3", f"results={tmp_path}"]) == 0
     res = json.loads((tmp_path / "scan_forms.json").read_text())
@@ -25,7 +25,7 @@ def test_scan_forms_exact_and_written(tmp_path):
 
 
 def test_a_wrong_top_k_is_caught(tmp_path, monkeypatch):
-    from mcad.benchmarks import scan_forms
+    import scan_forms
 
     real = scan_forms.build
 

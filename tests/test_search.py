@@ -11,7 +11,7 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from mcad.search import indexes, store  # noqa: E402
+from mcad.search import faiss_index, store  # noqa: E402
 from mcad.search.common import SearchError  # noqa: E402
 from mcad.search.encoders import EagerEncoder, l2n  # noqa: E402
 from mcad.search.index import build_index, encode_paths  # noqa: E402
@@ -73,15 +73,15 @@ def test_flat_matches_numpy_bruteforce(student_embs):
     emb, q = student_embs
     k = 10
     # raw student embeddings (near-degenerate): same scores, ids equal up to ties
-    index, _ = indexes.build(emb, "flat")
-    D, I = indexes.search(index, "flat", q, k)
+    index, _ = faiss_index.build(emb, "flat")
+    D, I = faiss_index.search(index, "flat", q, k)
     ns, ni, full = _numpy_topk(emb, q, k)
     np.testing.assert_allclose(D, ns, atol=2e-6)
     assert _tie_aware_recall(I, full, k, tol=2e-6) == 1.0
     # centred embeddings: identical top-k ids wherever consecutive scores are not tied
     g, qq = _spread(emb, q)
-    index, _ = indexes.build(g, "flat")
-    D, I = indexes.search(index, "flat", qq, k)
+    index, _ = faiss_index.build(g, "flat")
+    D, I = faiss_index.search(index, "flat", qq, k)
     ns, ni, full = _numpy_topk(g, qq, k)
     np.testing.assert_allclose(D, ns, atol=2e-6)
     gaps = np.diff(-np.sort(-full, axis=1)[:, : k + 1], axis=1)
@@ -96,21 +96,21 @@ def test_compressed_recall(student_embs, kind, threshold, tmp_path):
     g, qq = _spread(emb, q, copies=15)  # 380 student embeddings + jittered copies: 6080 vectors
     k = 10
     _, _, full = _numpy_topk(g, qq, k)
-    index, params = indexes.build(g, kind)
+    index, params = faiss_index.build(g, kind)
     if kind.startswith("ivf"):
         assert 1 < params["nprobe"] < params["nlist"], params  # a real (non-exhaustive) IVF search
-    D, I = indexes.search(index, kind, qq, k)
+    D, I = faiss_index.search(index, kind, qq, k)
     r = _tie_aware_recall(I, full, k, tol=1e-6)
     assert r >= threshold, f"{kind}: recall@10 {r:.3f} < {threshold}"
     # scores are inner products (hnsw's L2 distances converted back)
     exact = np.take_along_axis(full, I, 1)
     assert np.abs(D - exact).max() < (0.02 if kind != "ivfpq" else 0.15)
-    if kind in indexes.RERANKABLE:  # exact re-ranking of a 4k shortlist, rows read from disk
+    if kind in faiss_index.RERANKABLE:  # exact re-ranking of a 4k shortlist, rows read from disk
         from mcad.search.store import VectorFile
 
         np.save(tmp_path / "v.npy", g)
         vf = VectorFile(tmp_path / "v.npy")
-        Dr, Ir = indexes.search(index, kind, qq, k, rerank=4, vectors=vf)
+        Dr, Ir = faiss_index.search(index, kind, qq, k, rerank=4, vectors=vf)
         rr = _tie_aware_recall(Ir, full, k, tol=1e-6)
         assert rr >= r and (kind != "sq8" or rr >= 0.99), (kind, r, rr)  # IVF types: probing still limits
         np.testing.assert_allclose(Dr, np.take_along_axis(full, Ir, 1), atol=1e-5)
@@ -118,8 +118,8 @@ def test_compressed_recall(student_embs, kind, threshold, tmp_path):
         vf.close()
     # round trip through the file format keeps the results
     index2 = faiss.deserialize_index(faiss.serialize_index(index))
-    indexes.set_search_params(index2, kind, params)
-    D2, I2 = indexes.search(index2, kind, qq, k)
+    faiss_index.set_search_params(index2, kind, params)
+    D2, I2 = faiss_index.search(index2, kind, qq, k)
     np.testing.assert_array_equal(I, I2)
 
 
@@ -290,7 +290,7 @@ def test_dataset_source_and_auto_type(tiny_run, synth_root, tmp_path, capsys):
     assert len(j["results"]) == 5 and j["rerank"] == 4  # lossy type + kept embeddings: exact re-ranking
     rc, o, e = _cli(capsys, "search", "a red circle above a green square", f"index={out}", "rerank=0", "--json")
     assert rc == 0 and json.loads(o)["rerank"] == 0
-    assert indexes.auto_type(1000, 64) == "flat" and indexes.auto_type(1_000_000, 64) == "ivfsq8"
+    assert faiss_index.auto_type(1000, 64) == "flat" and faiss_index.auto_type(1_000_000, 64) == "ivfsq8"
 
 
 def test_onnx_encoders(tokenizer, synth_root, photo_dir, tmp_path):

@@ -11,7 +11,7 @@ def cache_setup(teachers, synth_root, tmp_path_factory):
     from mcad.distill.cache import build_cache, candidate_lists, dual_neighbours
     from mcad.evaluate import image_keys
     from mcad.models.checkpoint import load_model
-    from mcad.teachers import load_split
+    from mcad.distill.teachers import load_split
     from mcad.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
@@ -32,7 +32,7 @@ def cache_setup(teachers, synth_root, tmp_path_factory):
 def test_cache_matches_online_teachers(cache_setup):
     from mcad.data.images import normalize
     from mcad.distill.cache import TeacherCache, online_batch
-    from mcad.sampling import ConfuserBatches, caption_choice
+    from mcad.distill.sampling import ConfuserBatches, caption_choice
 
     dual, fusion, pixels, ids, corpus, lists, out = cache_setup
     cache = TeacherCache(out)

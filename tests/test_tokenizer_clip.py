@@ -9,7 +9,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from mcad.models.tiny_hf import (EOT, SOT, TRAIN_TEXTS, bytes_to_unicode, clip_vocab_merges,  # noqa: E402,F401
+from tiny_hf import (EOT, SOT, TRAIN_TEXTS, bytes_to_unicode, clip_vocab_merges,  # noqa: E402,F401
                                  make_clip_tokenizer_folder)
 
 

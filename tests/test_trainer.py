@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from mcad.sampling import ConfuserBatches, RandomBatches
-from mcad.trainer import Trainer
+from mcad.distill.sampling import ConfuserBatches, RandomBatches
+from mcad.distill.trainer import Trainer
 
 
 def _run(tmp_path, stop_at=None, resume=False, steps=6, lr=1e-2):
@@ -65,7 +65,7 @@ def test_batches_are_a_function_of_step():
 
 
 def test_nearest_neighbours_against_brute_force_with_and_without_keys():
-    from mcad.sampling import nearest_neighbours
+    from mcad.distill.sampling import nearest_neighbours
 
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(300, 8, generator=g), dim=1)
@@ -80,7 +80,7 @@ def test_nearest_neighbours_against_brute_force_with_and_without_keys():
 
 
 def test_teacher_recipe_two_steps(synth_root, tmp_path):
-    from mcad.teachers import main
+    from mcad.distill.teachers import main
 
     out = tmp_path / "teachers"
     args = [f"data={synth_root}", f"out={out}", "dual.steps=2", "fusion.steps=2", "dual.batch_size=16",

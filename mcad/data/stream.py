@@ -422,7 +422,7 @@ class _StepBatches:
 
 class StepFeed:
     """The decoded images of each training step's batch, one array per `images` view. Batches are
-    pure functions of the step (mcad.sampling), so workers decode the next steps while the model
+    pure functions of the step (mcad.distill.sampling), so workers decode the next steps while the model
     trains on this one; a resume (a step other than the next) starts the loader there."""
 
     def __init__(self, images: list[Images], batch_of: Callable[[int], np.ndarray], steps: int):

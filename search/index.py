@@ -9,7 +9,7 @@
 
 Folders are scanned recursively for .jpg/.jpeg/.png/.webp. Unreadable images are reported (path +
 error), counted in the manifest, and left out of the index (a later `mode=add` retries them).
-type: auto | flat | sq8 | ivfsq8 | ivfpq | hnsw (see mcad/search/indexes.py); parameters nlist=,
+type: auto | flat | sq8 | ivfsq8 | ivfpq | hnsw (see faiss_index.py); parameters nlist=,
 nprobe=, m=, nbits=, M=, efConstruction=, efSearch= override the defaults.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mcad.data.spec import DEFAULT_SYNTH_ROOT, synth_json
-from mcad.search import indexes, store
+from mcad.search import faiss_index, store
 from mcad.search.common import SearchError, parse_args
 from mcad.search.encoders import Encoder, load_image_encoder
 
@@ -160,8 +160,8 @@ def build_index(out: str | Path, encoder: Encoder | None = None, paths: list[str
     out = Path(out)
     if mode not in ("create", "add", "rebuild"):
         raise SearchError(f"mode={mode}: expected create, add or rebuild")
-    if kind != "auto" and kind not in indexes.TYPES:
-        raise SearchError(f"type={kind}: expected auto or one of {', '.join(indexes.TYPES)}")
+    if kind != "auto" and kind not in faiss_index.TYPES:
+        raise SearchError(f"type={kind}: expected auto or one of {', '.join(faiss_index.TYPES)}")
     with store.locked(out):
         if mode == "create":
             if store.exists(out) and not overwrite:
@@ -180,7 +180,7 @@ def build_index(out: str | Path, encoder: Encoder | None = None, paths: list[str
 
 
 def _index_manifest(kind: str, chosen_by: str, params: dict) -> dict:
-    return {"type": kind, "chosen_by": chosen_by, "metric": indexes.metric_of(kind), "params": params}
+    return {"type": kind, "chosen_by": chosen_by, "metric": faiss_index.metric_of(kind), "params": params}
 
 
 def _check_same_student(folder: store.IndexFolder, encoder: Encoder) -> None:
@@ -206,9 +206,9 @@ def _create(out: Path, encoder: Encoder | None, paths: list[str], kind: str, par
         raise SearchError(f"none of the {len(paths)} images could be read (first: {bad[0][0]}: {bad[0][1]})")
     chosen_by = "flag"
     if kind == "auto":
-        kind, chosen_by = indexes.auto_type(len(ok), emb.shape[1]), "auto"
+        kind, chosen_by = faiss_index.auto_type(len(ok), emb.shape[1]), "auto"
     t1 = time.perf_counter()
-    index, used = indexes.build(emb, kind, params)
+    index, used = faiss_index.build(emb, kind, params)
     t_build = time.perf_counter() - t1
     manifest = {
         "kind": "search-index",
@@ -258,7 +258,7 @@ def _add(folder: store.IndexFolder, encoder: Encoder | None, paths: list[str], k
                                         "skipped": len(bad), "encode_s": round(t_enc, 3)})
     # A gallery that outgrew its type (auto) or its IVF training is rebuilt from the stored embeddings.
     n, cur = folder.index.ntotal, folder.kind
-    want = indexes.auto_type(n, folder.dim) if m["index"].get("chosen_by") == "auto" else cur
+    want = faiss_index.auto_type(n, folder.dim) if m["index"].get("chosen_by") == "auto" else cur
     if kind not in ("auto", cur):
         want = kind
     stale_ivf = cur in ("ivfsq8", "ivfpq") and n > 4 * int(folder.params.get("trained_on", n))
@@ -281,12 +281,12 @@ def _rebuild(folder: store.IndexFolder, kind: str, params: dict, reason: str, ad
         raise SearchError(f"{folder.root}: no stored embeddings (built with keep_embeddings=false); "
                           f"rebuild with mode=create overwrite=true")
     if kind == "auto":
-        kind, chosen_by = indexes.auto_type(len(folder.paths), folder.dim), "auto"
+        kind, chosen_by = faiss_index.auto_type(len(folder.paths), folder.dim), "auto"
     keep = {k: v for k, v in folder.params.items() if k in PARAM_KEYS} if kind == folder.kind else {}
     for k in ("nlist", "nprobe", "m", "nbits"):  # sized for the new gallery unless given
         keep.pop(k, None)
     t1 = time.perf_counter()
-    folder.index, used = indexes.build(folder.embeddings, kind, {**keep, **params})
+    folder.index, used = faiss_index.build(folder.embeddings, kind, {**keep, **params})
     t_build = time.perf_counter() - t1
     log.info("%s: rebuilt as %s (%s) in %.1f s", folder.root, kind, reason, t_build)
     folder.manifest["index"] = _index_manifest(kind, chosen_by, used)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mcad.search import indexes, store
+from mcad.search import faiss_index, store
 from mcad.search.common import SearchError, parse_args
 from mcad.search.encoders import load_text_encoder
 
@@ -54,10 +54,10 @@ class Searcher:
             import faiss
 
             faiss.omp_set_num_threads(int(threads))
-        indexes.set_search_params(self.folder.index, self.folder.kind, params)
+        faiss_index.set_search_params(self.folder.index, self.folder.kind, params)
         # lossy index types re-rank a shortlist with the exact embeddings kept on disk (if kept)
-        self.vectors = store.vectors(self.folder) if self.folder.kind in indexes.RERANKABLE else None
-        self.rerank = int(indexes.DEFAULT_RERANK if rerank is None else rerank) if self.vectors is not None else 0
+        self.vectors = store.vectors(self.folder) if self.folder.kind in faiss_index.RERANKABLE else None
+        self.rerank = int(faiss_index.DEFAULT_RERANK if rerank is None else rerank) if self.vectors is not None else 0
 
     def encode(self, texts: list[str]):
         q = self.encoder(self.tokenizer.encode_batch(texts))
@@ -67,7 +67,7 @@ class Searcher:
 
     def search(self, texts: list[str], k: int = 5) -> list[list[dict]]:
         q = self.encode(texts)
-        D, I = indexes.search(self.folder.index, self.folder.kind, q, k, rerank=self.rerank, vectors=self.vectors)
+        D, I = faiss_index.search(self.folder.index, self.folder.kind, q, k, rerank=self.rerank, vectors=self.vectors)
         return [[{"rank": r + 1, "id": int(i), "score": float(s), "path": self.folder.paths[int(i)]}
                  for r, (s, i) in enumerate(zip(Ds, Is)) if i >= 0] for Ds, Is in zip(D, I)]
 

@@ -2,7 +2,7 @@
 latency and index memory, on (a) the student's real embeddings of the synthetic gallery and (b) a
 1M-vector gallery made from them.
 
-  python -m mcad.benchmarks.search_bench [run=runs/<name>] [n=1000000] [queries=500]
+  python benchmarks/studies/search_bench.py [run=runs/<name>] [n=1000000] [queries=500]
          [types=flat,sq8,ivfsq8,ivfpq,hnsw] [data_root=data/synth] [out=benchmarks/results] [threads=2]
 
 Student: run= if given, else the newest trained run under runs/, else a tiny_run-style student
@@ -40,7 +40,7 @@ import numpy as np
 from mcad.config import ConfigError, parse_overrides
 from mcad.io import atomic_write_text, machine, now_iso, versions, write_json
 
-log = logging.getLogger("mcad.benchmarks.search")
+log = logging.getLogger("mcad.benchmarks.engine")
 # the checkout's results folder, relative to where the command runs (not the installed package)
 RESULTS_DIR = Path("benchmarks") / "results"
 EPS = 1e-3  # cosine tolerance of the second recall column
@@ -253,7 +253,7 @@ def bench_gallery(name: str, gallery: np.ndarray, q: np.ndarray, kinds: list[str
                   lat_queries: int, tmp: Path, reranks: tuple[int, ...] = (4,)) -> list[dict]:
     import faiss
 
-    from mcad.search import indexes, store
+    from mcad.search import faiss_index, store
 
     faiss.omp_set_num_threads(threads)
     t = time.perf_counter()
@@ -268,19 +268,19 @@ def bench_gallery(name: str, gallery: np.ndarray, q: np.ndarray, kinds: list[str
              time.perf_counter() - t, {k: round(v, 5) for k, v in gaps.items()})
     del exact
     vec_path = None
-    if any(k in indexes.RERANKABLE for k in kinds) and reranks:
+    if any(k in faiss_index.RERANKABLE for k in kinds) and reranks:
         vec_path = tmp / f"{name}.vectors.npy"  # what an index folder keeps as embeddings.<gen>.npy
         np.save(vec_path, np.ascontiguousarray(gallery, dtype=np.float32))
     rows = []
     for kind in kinds:
         faiss.omp_set_num_threads(threads)
         t = time.perf_counter()
-        index, params = indexes.build(gallery, kind)
+        index, params = faiss_index.build(gallery, kind)
         build_s = time.perf_counter() - t
-        nbytes = indexes.serialized_bytes(index)
+        nbytes = faiss_index.serialized_bytes(index)
         log.info("%s/%s: built in %.1f s (%s), %.1f MB", name, kind, build_s, params, nbytes / 1e6)
         knob, values = SWEEP.get(kind, (None, [None]))
-        variants = [0] + ([r for r in reranks] if kind in indexes.RERANKABLE and vec_path else [])
+        variants = [0] + ([r for r in reranks] if kind in faiss_index.RERANKABLE and vec_path else [])
         for rr in variants:
             vf = store.VectorFile(vec_path) if rr else None
             sweep = []
@@ -288,12 +288,12 @@ def bench_gallery(name: str, gallery: np.ndarray, q: np.ndarray, kinds: list[str
                 if v is not None:
                     if knob == "nprobe" and v > params["nlist"]:
                         continue
-                    indexes.set_search_params(index, kind, {knob: v})
+                    faiss_index.set_search_params(index, kind, {knob: v})
                 faiss.omp_set_num_threads(threads)
-                _, I = indexes.search(index, kind, q, 10, rerank=rr, vectors=vf)
+                _, I = faiss_index.search(index, kind, q, 10, rerank=rr, vectors=vf)
                 rec = tie_aware_recall(I, gallery, q, kth)
                 rec_eps = tie_aware_recall(I, gallery, q, kth, tol=EPS)
-                lat = latency_ms(lambda x: indexes.search(index, kind, x, 10, rerank=rr, vectors=vf), q[:lat_queries])
+                lat = latency_ms(lambda x: faiss_index.search(index, kind, x, 10, rerank=rr, vectors=vf), q[:lat_queries])
                 sweep.append({knob or "param": v, "recall10": round(rec, 4), "recall10_eps": round(rec_eps, 4), **lat})
                 log.info("%s/%s%s %s=%s: recall@10 %.4f (eps %.4f), p50 %.3f ms", name, kind,
                          f"+rerank{rr}" if rr else "", knob, v, rec, rec_eps, lat["p50_ms"])
@@ -303,7 +303,7 @@ def bench_gallery(name: str, gallery: np.ndarray, q: np.ndarray, kinds: list[str
             best = ok[0] if ok else max(sweep, key=lambda s: s["recall10"])
             p = dict(params)
             if knob:
-                indexes.set_search_params(index, kind, {knob: best[knob]})
+                faiss_index.set_search_params(index, kind, {knob: best[knob]})
                 p[knob] = best[knob]
             if rr:
                 p["rerank"] = rr
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                                     ("latency", r["p95_ms"] > GOAL["p95_ms"]),
                                     ("size", r["index_bytes"] > GOAL["index_bytes"])) if bad]
             notes.append(f"{r['type']} on {r['gallery']} misses the goal on: {', '.join(why)}.")
-    res = {"command": "python -m mcad.benchmarks.search_bench " + shlex.join(argv), "date": now_iso(),
+    res = {"command": "python benchmarks/studies/search_bench.py " + shlex.join(argv), "date": now_iso(),
            "machine": machine(), "versions": versions(), "student": student, "data": data_note,
            "real": real, "spread": spread, "synthetic": mix, "goal": GOAL, "threads_build": threads,
            "rows": rows, "notes": notes}

@@ -11,7 +11,7 @@ def publish(module: str, argv: list[str] | None, res: dict, markdown: Callable[[
     """`res` rendered by `markdown(res, meta)`; written as `<results>/<stem>.{md,json}`. Returns meta."""
     from mcad.io import machine, now_iso, write_json
 
-    meta = {"command": f"python -m {module} " + " ".join(argv or []), "date": now_iso(), "machine": machine()}
+    meta = {"command": f"python {module} " + " ".join(argv or []), "date": now_iso(), "machine": machine()}
     md = markdown(res, meta)
     print(md)
     if str(results).lower() not in ("none", ""):

@@ -3,7 +3,7 @@ teacher cache: how often each teacher ranks the positive first among an image's 
 far apart D's scores are, and how much probability each MCAD form (`loss.within`) moves to the
 positive against D's own row (docs/method.md, "Teacher similarity distribution, modified").
 
-  python -m mcad.benchmarks.candidates [cache=runs/teachers/cache] [tau_kd=0.05] [tau_f=1.0]
+  python benchmarks/studies/candidates.py [cache=runs/teachers/cache] [tau_kd=0.05] [tau_f=1.0]
          [out=benchmarks/results]
 
 Each image's row is its candidate list L_i (itself + its neighbours under D), scored on the first
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
     tau_kd, tau_f = args["tau_kd"], args["tau_f"]
     out = Path(args["out"])
     stats = candidate_stats(*cache_rows(TeacherCache(cache_dir)), tau_kd, tau_f)
-    meta = {"command": " ".join(["python -m mcad.benchmarks.candidates", *map(shlex.quote, argv)]).strip(),
+    meta = {"command": " ".join(["python benchmarks/studies/candidates.py", *map(shlex.quote, argv)]).strip(),
             "date": now_iso(), "machine": machine(), "cache": cache_dir, "tau_kd": tau_kd, "tau_f": tau_f}
     write_json(out / "candidates.json", {"meta": meta, "stats": stats})
     text = markdown(stats, meta)

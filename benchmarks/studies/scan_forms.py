@@ -1,7 +1,7 @@
 """What the scan of a shipped search program costs in each runtime, beside faiss's exact flat scan, in
 one process, one thread: the floor under issue 14's "search program <= 1.5x its encoder + scan".
 
-  python -m mcad.benchmarks.scan_forms [rows=100000] [dims=64,256] [runs=40] [results=benchmarks/results]
+  python benchmarks/studies/scan_forms.py [rows=100000] [dims=64,256] [runs=40] [results=benchmarks/results]
 
 Each program takes a query embedding q [1, D] and a gallery as runtime inputs and returns the
 top-10 (scores, ids), built by the exporter's own builders in the form the exporter makes for a
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     kv = parse_overrides(argv, OPTIONS, types=TYPES).config
     with tempfile.TemporaryDirectory(prefix="mcad-scan-forms-") as tmp:
         by_dim = [measure(int(kv["rows"]), int(d), int(kv["runs"]), int(kv["k"]), Path(tmp)) for d in kv["dims"]]
-    res = {"meta": {"command": "python -m mcad.benchmarks.scan_forms " + " ".join(argv), "date": now_iso(),
+    res = {"meta": {"command": "python benchmarks/studies/scan_forms.py " + " ".join(argv), "date": now_iso(),
                     "machine": machine(), "rows": int(kv["rows"]), "versions": versions()}, "by_dim": by_dim}
     md = markdown(res)
     print(md)

@@ -25,7 +25,7 @@ import numpy as np
 
 from mcad.io import atomic_write_text, machine, now_iso, read_json
 
-log = logging.getLogger("mcad.report")
+log = logging.getLogger("mcad.search.report")
 OPTIONS: dict[str, Any] = {"data_root": "data/synth", "queries": 6, "results": "benchmarks/results", "out": None,
                            "index": None, "embed": True, "k": 5}
 MAX_JSON_ROWS = 120
@@ -166,7 +166,7 @@ def records_table(rows: list[dict]) -> str:
     return table_html(cols, [[_fmt(r.get(c, "")) for c in cols] for r in rows[:MAX_JSON_ROWS]])
 
 
-# the bench's rows (mcad.benchmarks.search) nest latency under stages.<stage>.p50/p90 (ms) and memory
+# the bench's rows (mcad.benchmarks.engine) nest latency under stages.<stage>.p50/p90 (ms) and memory
 # under memory.headline_mb; records_table shows flat values only, so these are lifted into columns
 BENCH_COLUMNS = (("search p50 ms", ("stages", "search", "p50")), ("search p90 ms", ("stages", "search", "p90")),
                  ("encode p50 ms", ("stages", "encode", "p50")), ("memory MB", ("memory", "headline_mb")),

@@ -2,7 +2,7 @@
 (mcad.device.runner.Scorer: faiss flat, SQfp16, SQ8 with per-dimension ranges, and SQ8 with an exact
 re-rank of the 4 x 10 best from the fp32 rows on disk).
 
-  python -m mcad.benchmarks.gallery_quality [run=runs/<name>] [data=data/synth] [results=benchmarks/results]
+  python benchmarks/studies/gallery_quality.py [run=runs/<name>] [data=data/synth] [results=benchmarks/results]
 
 Two galleries of the run's student image embeddings (eager fp32 encoders): the test split (1,000
 images: text -> image R@1/5/10 of the test captions, the device search's direction) and every image
@@ -82,14 +82,14 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mcad.benchmarks.summary import publish
+    from summary import publish
     from mcad.data.spec import DEFAULT_SYNTH_ROOT
     from mcad.runs import latest_run, resolve_run
 
     opts = parse_overrides(list(argv or []), OPTIONS, types={"run": str, "data": str}).config
     run = resolve_run(opts["run"]) if opts["run"] else latest_run("runs")
     res = measure(run, opts["data"] or DEFAULT_SYNTH_ROOT, int(opts["k"]))
-    publish("mcad.benchmarks.gallery_quality", argv, res, markdown, opts["results"], f"gallery_quality-{run.name}")
+    publish("benchmarks/studies/gallery_quality.py", argv, res, markdown, opts["results"], f"gallery_quality-{run.name}")
     return 0
 
 

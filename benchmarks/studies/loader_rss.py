@@ -4,7 +4,7 @@ fixture (JPEG photos of mixed aspect, Karpathy JSON) with tiny random CLIP (224 
 what the cache holds per image (a few KB), not with the decoded pixels (150 KB per image at 224 px
 for CLIP and the student, 442 KB at 384 px for BLIP).
 
-  python -m mcad.benchmarks.loader_rss [sizes=2000,8000] [out=build/loader-rss] [results=benchmarks/results]
+  python benchmarks/studies/loader_rss.py [sizes=2000,8000] [out=build/loader-rss] [results=benchmarks/results]
 
 Each command runs in its own process; its peak resident set is the kernel's ru_maxrss (os.wait4).
 Writes loader_rss.{json,md} to `results` (none: only print)."""
@@ -53,7 +53,8 @@ def teachers(root: Path) -> tuple[Path, Path]:
     """Tiny random CLIP at 224 px and BLIP-ITM at 384 px (patch 32), as users' folders would be."""
     import shutil
 
-    from mcad.models.tiny_hf import save_tiny_blip, save_tiny_clip
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the suite's tiny-model fixture
+    from tiny_hf import save_tiny_blip, save_tiny_clip
 
     clip, blip = root / "clip-tiny-224", root / "blip-itm-tiny-384"
     if not (clip / "model.safetensors").exists():
@@ -128,10 +129,10 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mcad.benchmarks.summary import publish
+    from summary import publish
 
     opts = parse_overrides(list(argv or []), OPTIONS, types={}).config
-    publish("mcad.benchmarks.loader_rss", argv, run(opts), markdown, opts["results"], "loader_rss")
+    publish("benchmarks/studies/loader_rss.py", argv, run(opts), markdown, opts["results"], "loader_rss")
     return 0
 
 

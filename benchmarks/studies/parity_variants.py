@@ -2,7 +2,7 @@
 built by the export stage, run in their real runtime on the whole test split, and compared with
 the eager fp32 student (the numbers behind benchmarks/results/parity.md):
 
-    python -m mcad.benchmarks.parity_variants runs/mcad-student onnx:onnx_calibration=minmax \
+    python benchmarks/studies/parity_variants.py runs/mcad-student onnx:onnx_calibration=minmax \
         onnx:onnx_calibration=percentile tflite_full:npu_activation_bits=8 tflite_full:npu_activation_bits=16
 
 A variant is `backend:key=value,...` with keys of mcad.export.pipeline.Options (calib,

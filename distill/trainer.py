@@ -3,7 +3,7 @@
 AdamW + linear warm-up + cosine decay, gradient clipping, bf16 autocast (optional on the CPU, always on
 CUDA), and a resumable
 checkpoint written atomically every N steps. Batches must be a pure function of the step (see
-`mcad.sampling`), so a resumed run sees exactly the batches the uninterrupted one would have:
+`mcad.distill.sampling`), so a resumed run sees exactly the batches the uninterrupted one would have:
 together with the saved optimizer/scheduler/RNG states, resume is bit-exact.
 
 Ctrl-C finishes the step under way, saves the checkpoint and ends with one line saying where it

@@ -23,15 +23,15 @@ from mcad.data.images import normalize
 from mcad.data.stream import StepFeed
 from mcad.evaluate import encode_images, evaluate_dual, evaluate_rerank, image_keys
 from mcad.io import write_json
-from mcad.losses import candidates_with_positive, clip_loss, itm_listwise_loss
+from mcad.distill.losses import candidates_with_positive, clip_loss, itm_listwise_loss
 from mcad.models.checkpoint import check_tokenizer, load_model, read_metadata, save_model
 from mcad.models.registry import count_params, create_model, with_tokenizer
 from mcad.retrieval import recall_table
-from mcad.sampling import ConfuserBatches, RandomBatches, caption_choice, nearest_neighbours
+from mcad.distill.sampling import ConfuserBatches, RandomBatches, caption_choice, nearest_neighbours
 from mcad.tokenizer import Tokenizer, train_bpe
-from mcad.trainer import Trainer, recipe_diff
+from mcad.distill.trainer import Trainer, recipe_diff
 
-log = logging.getLogger("mcad.teachers")
+log = logging.getLogger("mcad.distill.teachers")
 
 
 def add_file_log(path: Path) -> None:
