@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import re
+import stat
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -78,14 +79,45 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+FOLLOW_ENV = "MCAD_FOLLOW_SYMLINKS"
+
+
+class OutputRefused(ValueError):
+    """An output path the tool will not write: not a regular file it can replace."""
+
+
+def output_target(path: str | os.PathLike) -> Path:
+    """The regular file a write to `path` replaces. The atomic rename would put a new regular file in
+    place of whatever is there, so a device, FIFO, socket or folder is refused, and so is a symlink
+    (it would be replaced, not followed) unless MCAD_FOLLOW_SYMLINKS=1 asks to write where it points."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except NotADirectoryError:
+        raise OutputRefused(f"{path}: a parent of this output path is not a folder") from None
+    if stat.S_ISLNK(st.st_mode):
+        if os.environ.get(FOLLOW_ENV) != "1":
+            raise OutputRefused(f"{path}: is a symlink (to {os.readlink(path)}); the tool writes only regular files: "
+                                f"give the real path, or set {FOLLOW_ENV}=1 to write where it points")
+        return output_target(path.resolve())
+    if stat.S_ISREG(st.st_mode):
+        return path
+    kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file")
+    raise OutputRefused(f"{path}: is {kind}; the tool writes only regular files: give a file path")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
 
     The file is fsynced before the rename (a crash leaves the old file or the whole new one) and
     gets the mode a plain open() would give it: the existing file's, else 0666 less the umask
-    (mkstemp makes its temp files 0600)."""
-    path = Path(path)
+    (mkstemp makes its temp files 0600). Only a regular file (or nothing) is replaced (output_target)."""
+    path = output_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_tmp(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=path.parent)
@@ -192,3 +224,40 @@ def write_manifest(path: str | os.PathLike, *, kind: str, config: dict, files: l
         **extra,
     }
     return write_json(path, manifest)
+
+
+class FolderBusy(ValueError):
+    """Another live process holds the folder's lock."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+    """One writer per folder: an exclusive flock on `<folder>/.lock` for the block, which records the
+    holder's pid and command so that a refused writer can name it. The kernel drops the lock when the
+    holder dies, so a killed run never leaves its folder locked."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    fd = os.open(output_target(lock), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+            raise FolderBusy(f"{folder}: {holder} is writing this folder; wait for it to end or give another "
+                             f"folder (one writer per folder)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"mcad {command} (pid {os.getpid()})".encode(), 0)
+        try:
+            yield folder
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -10,7 +10,6 @@ an flock on `.lock` so two `mcad index mode=add` runs cannot interleave.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -99,17 +98,13 @@ def exists(root: str | Path) -> bool:
 
 @contextlib.contextmanager
 def locked(root: str | Path) -> Iterator[None]:
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SearchError(f"{root}: another `mcad index` is writing this index (lock {root / '.lock'})") from None
-        try:
+    from mcad.io import FolderBusy, folder_lock
+
+    try:
+        with folder_lock(root, "index"):
             yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except FolderBusy as e:
+        raise SearchError(str(e)) from None
 
 
 def read_manifest(root: str | Path) -> dict:

@@ -1,0 +1,60 @@
+"""Outputs are regular files the tool owns, one writer per folder (mcad.io)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from mcad.io import FolderBusy, OutputRefused, folder_lock, output_target, write_json
+
+
+def test_a_fifo_a_socket_a_device_and_a_folder_are_refused_and_left_as_they_are(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock = tmp_path / "sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    try:
+        for path, kind in ((fifo, "a FIFO"), (sock, "a socket"), (tmp_path, "a folder")):
+            with pytest.raises(OutputRefused, match=kind):
+                write_json(path, {"x": 1})
+        assert fifo.is_fifo() and sock.is_socket()
+        with pytest.raises(OutputRefused, match="a device"):  # asked of the check alone: a failing write would replace it
+            output_target("/dev/null")
+    finally:
+        s.close()
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_symlink_is_refused_unless_asked_to_follow(tmp_path, monkeypatch):
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    with pytest.raises(OutputRefused, match="is a symlink.*MCAD_FOLLOW_SYMLINKS=1"):
+        write_json(link, {"x": 1})
+    assert link.is_symlink() and target.read_text() == "old"
+    monkeypatch.setenv("MCAD_FOLLOW_SYMLINKS", "1")
+    write_json(link, {"x": 1})
+    assert link.is_symlink() and '"x": 1' in target.read_text()
+
+
+def test_one_writer_per_folder_names_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from mcad.io import folder_lock\n"
+        f"with folder_lock({str(tmp_path)!r}, 'student'):\n"
+        "    print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusy, match=rf"mcad student \(pid {holder.pid}\) is writing this folder"):
+            with folder_lock(tmp_path, "student"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(tmp_path, "student"):  # a killed holder leaves the folder free
+        pass
