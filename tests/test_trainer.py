@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from mcad.distill.sampling import ConfuserBatches, RandomBatches
@@ -90,8 +91,15 @@ def test_teacher_recipe_two_steps(synth_root, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     rows = m["test"]
     assert set(rows) == {"dual teacher", "fusion teacher (re-rank dual top-4)"}
-    for r in rows.values():
-        assert 0 <= r["rsum"] <= 600
+    # the recorded metrics are the saved models': `mcad eval` of the files gives the same numbers
+    from mcad.evaluate import main as eval_main
+
+    assert eval_main([str(out / "dual.safetensors"), f"fusion={out / 'fusion.safetensors'}", f"data={synth_root}",
+                      "k=4", f"json={tmp_path / 'eval.json'}"]) == 0
+    again = list(json.loads((tmp_path / "eval.json").read_text()).values())
+    recorded = [rows["dual teacher"], rows["fusion teacher (re-rank dual top-4)"]]
+    for got, want in zip(again, recorded):
+        assert got["rsum"] == pytest.approx(want["rsum"], abs=1e-6), (got, want)
     assert (out / "dual.safetensors").exists() and (out / "fusion.safetensors").exists()
     assert m["params"]["fusion"] > m["params"]["dual"]
     # finished models are not retrained: a second call of the same recipe only evaluates
