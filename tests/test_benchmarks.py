@@ -47,7 +47,20 @@ def test_quick_bench_with_peers(tiny_run, tmp_path, capsys):
     rat = res["ratios"]
     what = {(x["ours"], x["peer"], x["what"]) for x in rat}
     assert ("student", "clip-tiny-text", "search") in what and ("student-mobile", "mobilevit-tiny", "image encode") in what
-    assert all(x["latency_ratio"] > 0 and x["memory_ratio"] > 0 for x in rat)
+    # each ratio is its two rows' own figures: search p50 (or encode p50) and headline memory
+    def lat(r):
+        return r["stages"]["search" if r["mode"] == "search" else "encode"]["p50"]
+
+    for x in rat:
+        mode = "search" if x["what"] == "search" else "image"
+        pick = [r for r in rows if r["mode"] == mode and r["runtime"] == x["runtime"] and r["threads"] == x["threads"]
+                and r.get("gallery") == x["gallery"]]
+        (ours,) = [r for r in pick if r["subject"] == x["ours"]]
+        peer = [r for r in pick if r["subject"] == x["peer"]]
+        assert x["latency_ours"] == lat(ours) and any(x["latency_peer"] == lat(q) for q in peer)
+        assert x["latency_ratio"] == pytest.approx(round(x["latency_ours"] / x["latency_peer"], 4))
+        assert x["memory_ours"] == ours["memory"]["headline_mb"]
+        assert x["memory_ratio"] == pytest.approx(round(x["memory_ours"] / x["memory_peer"], 4))
     md = (tmp_path / "out" / "bench.md").read_text()
     assert "## Ours vs peers" in md and "## Image tower" in md and "quick mode" in md
     assert (tmp_path / "out" / "bench_latency.png").stat().st_size > 1000
