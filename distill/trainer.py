@@ -8,12 +8,20 @@ together with the saved optimizer/scheduler/RNG states, resume is bit-exact.
 
 Ctrl-C finishes the step under way, saves the checkpoint and ends with one line saying where it
 is (`TrainingInterrupted`); a second Ctrl-C stops at once.
+
+The checkpoint file starts with a one-line header holding the sha256 of the torch payload after it,
+checked on resume: a damaged or truncated file is one line naming it and the fix, never a resumed
+run. A loss (or gradient) that goes non-finite stops the run at that step, before the step is
+applied, with one line naming the step and the logged term (`NonFiniteLoss`); weights that are not
+finite are never written.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import logging
-import contextlib
 import math
 import random
 import signal
@@ -25,13 +33,52 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcad.io import atomic_path, sweep_stale_tmp
+from mcad.io import OutputRefused, atomic_path, sweep_stale_tmp
 
 log = logging.getLogger("mcad.train")
+# header line of a checkpoint: CKPT_MAGIC + sha256 hex of the payload + "\n", then torch.save's bytes
+CKPT_MAGIC = b"MCAD-CKPT-SHA256 "
+LEGACY_ZIP = b"PK\x03\x04"  # torch.save's own format: the checkpoints written before the header
+RESUME_FIX = "delete it to start over, or restore it from a copy"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during `Trainer.fit`; the message says where the last checkpoint is."""
+
+
+class DamagedCheckpoint(ValueError):
+    """A resume checkpoint that fails its recorded sha256 or cannot be read (one line, names it)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss, a logged term or the gradient norm went NaN/inf (one line: step and term)."""
+
+
+def checkpoint_header(payload: bytes | memoryview) -> bytes:
+    """The header line that records the payload's sha256 (the file is header + payload)."""
+    return CKPT_MAGIC + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n"
+
+
+def verified_payload(path: Path, raw: bytes) -> memoryview:
+    """The torch payload of a checkpoint file's bytes, after its sha256 header is checked. A file in
+    torch's own format (written before the header) has nothing to check and is taken as it is."""
+    if raw.startswith(LEGACY_ZIP):
+        log.warning("%s: checkpoint from before content hashes were recorded; resumed unverified", path)
+        return memoryview(raw)
+    end = raw.find(b"\n", 0, len(CKPT_MAGIC) + 80)
+    if not raw.startswith(CKPT_MAGIC) or end < 0:
+        raise DamagedCheckpoint(f"{path}: damaged training checkpoint (no valid sha256 header); {RESUME_FIX}")
+    payload = memoryview(raw)[end + 1:]
+    if raw[:end + 1] != checkpoint_header(payload):
+        raise DamagedCheckpoint(f"{path}: damaged training checkpoint (content does not match the sha256 recorded "
+                                f"when it was saved); {RESUME_FIX}")
+    return payload
+
+
+def non_finite_weights(modules: dict) -> list[str]:
+    """Names (`module.param`) of parameters or buffers holding NaN or inf."""
+    return [f"{k}.{n}" for k, m in modules.items() for n, t in m.state_dict().items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -104,9 +151,27 @@ class Trainer:
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
 
     def save(self, path: str | Path | None = None) -> Path:
+        """Header (sha256 of the payload) + torch.save's bytes, written atomically. Weights that are
+        not finite are refused (nothing non-finite is kept); a failed write names the file."""
         path = Path(path or self.ckpt_path)
-        with atomic_path(path) as tmp:
-            torch.save(self.state(), tmp)
+        bad = non_finite_weights(self.modules)
+        if bad:
+            raise NonFiniteLoss(f"{self.desc}: weights not finite at step {self.step} ({', '.join(bad[:3])}); "
+                                f"not saved to {path}; lower lr= or check the loss settings")
+        try:
+            buf = io.BytesIO()
+            torch.save(self.state(), buf)
+            payload = buf.getbuffer()
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(checkpoint_header(payload))
+                    f.write(payload)
+        except OutputRefused:
+            raise
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as "unexpected pos"
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"{path}: could not write the training checkpoint ({reason}); the disk may be full: "
+                               f"free space and run the same command again") from None
         self.saved_step = self.step
         return path
 
@@ -116,26 +181,45 @@ class Trainer:
             sweep_stale_tmp(path.parent)  # a save killed mid-write leaves its temp file
         if path is None or not path.exists():
             return False
-        try:
-            st = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a torn or foreign file: say which and stop, never train over it
-            raise ValueError(f"{path}: unreadable training checkpoint ({type(e).__name__}: {e}); delete it to start over") from None
+        st = self._read_checkpoint(path)
         saved = st.get("recipe")
         if self.recipe is not None and saved is not None and saved != self.recipe:
             diff = recipe_diff(saved, self.recipe)
             raise ValueError(f"{path}: checkpoint of another recipe (differs in {', '.join(diff)}); "
                              "delete it to start over (or write the run elsewhere)")
-        for k, m in self.modules.items():
-            m.load_state_dict(st["modules"][k])
-        self.opt.load_state_dict(st["opt"])
-        self.sched.load_state_dict(st["sched"])
-        self.step, self.history = int(st["step"]), list(st["history"])
+        try:
+            for k, m in self.modules.items():
+                m.load_state_dict(st["modules"][k])
+            self.opt.load_state_dict(st["opt"])
+            self.sched.load_state_dict(st["sched"])
+            self.step, self.history = int(st["step"]), list(st["history"])
+            torch.set_rng_state(st["rng"]["torch"])
+            np.random.set_state(st["rng"]["numpy"])
+            random.setstate(st["rng"]["python"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise DamagedCheckpoint(f"{path}: not a checkpoint of this training ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:160] if str(e) else ''}); delete it to start over") from None
         self.saved_step = self.step
-        torch.set_rng_state(st["rng"]["torch"])
-        np.random.set_state(st["rng"]["numpy"])
-        random.setstate(st["rng"]["python"])
         log.info("%s: resumed from %s at step %d", self.desc, path, self.step)
         return True
+
+    @staticmethod
+    def _read_checkpoint(path: Path) -> dict:
+        """The saved state, its sha256 checked first: a torn, truncated or flipped file is one line
+        naming it, never trained over."""
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DamagedCheckpoint(f"{path}: unreadable training checkpoint ({e.strerror or e}); {RESUME_FIX}") from None
+        payload = verified_payload(path, raw)
+        try:
+            st = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+        except Exception as e:  # a torn or foreign file: say which and stop, never train over it
+            raise DamagedCheckpoint(f"{path}: damaged training checkpoint ({type(e).__name__}: "
+                                    f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); {RESUME_FIX}") from None
+        if not isinstance(st, dict):
+            raise DamagedCheckpoint(f"{path}: damaged training checkpoint (not a saved training state); {RESUME_FIX}")
+        return st
 
     # -- loop ----------------------------------------------------------------------------------
     def log_line(self, rec: dict) -> str:
@@ -154,7 +238,8 @@ class Trainer:
         with self._deferred_interrupt() as stop:
             try:
                 self._loop(loss_fn, end, bar, stop)
-            except TrainingInterrupted:
+            except (TrainingInterrupted, NonFiniteLoss):
+                bar.close()
                 raise
             except KeyboardInterrupt:  # the second Ctrl-C, or one outside the main thread
                 bar.close()
@@ -198,6 +283,23 @@ class Trainer:
         state = "saved" if saved_now else "last checkpoint"
         return where + f"{state} {self.ckpt_path} (step {self.saved_step}): run the same command again to resume"
 
+    def _check_finite(self, loss: float, logs: dict, grad: float | None = None) -> None:
+        """Stop at this step, before it is applied, when the loss, a logged term or the gradient norm
+        is NaN/inf: one line naming the step, the term and where the last good checkpoint is."""
+        terms = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) or torch.is_tensor(v)}
+        bad = [f"{k} {v}" for k, v in terms.items() if not math.isfinite(v)]
+        if math.isfinite(loss) and not bad and (grad is None or math.isfinite(grad)):
+            return
+        if not math.isfinite(loss) or bad:
+            what = f"loss {loss}" + (f" (term {', '.join(bad)})" if bad else " (the total; no logged term is)")
+        else:
+            what = f"gradient norm {grad} (loss {loss:.6g})"
+        where = (f"; the last checkpoint {self.ckpt_path} (step {self.saved_step}) is kept"
+                 if self.ckpt_path and self.saved_step is not None else "")
+        raise NonFiniteLoss(f"{self.desc}: {what} at step {self.step + 1} of {self.steps}; stopped before applying it, "
+                            f"nothing saved from it{where}; check the loss settings (a temperature of 0 divides by "
+                            f"zero) or lower lr=")
+
     def _device_type(self) -> str:
         """Where the modules are: "cuda" puts the forward under bf16 autocast (mcad.accelerator)."""
         return next((p.device.type for m in self.modules.values() for p in m.parameters()), "cpu")
@@ -207,9 +309,12 @@ class Trainer:
         while self.step < end:
             with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.bf16 or dev == "cuda"):
                 loss, logs = loss_fn(self.step)
+            self._check_finite(float(loss.detach()), logs)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else torch.tensor(0.0)
+            if not math.isfinite(float(gnorm)):
+                self._check_finite(float(loss.detach()), logs, grad=float(gnorm))
             self.opt.step()
             self.sched.step()
             self.step += 1
