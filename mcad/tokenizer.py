@@ -7,6 +7,7 @@ argmax, no data-dependent indexing).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable
@@ -34,6 +35,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
+    def content_sha256(self) -> str:
+        """sha256 of what maps text to ids: the model section (vocabulary, merges, unknown token),
+        the added tokens, the normaliser and the pre-tokeniser (canonical JSON); not the context
+        length, padding or truncation, which are checked on their own. Two tokenizers of the same
+        size but other ids differ here."""
+        if getattr(self, "_content_sha256", None) is None:
+            data = json.loads(self.tok.to_str())
+            part = {k: data.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
+            text = json.dumps(part, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            self._content_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return self._content_sha256
+
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]
 
@@ -50,6 +63,42 @@ class Tokenizer:
             out[i, 1 : 1 + len(body)] = body
             out[i, 1 + len(body)] = self.eot_id
         return out
+
+    @property
+    def unk_id(self) -> int | None:
+        """The id of the unknown token (None: the tokenizer has none, e.g. byte-level BPE, or it is
+        one of the special ids, as CLIP's <|endoftext|>)."""
+        name = getattr(self.tok.model, "unk_token", None)
+        i = self.tok.token_to_id(name) if name else None
+        return None if i is None or i in (self.sot_id, self.eot_id, self.pad_id) else int(i)
+
+    def unrepresented(self, text: str) -> str | None:
+        """One line on what of `text` the encoder will not see (None: all of it): words the
+        tokenizer knows only as unknown tokens, and the tail cut at the context length, as
+        encode_batch cuts it."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        drop = {self.sot_id, self.eot_id} | ({self.pad_id} if self.kind == "bpe" else set())
+        toks = [(i, w, o) for i, w, o in zip(enc.ids, enc.word_ids, enc.offsets) if i not in drop]
+        spans: dict = {}
+        for _, w, (a, b) in toks:  # each word's characters in the query as typed
+            lo, hi = spans.get(w, (a, b))
+            spans[w] = (min(lo, a), max(hi, b))
+        notes = []
+        unk = self.unk_id
+        if unk is not None:
+            bad = list(dict.fromkeys(w for i, w, _ in toks if i == unk))
+            if bad:
+                shown = ", ".join(repr(text[slice(*spans[w])]) for w in bad[:5]) + (" ..." if len(bad) > 5 else "")
+                head = "no word of the query is known to the tokenizer" if len(bad) == len(spans) \
+                    else f"{len(bad)} of {len(spans)} words hold characters the tokenizer does not know"
+                notes.append(f"{head} ({shown}): the results do not reflect them")
+        keep = self.context_length - 2
+        if len(toks) > keep:
+            cut = toks[keep][2][0]
+            tail = text[cut:].strip()
+            notes.append(f"query cut at the context length ({len(toks)} tokens, the encoder reads {keep}): "
+                         f"{tail[:40]!r}{'...' if len(tail) > 40 else ''} is not searched")
+        return "; ".join(notes) or None
 
     def decode(self, ids: Iterable[int]) -> str:
         # up to the first end-of-text: pads follow it, and CLIP's pad id 0 is also the token "!"
