@@ -1,4 +1,11 @@
-"""Image decoding and preprocessing with PIL/numpy/torch only (no torchvision)."""
+"""Image decoding and preprocessing with PIL/numpy/torch only (no torchvision).
+
+`to_rgb` turns every PIL mode a data set can hold into 8-bit RGB by its meaning, not by PIL's
+clipping: 16-bit and 32-bit integer greys are scaled by their range (PIL's own conversion clips
+them, so a 16-bit PNG decodes to white), float greys are read as 0..1, alpha and palette
+transparency are composited onto white (as transformers' `convert_to_rgb`), CMYK and YCbCr go
+through PIL's colour conversions. A mode with no defined 8-bit meaning is an `UnsupportedImage`
+(a ValueError: counted as a bad image by every loader)."""
 from __future__ import annotations
 
 import hashlib
@@ -22,19 +29,81 @@ DEFAULT_STD = (0.5, 0.5, 0.5)
 MAX_PIXELS = 64_000_000
 # What a decoded pixel array depends on besides the image files; bump when decode_image changes
 # so that the caches written by the old code are decoded again.
-DECODE_VERSION = 2
+DECODE_VERSION = 3
+# PIL modes read by their meaning (to_rgb); anything else is refused, never guessed
+COLOUR_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr")
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+WIDE_GREY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
 
 
 class ImageTooLarge(ValueError):
     """The image's header claims more than MAX_PIXELS pixels."""
 
 
+class UnsupportedImage(ValueError):
+    """An image whose pixels have no defined 8-bit RGB meaning (an unknown mode, float or 32-bit
+    values outside their range)."""
+
+
+def to_rgb(im):
+    """A loaded PIL image of any supported mode -> an RGB PIL image (see the module docstring)."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode in WIDE_GREY:
+        return _grey_to_rgb(np.asarray(im).astype(np.float64), WIDE_GREY[mode], mode)
+    if mode == "F":
+        return _grey_to_rgb(np.asarray(im, dtype=np.float64), 1.0, mode)
+    if mode not in COLOUR_MODES and mode not in ALPHA_MODES:
+        raise UnsupportedImage(f"image mode {mode}: no defined RGB meaning (supported: "
+                               f"{', '.join((*COLOUR_MODES, *ALPHA_MODES, *WIDE_GREY, 'F'))})")
+    if mode in ALPHA_MODES or im.info.get("transparency") is not None:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im if mode == "RGB" else im.convert("RGB")
+
+
+def _grey_to_rgb(values: np.ndarray, top: float, mode: str):
+    """Grey values on 0..top -> an 8-bit RGB image (rounded); values outside the range (a 32-bit
+    integer or float image of another scale) have no defined meaning: refused."""
+    from PIL import Image
+
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > top:
+        raise UnsupportedImage(f"image mode {mode}: values {lo:g}..{hi:g} outside 0..{top:g}, no defined 8-bit meaning")
+    grey = np.rint(values * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
+
+
+def open_rgb(src, max_pixels: int | None = None):
+    """A loaded RGB PIL image of a path or bytes (`to_rgb`); a header over `max_pixels` (default
+    MAX_PIXELS) is ImageTooLarge, before any decoding."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    f = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+    with warnings.catch_warnings():  # PIL's warning zone lies above our limit: refused below, not warned
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(f)  # reads the header only: the size is known before any decoding
+    with im:
+        limit = MAX_PIXELS if max_pixels is None else max_pixels
+        if im.size[0] * im.size[1] > limit:
+            raise ImageTooLarge(f"{im.size[0]} x {im.size[1]} = {im.size[0] * im.size[1]:,} pixels, over the "
+                                f"limit of {limit:,} (mcad.data.images.MAX_PIXELS)")
+        im.load()
+        out = to_rgb(im)
+        return out.copy() if out is im else out
+
+
 def decode_image(src: str | Path | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode, centre-crop to square and resize (bicubic) to `size`; returns uint8 [3, size, size]
-    (mcad.data.stream.decode_view with the `square` view, mcad's own models' rule)."""
-    from mcad.data.stream import View, decode_view
+    (mcad.data.stream's `square` view, mcad's own models' rule)."""
+    from mcad.data.stream import View, apply_view
 
-    return decode_view(src, View(int(size)), max_pixels)
+    return apply_view(open_rgb(src, max_pixels), View(int(size)))
 
 
 def content_digest(paths: list[str], size: int, view=None) -> str:
@@ -88,7 +157,7 @@ def _read_cache(cache: Path, digest: str) -> tuple[np.ndarray, list[int]] | None
 
 
 def _decode_all(corpus: Corpus, size: int, progress: bool, view=None) -> tuple[np.ndarray, set[int]]:
-    from mcad.data.stream import View, decode_view
+    from mcad.data.stream import View, apply_view
 
     view = view or View(int(size))
     out = np.zeros((corpus.n_images, 3, size, size), dtype=np.uint8)
@@ -96,7 +165,7 @@ def _decode_all(corpus: Corpus, size: int, progress: bool, view=None) -> tuple[n
     for i, p in enumerate(tqdm(corpus.image_paths, desc=f"decode {corpus.split} images", unit="img",
                                disable=not progress, leave=False)):
         try:
-            out[i] = decode_view(p, view)
+            out[i] = apply_view(open_rgb(p), view)
         except ImageTooLarge as e:
             corpus.report.add(p, f"image too large ({e})")
             bad.add(i)
