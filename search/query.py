@@ -6,10 +6,13 @@ the run folder's tokenizer.json (the training one). An index built by another st
 student.safetensors differs) or of another dimension is refused. nprobe= / efSearch= override the
 index's search parameters. Lossy types (sq8, ivfsq8, ivfpq) re-rank a shortlist of rerank*k
 (default 4) with the exact embeddings the index folder keeps on disk; rerank=0 turns that off.
+A query the tokenizer cannot represent (words it knows only as unknown tokens, or a tail cut at the
+context length) gets one line saying so beside the results (`note` in --json).
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -87,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     hits = s.search([pos[0]], k)[0]
     t2 = time.perf_counter()
+    note = s.tokenizer.unrepresented(pos[0])
     as_json = "json" in flags or str(opts.get("json")).lower() in ("true", "1", "yes")
+    if note:
+        print(f"mcad search: note: {note}", file=sys.stderr)
     if as_json:
-        print(json.dumps({"query": pos[0], "index": str(opts["index"]), "k": k, "type": s.folder.kind,
+        print(json.dumps({"query": pos[0], "note": note, "index": str(opts["index"]), "k": k, "type": s.folder.kind,
                           "count": int(s.folder.index.ntotal), "rerank": s.rerank, "student": s.folder.manifest["student"]["sha256"],
                           "encoder": s.encoder.describe(), "load_s": round(t1 - t0, 4),
                           "query_s": round(t2 - t1, 4), "results": hits}, indent=2))
