@@ -6,7 +6,8 @@ it is built from.
 
 Each variant is built in its own process under a time limit (`build_timeout=`; a lowering pass
 can run for tens of minutes); one that fails or runs over is listed under `skipped` with a
-one-line reason, and remembered in the cache so the next bench does not try it again."""
+one-line reason, and remembered in the cache so the next bench does not try it again. A cached
+variant whose files no longer match its manifest's sha256 is built again, never timed."""
 from __future__ import annotations
 
 import hashlib
@@ -88,11 +89,12 @@ def build_variants(folder: Path, runtimes: list[str], precisions: list[str], cal
             if variant in failed:
                 skipped.append({"artifact": f"{folder.name}/{variant}", "reason": failed[variant]})
                 continue
-            try:
-                manifests.append(load_manifest(out))
+            try:  # a cached variant is timed only if every file is the one its manifest recorded
+                manifests.append(load_manifest(out, verify=True))
                 continue
-            except (FileNotFoundError, ManifestError):
-                pass  # not built yet (or not completely): build it
+            except (FileNotFoundError, ManifestError) as e:
+                if (out / MANIFEST).exists():  # damaged since it was built: it is only a cache, build it again
+                    log.warning("%s; rebuilding this bench-made variant", str(e).split("; rebuild:")[0])
             task = {"out": str(out), "runtime": runtime, "precision": precision, "towers": towers,
                     "run": None if run is None else str(run), "calib": calib}
             try:
@@ -100,7 +102,7 @@ def build_variants(folder: Path, runtimes: list[str], precisions: list[str], cal
                     _in_subprocess(task, timeout_s, folder)
                 else:
                     export_variant(task)
-                manifests.append(load_manifest(out))
+                manifests.append(load_manifest(out, verify=True))
                 log.info("built %s/%s", folder.name, variant)
             except Exception as e:  # one line per variant that did not make it, kept for the next bench
                 reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]

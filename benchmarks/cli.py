@@ -20,6 +20,8 @@ Options (key=value; lists comma-separated):
   quick=1 (or --quick)  runs=N (min runs)  warmup=N  min_time=S  max_time=S  max_runs=N
   budgets=benchmarks/budgets.yaml  budget=<entry>  out=runs/<name>/bench  results=benchmarks/results|none
   name=<summary name>  cache=build/bench-cache  build_timeout=900 (s per bench-made artifact)
+  allow_failed_parity=1 (bench an export whose parity failed: refused otherwise; every row of a failed
+            artifact and bench.md say PARITY FAILED; budget=gate refuses it whatever this says)
   adb:    adb=PATH  runner=auto|python|native  python=python3  remote_root=/data/local/tmp
           et_runner=PATH|device:PATH  tflite_runner=PATH|device:PATH  cpus=4-7  keep=1  timeout=S
   qaihub: options="--compute_unit cpu"  iterations=100
@@ -43,7 +45,8 @@ BENCH_OPTIONS = {"device": "local", "run": None, "threads": None, "galleries": N
                  "make_quant": None, "scorer": "faiss", "k": 10, "quick": False, "peers": None, "mobile": None,
                  "image": None, "budgets": None, "budget": None, "out": None, "results": None, "name": None,
                  "target": None, "cache": None, "runs": None, "warmup": None, "min_time": None, "max_time": None,
-                 "max_runs": None, "build_timeout": None, "gallery": None, "rerank": 0, "confirm": 2}
+                 "max_runs": None, "build_timeout": None, "gallery": None, "rerank": 0, "confirm": 2,
+                 "allow_failed_parity": False}
 DEVICE_OPTIONS = {k: None for k in ("adb", "runner", "python", "remote_root", "et_runner", "tflite_runner", "cpus",
                                     "timeout", "keep", "options", "iterations")}
 BENCH_TYPES = {"threads": list[int], "galleries": list[int], "runtimes": list[str], "quant": list[str], "gallery": list[str],
@@ -134,6 +137,7 @@ def parse_args(argv: list[str]):
     res = pick("results", "", "none")
     o.results = None if res.lower() in ("none", "0", "no", "off") else (Path(res) if res else RESULTS_DIR)
     o.name = kv["name"] or None
+    o.allow_failed_parity = bool(kv["allow_failed_parity"])
     o.target = kv["target"] or None
     o.cache = Path(kv["cache"]) if kv["cache"] else None
     base = Timing.quick() if quick else Timing()

@@ -53,6 +53,7 @@ class BenchOptions:
     timing: Timing = field(default_factory=Timing)
     device_options: dict = field(default_factory=dict)
     command: str = ""
+    allow_failed_parity: bool = False    # bench an export whose parity failed (rows marked); never the gate
 
 
 def slug(text: str) -> str:
@@ -198,13 +199,16 @@ def _ratio(a, b):
     return round(a / b, 4) if a and b else None
 
 
-def build_subjects(opts: BenchOptions, run: Path, work: Path, texts: list[str]):
-    from mcad.benchmarks.subjects import (DEFAULT_CACHE, clip_text_subject, mobile_subject, mobilevit_subject,
-                                     student_subject)
+def build_subjects(opts: BenchOptions, run: Path, work: Path, texts: list[str], gate: bool = False):
+    """The subjects, the run's student first: its export is verified and its parity verdict judged
+    (subjects.check_parity) before any peer is built or anything timed."""
+    from mcad.benchmarks.subjects import (DEFAULT_CACHE, check_parity, clip_text_subject, mobile_subject,
+                                     mobilevit_subject, student_subject)
 
     cache = opts.cache or DEFAULT_CACHE
     subjects = [student_subject(run, work, opts.runtimes, opts.quant, texts, target=opts.target,
                                 cache=opts.cache, make_quants=opts.quant or opts.make_quant)]
+    check_parity(subjects, opts.allow_failed_parity, gate)
     tok = subjects[0].tokenizer
     mq = opts.quant or opts.make_quant
     if opts.mobile:
@@ -333,7 +337,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
         out = Path(opts.out) if opts.out else run / "bench"
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="mcad-bench-inputs-") as work:
-            subjects = build_subjects(opts, run, Path(work), texts)
+            subjects = build_subjects(opts, run, Path(work), texts, gate="gate" in (budget_name, opts.budget))
             jobs, notes = plan_jobs(subjects, opts, texts, Path(work))
             notes = dropped + notes
             if not jobs:
@@ -348,8 +352,11 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     finally:
         device.close()
 
+    from mcad.benchmarks.subjects import marked_for_markdown, mark_parity
+
     checks = check(rows, budget_entry, budget_name) if budget_entry else []
     broken = [c for c in checks if not c["ok"]]
+    parity_failed = mark_parity(rows, subjects)
     res = {"command": opts.command, "date": now_iso(), "machine": machine(), "device": info,
            "run": str(run), "run_name": run.name, "quick": opts.quick,
            "options": {"threads": opts.threads, "galleries": opts.galleries, "runtimes": opts.runtimes,
@@ -375,19 +382,20 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
                           "The memory column is the added part for ExecuTorch's Python runtime (it imports torch) "
                           "and the whole-process peak for LiteRT, ONNX Runtime and native runners.",
            "subjects": [s.describe() for s in subjects], "plan_notes": notes, "rows": rows,
+           "parity_failed": parity_failed,
            "ratios": ratios(rows), "errors": errors,
            "budget": {"file": budgets.get("_path"), "device": budget_name, "checks": checks, "broken": len(broken),
                       "limits": (budget_entry or {}).get("budgets", {})},
            "versions": versions()}
     name = opts.name or f"{run.name}-{slug(device.name)}" + ("-quick" if opts.quick else "")
     write_json(out / "bench.json", res)
-    write_markdown(res, out / "bench.md")
+    write_markdown(marked_for_markdown(res), out / "bench.md")
     png = plot(res, out / "bench_latency.png")
     res["files"] = {"json": str(out / "bench.json"), "markdown": str(out / "bench.md"), "plot": str(png) if png else None}
     if opts.results is not None:
         rdir = Path(opts.results)
         write_json(rdir / f"{name}.json", res)
-        write_markdown(res, rdir / f"{name}.md")
+        write_markdown(marked_for_markdown(res), rdir / f"{name}.md")
         if png:
             plot(res, rdir / f"{name}.png")
         res["files"]["summary"] = str(rdir / f"{name}.md")
@@ -399,6 +407,8 @@ def console_summary(res: dict) -> list[str]:
     """Measured vs budget, one line each, and the last line saying what broke (if anything)."""
     lines = []
     for r in res["rows"]:
+        if r.get("parity"):  # benched with allow_failed_parity=1: said on the row itself
+            r = dict(r, subject=f"{r['subject']} {r['parity']}")
         if r.get("error"):
             lines.append(f"FAILED {r['subject']}/{r['runtime']}/t{r['threads']}/N={r.get('gallery')}: {r['error']}")
             continue
@@ -433,6 +443,9 @@ def console_summary(res: dict) -> list[str]:
         lines.append(f"bench: {len(broken)} budget(s) broken; first: {broken[0]['line'][7:]}")
     if res.get("errors"):
         lines.append(f"bench: {len(res['errors'])} job(s) failed; first: {res['errors'][0]}")
+    if res.get("parity_failed"):
+        lines.append(f"bench: PARITY FAILED for {', '.join(res['parity_failed'])}: benched because "
+                     "allow_failed_parity=1 asked; its figures are not those of a shippable export")
     return lines
 
 

@@ -4,7 +4,12 @@ ViT-B/32 text tower (63M params) and a MobileViT-small image tower (random weigh
 Whatever is exported here goes through mcad.export (benchmarks/artifacts.py).
 
 Each subject carries export-manifest artifacts (mcad.artifacts) plus the inputs its jobs need:
-token ids for its encoder, and the tokenizer whose cost is timed as the `tokenize` stage."""
+token ids for its encoder, and the tokenizer whose cost is timed as the `tokenize` stage.
+
+Nothing is timed unverified: every artifact of a run's export is checked against its manifest's
+sha256 (mcad.artifacts.verify_artifact, as search and index do), an export folder holding programs
+but no manifest is refused, and so is an export whose parity failed, unless allow_failed_parity=1
+asks to bench it (its rows then say PARITY FAILED); the gate never takes one."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mcad.artifacts import Artifact, ExportManifest, find_manifests, load_manifest
+from mcad.artifacts import (MANIFEST, Artifact, ExportManifest, ManifestError, find_manifests, load_manifest,
+                            parity_failures, rebuild_command, unfinished_export)
 from mcad.io import sha256_file
 
 log = logging.getLogger("mcad.benchmarks")
@@ -49,13 +55,14 @@ class Subject:
     source: str = ""                 # where the artifacts come from
     notes: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    parity_failed: dict = field(default_factory=dict)  # artifact file -> the manifest whose parity it failed
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "params": self.params, "source": self.source,
                 "embed_dim": self.embed_dim, "context_length": self.context_length, "image_size": self.image_size,
                 "tokenizer": str(self.tokenizer) if self.tokenizer else None,
                 "tokenizer_feeds_encoder": self.tokenizer_feeds_encoder, "notes": self.notes,
-                "skipped": self.skipped,
+                "skipped": self.skipped, "parity_failed": dict(self.parity_failed),
                 "artifacts": [{"name": a.name, "role": a.role, "runtime": a.runtime, "backend": a.backend,
                                "quantization": a.quantization, "file": str(a.path), "bytes": a.bytes}
                               for a in self.artifacts]}
@@ -125,6 +132,7 @@ def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str
     from mcad.tokenizer import Tokenizer
 
     run = resolve_run(run)
+    check_export_folders(run, target)
     manifests = pick_manifests(run, target)
     tok_path = run / "tokenizer.json"
     if manifests:
@@ -132,9 +140,11 @@ def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str
         ids = None
         first: ExportManifest | None = None
         seen: set[str] = set()
+        failed: dict[str, str] = {}
         for mp in manifests:
-            m = load_manifest(mp)
+            m = load_manifest(mp, verify=True)  # every file against its sha256, before anything is timed
             first = first or m
+            failed.update({f: str(mp) for f in parity_failures(m)})
             for a in _select(m.artifacts, runtimes, quants):
                 key = a.sha256 or sha256_file(a.path)
                 if key in seen:  # the same file exported for two targets: run it once
@@ -159,7 +169,8 @@ def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str
         return Subject("student", "ours", arts, ids=_save_ids(work / "ids_student.npy", ids), tokenizer=tok_path,
                        tokenizer_feeds_encoder=True, context_length=first.context_length,
                        embed_dim=first.embed_dim, image_size=first.image_size or None,
-                       params=_params_from_run(run), source=f"export: {src}", notes=notes, skipped=skipped)
+                       params=_params_from_run(run), source=f"export: {src}", notes=notes, skipped=skipped,
+                       parity_failed=failed)
 
     from mcad.benchmarks.artifacts import build_variants, cache_key
     from mcad.runs import load_student
@@ -176,6 +187,26 @@ def student_subject(run: Path, work: Path, runtimes: list[str], quants: list[str
                                                  f"(no export found)",
                    notes=["no runs/<name>/export/*/manifest.json: exported here (fp32/int8 as listed)"],
                    skipped=skipped)
+
+
+def check_export_folders(run: Path, target: str | None) -> None:
+    """The export folders the bench would read (the target's; without one, cpu's when there is a
+    cpu folder, else all) hold a manifest wherever they hold programs: a folder without one (an
+    export killed before writing it) is one line with the command that rebuilds it, not skipped
+    for another target or a bench-made stand-in."""
+    export = Path(run) / "export"
+    if target and target != "all":
+        folders = [export / target]
+    elif target is None and (export / "cpu").is_dir():
+        folders = [export / "cpu"]
+    else:
+        folders = sorted(p for p in export.iterdir() if p.is_dir()) if export.is_dir() else []
+    for f in folders:
+        progs = unfinished_export(f)
+        if progs:
+            shown = ", ".join(progs[:3]) + (f" and {len(progs) - 3} more" if len(progs) > 3 else "")
+            raise ManifestError(f"{f}: holds {shown} but no {MANIFEST} (an export that did not finish, or files "
+                                f"copied in); rebuild: {rebuild_command(f.name, str(run))}")
 
 
 def pick_manifests(run: Path, target: str | None) -> list[Path]:
@@ -280,3 +311,47 @@ def mobilevit_subject(runtimes: list[str], quants: list[str], cache: Path = DEFA
                    params={"image": sum(p.numel() for p in module.parameters())},
                    source="transformers MobileViTModel, random weights (pooled 640-d, no projection)",
                    skipped=skipped)
+
+
+# -- parity ----------------------------------------------------------------------------------------
+PARITY_MARK = "PARITY FAILED"
+
+
+def check_parity(subjects: list[Subject], allow: bool, gate: bool) -> None:
+    """An export whose parity failed is refused before anything is timed: one line naming the failed
+    artifacts, and how to bench it anyway (allow_failed_parity=1, which marks it). The gate never
+    takes one, whatever the key says."""
+    for s in subjects:
+        if not s.parity_failed:
+            continue
+        files = sorted(s.parity_failed)
+        where = ", ".join(sorted(set(s.parity_failed.values())))
+        shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+        if gate:
+            fix = load_manifest(sorted(set(s.parity_failed.values()))[0]).rebuild_command()
+            raise ValueError(f"{where}: parity failed for {shown}; the gate never passes an export whose parity "
+                             f"failed (allow_failed_parity= does not apply to budget=gate): fix the export, then {fix}")
+        if not allow:
+            raise ValueError(f"{where}: parity failed for {shown} (see its 'parity' section); fix the export, or "
+                             f"bench it anyway with allow_failed_parity=1 (its rows are marked {PARITY_MARK})")
+        s.notes.insert(0, f"**{PARITY_MARK}**: {shown} missed the export's parity bars ({where}); benched "
+                          "only because allow_failed_parity=1 asked")
+
+
+def mark_parity(rows: list[dict], subjects: list[Subject]) -> list[str]:
+    """Mark the rows of artifacts whose parity failed (`parity`: PARITY FAILED); the files marked."""
+    failed = {(s.name, f) for s in subjects for f in s.parity_failed}
+    for r in rows:
+        if (r.get("subject"), r.get("file")) in failed:
+            r["parity"] = PARITY_MARK
+    return sorted(f for _, f in failed)
+
+
+def marked_for_markdown(res: dict) -> dict:
+    """The results as bench.md shows them: with parity failures, the title and every failed row's
+    subject cell say PARITY FAILED (bench.json keeps the plain names and a `parity` key per row)."""
+    if not res.get("parity_failed"):
+        return res
+    rows = [dict(r, subject=f"{r['subject']} ({PARITY_MARK})") if r.get("parity") else r for r in res["rows"]]
+    return dict(res, rows=rows, run_name=f"{res.get('run_name', '')} ({PARITY_MARK}: "
+                                         f"{', '.join(res['parity_failed'])})")

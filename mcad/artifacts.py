@@ -271,20 +271,59 @@ def manifest_path(path: str | Path) -> Path:
     return path / MANIFEST if path.is_dir() else path
 
 
+def verify_artifact(m: ExportManifest, a: Artifact, check_hash: bool = True) -> str | None:
+    """The one check of an exported file against its manifest (search, index and the bench use it):
+    present, and (check_hash) of the sha256 the manifest recorded. A file that is not is one line
+    naming it and the command that rebuilds the export. Returns the sha256 computed (None unchecked)."""
+    from mcad.io import sha256_file
+
+    where = m.path or MANIFEST
+    if not a.path.is_file():
+        raise FileNotFoundError(f"{a.path}: artifact listed in {where} is missing (rebuild: {m.rebuild_command()})")
+    if not check_hash:
+        return None
+    got = sha256_file(a.path)
+    if got != a.sha256:
+        raise ManifestError(f"{a.path}: sha256 differs from {where} (the file changed after export or is damaged); "
+                            f"rebuild: {m.rebuild_command()}")
+    return got
+
+
 def load_manifest(path: str | Path, verify: bool = False) -> ExportManifest:
     """The manifest of an export folder (or its manifest.json), with every listed file present;
-    `verify` also checks each file's sha256."""
-    from mcad.io import read_json, sha256_file
+    `verify` also checks each file's sha256 (`verify_artifact`)."""
+    from mcad.io import read_json
 
     path = manifest_path(path)
     m = ExportManifest.from_json(read_json(path), path)
     for a in m.artifacts:
-        if not a.path.is_file():
-            raise FileNotFoundError(f"{a.path}: artifact listed in {path} is missing "
-                                    f"(rebuild: {m.rebuild_command()})")
-        if verify and sha256_file(a.path) != a.sha256:
-            raise ManifestError(f"{a.path}: sha256 does not match {path} (rebuild: {m.rebuild_command()})")
+        verify_artifact(m, a, check_hash=verify)
     return m
+
+
+def parity_failures(m: ExportManifest) -> list[str]:
+    """File names of the artifacts whose parity failed: each artifact's own verdict (its
+    `parity_pass`, or the parity section's `artifacts.<file>.pass`); where the section's overall
+    verdict is false and no artifact carries one, every artifact of the export."""
+    section = m.parity or {}
+    per = section.get("artifacts") if isinstance(section.get("artifacts"), dict) else {}
+    failed = [a.file for a in m.artifacts
+              if a.parity_pass is False or (isinstance(per.get(a.file), dict) and per[a.file].get("pass") is False)]
+    if not failed and section.get("pass") is False:
+        failed = [a.file for a in m.artifacts]
+    return failed
+
+
+PROGRAM_SUFFIXES = (".pte", ".onnx", ".tflite", ".bin")  # what an export folder's programs are named
+
+
+def unfinished_export(folder: Path) -> list[str]:
+    """Program files of an export folder that has no manifest (an export killed before it wrote
+    one, or files copied in): empty when the folder has a manifest or holds no program."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / MANIFEST).exists():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PROGRAM_SUFFIXES)
 
 
 def find_manifests(run: str | Path, target: str | None = None) -> list[Path]:

@@ -140,7 +140,7 @@ class ArtifactEncoder(Encoder):
 
     def __init__(self, path: str | Path, role: str, threads: int | None = None) -> None:
         super().__init__()
-        from mcad.artifacts import MANIFEST, ManifestError, load_manifest
+        from mcad.artifacts import MANIFEST, ManifestError, load_manifest, parity_failures, verify_artifact
         from mcad.runtimes import open_artifact
 
         path = Path(path)
@@ -158,11 +158,11 @@ class ArtifactEncoder(Encoder):
             raise SearchError(f"{path}: not listed in {mpath} 'artifacts'")
         if entry.role != role:
             raise SearchError(f"{path}: is a {entry.role} artifact; this needs the {role} encoder")
-        self.sha256 = sha256_file(path)
-        if entry.sha256 != self.sha256:
-            raise SearchError(f"{path}: sha256 differs from {mpath} (file changed after export; "
-                              f"re-export: {m.rebuild_command()})")
-        if entry.parity_pass is False:
+        try:  # the check every reader of an export shares (mcad.artifacts.verify_artifact)
+            self.sha256 = verify_artifact(m, entry)
+        except ManifestError as e:
+            raise SearchError(str(e)) from None
+        if entry.file in parity_failures(m):
             log.warning("%s: failed its parity check against the eager student (see %s 'parity'); "
                         "its embeddings may rank differently", path, mpath)
         self.role, self.path, self.manifest, self.entry = role, path, m, entry
