@@ -40,8 +40,12 @@ def build_model(config: dict):
     from mcad.models.fusion import FusionModel
 
     kinds = {"dual": DualEncoder, "fusion": FusionModel}
+    if config.get("type") == "clip":  # a transformers CLIPModel student (mcad.models.clip_student)
+        from mcad.models.clip_student import CLIPStudent
+
+        return CLIPStudent(config)
     if config.get("type") not in kinds:
-        raise ValueError(f"model config {config.get('name', '?')}: unknown type {config.get('type')!r} (dual, fusion)")
+        raise ValueError(f"model config {config.get('name', '?')}: unknown type {config.get('type')!r} (dual, fusion, clip)")
     return kinds[config["type"]](config)
 
 
