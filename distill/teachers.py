@@ -27,6 +27,7 @@ from mcad.distill.losses import candidates_with_positive, clip_loss, itm_listwis
 from mcad.models.checkpoint import check_tokenizer, load_model, read_metadata, save_model
 from mcad.models.registry import count_params, create_model, with_tokenizer
 from mcad.retrieval import recall_table
+from mcad.runs import run_folder_lock
 from mcad.distill.sampling import ConfuserBatches, RandomBatches, caption_choice, nearest_neighbours
 from mcad.tokenizer import Tokenizer, train_bpe
 from mcad.distill.trainer import Trainer, recipe_diff
@@ -185,7 +186,12 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(int(cfg.get("threads", 2)))
     data, out, seed = parse(cfg["data"]), Path(cfg["out"]), int(cfg["seed"])
     device = resolve_device(cfg.get("device"))
-    out.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(out, "teachers"):  # one writer: a second run into out= is refused, naming this one
+        return train_teachers(cfg, data, out, seed, device)
+
+
+def train_teachers(cfg: dict, data, out: Path, seed: int, device) -> int:
+    """Both teachers into `out` (held by this process), then their test metrics."""
     add_file_log(out / "train.log")
     timings: dict[str, float] = {}
 
@@ -218,6 +224,7 @@ def main(argv: list[str]) -> int:
         else:
             model, timings[f"{name}_train_s"] = train()
             save_model(model, path, extra={"recipe": recipes[name]})
+            (out / f"{name}.ckpt.pt").unlink(missing_ok=True)  # the finished model replaces its resume point
         check_tokenizer(model.config, tok, path, tok_path)
         return model
 

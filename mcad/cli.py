@@ -1,11 +1,16 @@
 """`mcad <command> [args] [key=value ...]`: one entry point whose commands mirror the Make targets.
 
 Each command lives in its stage's module as `main(argv) -> int`; this file only dispatches, so a
-stage's dependencies (ExecuTorch, LiteRT, faiss...) are imported only when that command runs."""
+stage's dependencies (ExecuTorch, LiteRT, faiss...) are imported only when that command runs.
+Every failure a user can cause or meet (bad input, a full disk, a missing permission, a damaged
+file a library refuses) ends as one line on stderr and exit 1 (`MCAD_DEBUG=1` shows the traceback);
+only a bug in mcad itself still shows a traceback."""
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,13 +26,95 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("mcad.search.query", "query an index with text"),
     "report": ("mcad.search.report", "write the HTML report of a run"),
 }
+HELP_FLAGS = ("-h", "--help")
+
+# errno -> what it means for the path named and what to do about it
+OS_FIXES: dict[int, str] = {
+    errno.ENOSPC: "no space left on the device: free space there (or write to another disk) and run the command again",
+    errno.EDQUOT: "disk quota exceeded: free space in your quota (or write elsewhere) and run the command again",
+    errno.EACCES: "permission denied: give a path you may read/write, or change its permissions",
+    errno.EPERM: "operation not permitted: give a path you own, or change its permissions",
+    errno.EEXIST: "already exists (and is not what the command writes there): remove it or give another path",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: give another path",
+    errno.EISDIR: "is a folder where a file is needed: give a file path",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.EROFS: "on a read-only file system: write to another place",
+    errno.ENAMETOOLONG: "the name is too long for the file system: give a shorter path",
+    errno.ELOOP: "too many levels of symlinks (a link loop): give the real path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use fewer workers",
+    errno.ENFILE: "too many open files on the system: close other programs or use fewer workers",
+    errno.EIO: "input/output error from the device: check the disk (dmesg) and run the command again",
+    errno.ENOTEMPTY: "the folder is not empty: remove what is in it or give another folder",
+    errno.EXDEV: "cannot move across file systems: keep the output on one disk",
+    errno.ENOMEM: "out of memory: use a smaller batch or fewer workers",
+}
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: mcad <command> [options] [key=value ...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines = ["usage: mcad <command> [options] [key=value ...]", "", "commands:",
+             *[f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()],
+             "", "mcad <command> --help: that command's options"]
     return "\n".join(lines)
+
+
+def command_help(name: str, module) -> str:
+    """`mcad <command> --help`: the command's summary line, then its usage (`USAGE`) and documentation."""
+    parts = [f"mcad {name}: {COMMANDS[name][1]}"]
+    parts += [text.strip() for text in (getattr(module, "USAGE", None), module.__doc__) if text]
+    return "\n\n".join(parts)
+
+
+def os_error_line(e: OSError) -> str:
+    """`<path>: <what it means>: <fix>` for an OSError; its own text when it names no path (mcad's
+    own messages, e.g. `FileNotFoundError("<run>: no such run folder ...")`)."""
+    if e.filename is None:
+        if e.errno is None:
+            return one_line(str(e.args[0] if len(e.args) == 1 else e))
+        return OS_FIXES.get(e.errno) or f"{e.strerror or e}"
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+    fix = OS_FIXES.get(e.errno) if e.errno is not None else None
+    return f"{where}: {fix or e.strerror or type(e).__name__}"
+
+
+LIBRARY_ERRORS: dict[str, tuple[str, ...]] = {
+    "safetensors": ("SafetensorError",), "yaml": ("YAMLError",), "zipfile": ("BadZipFile",),
+    "pickle": ("UnpicklingError",), "google.protobuf.message": ("DecodeError",), "PIL.Image": ("DecompressionBombError",),
+    "onnx.onnx_cpp2py_export.checker": ("ValidationError",),
+    "onnxruntime.capi.onnxruntime_pybind11_state": ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf",
+                                                    "InvalidGraph", "RuntimeException"),
+}
+
+
+def library_errors() -> tuple[type, ...]:
+    """The error types of libraries that mean a damaged or unsupported input, not a bug in mcad;
+    only those of libraries already loaded (a library not imported cannot have raised)."""
+    found: list[type] = []
+    for module, attrs in LIBRARY_ERRORS.items():
+        mod = sys.modules.get(module)
+        found += [getattr(mod, a) for a in attrs if mod is not None and isinstance(getattr(mod, a, None), type)]
+    return tuple(found)
+
+
+def one_line(text: str) -> str:
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one line for an error the user can act on; None for anything else (a bug: traceback)."""
+    if isinstance(e, OSError):
+        return os_error_line(e)
+    if isinstance(e, KeyError):
+        return str(e.args[0]) if e.args else "missing key"
+    if isinstance(e, (ValueError, RuntimeError, EOFError)):
+        return one_line(str(e)) or type(e).__name__
+    if isinstance(e, MemoryError):
+        return "out of memory (MemoryError): use a smaller batch, fewer workers or a smaller data set"
+    if isinstance(e, ImportError):
+        return f"{e}: a dependency is missing; run `make install` (the pinned environment)"
+    if isinstance(e, library_errors()):
+        return f"{type(e).__name__}: {one_line(str(e))} (a damaged or unsupported file)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,21 +128,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    module = importlib.import_module(COMMANDS[name][0])
     try:
+        module = importlib.import_module(COMMANDS[name][0])
+        if any(a in HELP_FLAGS for a in rest):
+            print(command_help(name, module))
+            return 0
         return int(module.main(rest) or 0)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-        # Bad input is one clear line, not a traceback (MCAD_DEBUG=1 shows the traceback).
-        import os
-
-        if os.environ.get("MCAD_DEBUG"):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"mcad {name}: error: {msg}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt as e:  # Ctrl-C: one line (training says where its checkpoint is), 128 + SIGINT
         print(f"mcad {name}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
+    except Exception as e:
+        line = error_line(e)
+        if line is None or os.environ.get("MCAD_DEBUG"):  # a bug, or asked for: the traceback
+            raise
+        print(f"mcad {name}: error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -100,7 +100,11 @@ def parse_args(argv: list[str]):
     p = parse_overrides(argv, eval_options(), positional=1, types=EVAL_TYPES, shorthands=shorthands())
     if not p.positional and parse("dual", p.config["dual"]).is_default:
         raise ValueError(USAGE)
-    return (Path(p.positional[0]) if p.positional else None), p.config
+    ignored = sorted(k for k in p.given if k == "dual" or k.startswith("dual."))
+    if p.positional and ignored:  # the checkpoint is the model evaluated: a dual= beside it would be ignored
+        raise ValueError(f"dual={p.config['dual'].get('path') or p.config['dual'].get('source')}: the checkpoint "
+                         f"{p.positional[0]} is the model evaluated; give the checkpoint or dual=..., not both")
+    return (Path(p.positional[0]) if p.positional else None), p.config, p.given
 
 
 def load_evaluated(ckpt: Path | None, kv: dict):
@@ -117,27 +121,58 @@ def load_evaluated(ckpt: Path | None, kv: dict):
             tok = Tokenizer.load(tok_file)
             check_tokenizer(model.config, tok, spec.path, tok_file)
         return Path(spec.path).stem or spec.path, model, tok, None
-    model = load_model(ckpt)
-    tok_path = Path(kv["tokenizer"] or ckpt.parent / "tokenizer.json")
+    from mcad.runs import STUDENT
+
+    # a run folder holds its checkpoint and its tokenizer; a checkpoint file has its tokenizer beside it
+    folder = ckpt if ckpt.is_dir() else ckpt.parent
+    model = load_model(ckpt / STUDENT if ckpt.is_dir() and (ckpt / STUDENT).is_file() else ckpt)
+    tok_path = Path(kv["tokenizer"] or folder / "tokenizer.json")
     tok = Tokenizer.load(tok_path)
     check_tokenizer(model.config, tok, ckpt, tok_path)  # another vocabulary: wrong ids, or an IndexError
+    name = ckpt.name if ckpt.is_dir() else ckpt.stem
     if model.kind == "fusion":
-        return ckpt.stem, model.dual, tok, model
-    return ckpt.stem, model, tok, None
+        return name, model.dual, tok, model
+    return name, model, tok, None
 
 
 def check_writable(path: Path, key: str) -> None:
-    """One line now for an output path the command could not write at its end."""
+    """One line now for an output path the command could not write at its end: not a regular file
+    (mcad.io.output_target), or in a folder where no file can be made (tried: a permission check
+    says yes to root even where nothing can be created, e.g. under /proc)."""
     import os
+    import tempfile
 
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
+    from mcad.io import OutputRefused, output_target
+
+    if path.is_dir() and not path.is_symlink():
         raise ValueError(f"{key}={path}: is a folder; give a file name (e.g. {path / 'eval.json'})")
+    parent = path.parent if str(path.parent) else Path(".")
     existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK) or \
-            (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"{key}={path}: cannot be written ({existing} is not a writable folder); "
-                         f"give a path in a folder you can write")
+    why = None if existing.is_dir() else f"{existing} is not a folder"
+    if why is None:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".mcad-probe.", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            why = f"nothing can be created in {existing}: {e.strerror}"
+    if why is None and path.exists() and not os.access(path, os.W_OK):
+        why = f"{path} is not writable"
+    if why:
+        raise ValueError(f"{key}={path}: cannot be written ({why}); give a path in a folder you can write")
+    try:
+        output_target(path)
+    except OutputRefused as e:
+        raise ValueError(f"{key}={e}") from None
+
+
+def check_k(kv: dict, given: dict, reranks: bool) -> int:
+    """k: the depth the fusion model re-ranks; given without a fusion model it would do nothing."""
+    k = int(kv["k"])  # its range (k >= 1) is mcad.config's, checked when parsed
+    if "k" in given and not reranks:
+        raise ValueError(f"k={k}: the depth a fusion model re-ranks, and there is none; give fusion=<fusion "
+                         f"checkpoint> (or a fusion checkpoint to evaluate), or leave k out")
+    return k
 
 
 def main(argv: list[str]) -> int:
@@ -145,7 +180,7 @@ def main(argv: list[str]) -> int:
     from mcad.data.spec import open_split, parse as parse_data
     from mcad.teacher_spec import load_one, parse
 
-    ckpt, kv = parse_args(argv)
+    ckpt, kv, given = parse_args(argv)
     if kv["json"]:  # an unwritable json= is found now, not after the whole evaluation
         check_writable(Path(kv["json"]), "json")
     device = resolve_device(kv["device"])
@@ -156,13 +191,13 @@ def main(argv: list[str]) -> int:
     if not fspec.is_default:  # a fusion teacher given (checked before any work): it re-ranks with its own tokenizer
         fusion, ftok, _ = load_one(fspec, Path("."))
         f_name = Path(fspec.path).stem
+    k = check_k(kv, given, fusion is not None)
     pixels, corpus = open_split(data, kv["split"], view_of(dual), kv["workers"])
     ids = tok.encode_batch(corpus.captions)
     metrics, sim = evaluate_dual(place(dual, device), pixels, ids, corpus.caption_to_image)
     rows = {name: metrics}
     f_ids = (ftok or tok).encode_batch(corpus.captions) if ftok is not None else ids
     if fusion is not None:
-        k = int(kv["k"])
         rows[f"{f_name} re-rank top-{k}"] = evaluate_rerank(place(fusion, device), pixels, f_ids,
                                                            corpus.caption_to_image, sim, k)
     print(recall_table(rows))

@@ -133,9 +133,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 mode = 0o666 & ~_umask()
             os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as e:
+        named = _name_write_error(e, path, tmp_path)
+        if named is None:
+            raise
+        raise named from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+class WriteFailed(OSError):
+    """A save that stopped part way through (torch's writer on a full disk): names the file."""
+
+
+# what torch's zip writer raises when a write comes up short (a full disk), naming no file
+_TORN_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def _name_write_error(e: BaseException, path: Path, tmp: Path) -> BaseException | None:
+    """The error of a failed atomic write, naming the file it was for (a write error names no
+    file, and the temp file's name means nothing to the user); None: raise `e` as it is."""
+    if isinstance(e, OSError):
+        if e.errno is None or e.filename not in (None, str(tmp), tmp):
+            return None  # mcad's own line, or about another file (an input read inside the block)
+        return OSError(e.errno, e.strerror, str(path))
+    text = " ".join(str(e).split())
+    if not any(marker in text for marker in _TORN_WRITE):
+        return None
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk"
+    except OSError:
+        free = "check the free space on its disk"
+    return WriteFailed(None, f"could not be written, the save stopped part way ({text}); {free}: free space "
+                             f"(or write elsewhere) and run the command again", str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -1,7 +1,9 @@
 """Run folders: where a trained student and everything made from it live (docs/interfaces.md)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from mcad.models.checkpoint import CheckpointError
 
@@ -50,3 +52,25 @@ def latest_run(root: str | Path = "runs", exclude: tuple[str, ...] = ("teachers"
     if not cands:
         raise FileNotFoundError(f"{root}: no run folder with a {STUDENT} (run `make student` first)")
     return max(cands, key=lambda p: (p / STUDENT).stat().st_mtime)
+
+
+def run_dir(out: str | Path, name: str) -> Path:
+    """out=/name=: the run's folder, refused in one line where `name` would leave `out` or be `out`
+    itself (the same rule mcad.config applies to a `name=` given on the command line)."""
+    from mcad.config import run_name_problem
+
+    problem = run_name_problem(str(name))
+    if problem:
+        raise ValueError(f"name={name}: {problem}")
+    return Path(out) / str(name)
+
+
+@contextlib.contextmanager
+def run_folder_lock(run: str | Path, command: str) -> Iterator[Path]:
+    """One writer per run folder: held for the whole run, so a second `mcad <command>` into the same
+    folder is refused in one line naming the holder's pid (mcad.io.folder_lock) instead of both
+    writing the same files. Take it before anything is written there (its log included)."""
+    from mcad.io import folder_lock
+
+    with folder_lock(run, command) as folder:
+        yield folder

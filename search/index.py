@@ -26,7 +26,7 @@ import numpy as np
 
 from mcad.data.spec import DEFAULT_SYNTH_ROOT, synth_json
 from mcad.search import faiss_index, store
-from mcad.search.common import SearchError, parse_args
+from mcad.search.common import SearchError, check_trainable, parse_args
 from mcad.search.encoders import Encoder, load_image_encoder
 
 log = logging.getLogger("mcad.search")
@@ -162,21 +162,45 @@ def build_index(out: str | Path, encoder: Encoder | None = None, paths: list[str
         raise SearchError(f"mode={mode}: expected create, add or rebuild")
     if kind != "auto" and kind not in faiss_index.TYPES:
         raise SearchError(f"type={kind}: expected auto or one of {', '.join(faiss_index.TYPES)}")
-    with store.locked(out):
-        if mode == "create":
-            if store.exists(out) and not overwrite:
-                raise SearchError(f"{out}: an index exists there (use mode=add to extend it, "
-                                  f"mode=rebuild to change its type, or overwrite=true)")
-            return _create(out, encoder, paths or [], kind, params or {}, batch, keep_embeddings, source, progress)
-        if not store.exists(out):
-            if mode == "rebuild":
-                raise SearchError(f"{out}: no index to rebuild")
-            log.info("%s: no index yet; mode=add creates it", out)
-            return _create(out, encoder, paths or [], kind, params or {}, batch, keep_embeddings, source, progress)
-        folder = store.load(out, with_embeddings=True)
+    created = not out.exists()
+    try:
+        with store.locked(out):
+            return _build_locked(out, encoder, paths, kind, mode, params, batch, keep_embeddings, overwrite, source,
+                                 progress)
+    except BaseException:
+        if created:  # a first build that failed leaves no folder behind (not one holding only its lock)
+            _remove_if_only_lock(out)
+        raise
+
+
+def _remove_if_only_lock(out: Path) -> None:
+    from mcad.io import LOCK_NAME
+
+    if out.is_dir() and all(p.name == LOCK_NAME for p in out.iterdir()):
+        (out / LOCK_NAME).unlink(missing_ok=True)
+        try:
+            out.rmdir()
+        except OSError:  # another process made something there meanwhile: it stays
+            pass
+
+
+def _build_locked(out: Path, encoder: Encoder | None, paths: list[str] | None, kind: str, mode: str,
+                  params: dict | None, batch: int, keep_embeddings: bool, overwrite: bool, source: dict | None,
+                  progress: bool) -> dict:
+    if mode == "create":
+        if store.exists(out) and not overwrite:
+            raise SearchError(f"{out}: an index exists there (use mode=add to extend it, "
+                              f"mode=rebuild to change its type, or overwrite=true)")
+        return _create(out, encoder, paths or [], kind, params or {}, batch, keep_embeddings, source, progress)
+    if not store.exists(out):
         if mode == "rebuild":
-            return _rebuild(folder, kind, params or {}, reason="mode=rebuild")
-        return _add(folder, encoder, paths or [], kind, params or {}, batch, source, progress)
+            raise SearchError(f"{out}: no index to rebuild")
+        log.info("%s: no index yet; mode=add creates it", out)
+        return _create(out, encoder, paths or [], kind, params or {}, batch, keep_embeddings, source, progress)
+    folder = store.load(out, with_embeddings=True)
+    if mode == "rebuild":
+        return _rebuild(folder, kind, params or {}, reason="mode=rebuild")
+    return _add(folder, encoder, paths or [], kind, params or {}, batch, source, progress)
 
 
 def _index_manifest(kind: str, chosen_by: str, params: dict) -> dict:
@@ -199,6 +223,7 @@ def _create(out: Path, encoder: Encoder | None, paths: list[str], kind: str, par
     paths = list(dict.fromkeys(paths))
     if not paths:
         raise SearchError("no images to index (an empty folder? give a folder with .jpg/.png/.webp, or data=synthetic)")
+    check_trainable(kind, len(paths), params, encoder.embed_dim)  # too few even if every image reads: say it now
     t0 = time.perf_counter()
     emb, ok, bad = encode_paths(encoder, paths, batch, progress)
     t_enc = time.perf_counter() - t0
@@ -207,6 +232,7 @@ def _create(out: Path, encoder: Encoder | None, paths: list[str], kind: str, par
     chosen_by = "flag"
     if kind == "auto":
         kind, chosen_by = faiss_index.auto_type(len(ok), emb.shape[1]), "auto"
+    check_trainable(kind, len(ok), params, emb.shape[1])
     t1 = time.perf_counter()
     index, used = faiss_index.build(emb, kind, params)
     t_build = time.perf_counter() - t1
@@ -285,6 +311,7 @@ def _rebuild(folder: store.IndexFolder, kind: str, params: dict, reason: str, ad
     keep = {k: v for k, v in folder.params.items() if k in PARAM_KEYS} if kind == folder.kind else {}
     for k in ("nlist", "nprobe", "m", "nbits"):  # sized for the new gallery unless given
         keep.pop(k, None)
+    check_trainable(kind, len(folder.embeddings), {**keep, **params}, folder.dim)
     t1 = time.perf_counter()
     folder.index, used = faiss_index.build(folder.embeddings, kind, {**keep, **params})
     t_build = time.perf_counter() - t1
@@ -317,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         if str(opts["bind"]) not in TARGETS:
             raise SearchError(f"bind={opts['bind']}: expected one of {', '.join(TARGETS)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"out={out}: is a file, not an index folder; give a folder path (e.g. out={out.parent / 'index'})")
     if opts["threads"]:
         import torch
 
@@ -336,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         source = {"kind": "data", "data": str(opts["data"]), "split": str(opts["split"])}
     elif mode != "rebuild":
         raise SearchError("what to index? give an image folder or data=synthetic [split=test]")
+    if mode == "create":  # a type the gallery cannot train is refused before the student is loaded
+        check_trainable(str(opts["type"]), len(paths), _params(opts))
 
     encoder = None
     if mode != "rebuild":
