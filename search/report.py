@@ -1,13 +1,14 @@
 """`mcad report RUN`: one static HTML page, `runs/<name>/report.html`, with everything a run has.
 
 Reads whatever exists (and lists what it did not find): metrics.json, report.md (teachers vs
-student), benchmarks/results/*.md (ablation, search, device benches), export/*/manifest.json
-(artifacts, parity, skipped), bench/*.md|json, the PNG plots of the run folder and of
-benchmarks/results; then runs the student on a handful of synthetic test-split captions and shows
-each one's top-5 images as thumbnails, hits marked. No server, no network: images are embedded as
-base64 (`embed=false`: relative paths instead).
+student), export/*/manifest.json (artifacts, parity, skipped), bench/*.md|json, the PNG plots of the
+run folder, and the results files in `results` that are this run's (their name or recorded command
+names the run); then runs the student on a handful of test-split captions of the data the run was
+trained on (its manifest's `data:` spec; `data=` names another) and shows each one's top-5 images as
+thumbnails, hits marked. Results of other runs are listed by name only, under their own heading. No
+server, no network: images are embedded as base64 (`embed=false`: relative paths instead).
 
-  mcad report runs/<name> [data_root=data/synth] [queries=6] [results=benchmarks/results]
+  mcad report runs/<name> [data=<the run's own>] [queries=6] [results=benchmarks/results]
               [out=runs/<name>/report.html] [index=DIR] [embed=true]
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from mcad.io import atomic_write_text, machine, now_iso, read_json
 
 log = logging.getLogger("mcad.search.report")
-OPTIONS: dict[str, Any] = {"data_root": "data/synth", "queries": 6, "results": "benchmarks/results", "out": None,
+OPTIONS: dict[str, Any] = {"data": None, "queries": 6, "results": "benchmarks/results", "out": None,
                            "index": None, "embed": True, "k": 5}
 MAX_JSON_ROWS = 120
 
@@ -249,24 +250,41 @@ def section_metrics(page: Page, run: Path) -> None:
         page.add(markdown_html(rp.read_text(errors="replace"), shift=3))
 
 
-def section_results(page: Page, results: Path) -> None:
-    page.add("<h2 id=\"benchmarks\">Benchmarks (benchmarks/results)</h2>")
+def is_this_runs(path: Path, run: Path) -> bool:
+    """A results file belongs to the run when its name carries the run's name or its JSON twin's
+    recorded command / run names the run folder (the repository's own tables are other runs')."""
+    if re.search(rf"(^|[-_]){re.escape(run.name)}($|[-_])", path.stem):
+        return True
+    twin = path.with_suffix(".json")
+    if not twin.exists():
+        return False
+    try:
+        meta = read_json(twin)
+    except (ValueError, OSError):
+        return False
+    meta = meta.get("meta", meta) if isinstance(meta, dict) else {}
+    said = " ".join(str(meta.get(k, "")) for k in ("command", "run"))
+    return bool(re.search(rf"(^|[\s=/]){re.escape(str(run))}(/|\s|$)|(^|[\s=/]){re.escape(run.name)}(/|\s|$)", said))
+
+
+def section_results(page: Page, results: Path, run: Path) -> None:
+    page.add(f"<h2 id=\"benchmarks\">Benchmarks of this run ({esc(results)})</h2>")
     if not results.is_dir():
         page.missing.append(str(results))
         page.add(f"<p class=\"missing\">no {esc(results)} folder</p>")
         return
-    mds = sorted(results.glob("*.md"), key=lambda p: (p.stem != "ablation", p.stem != "search", p.name))
-    for p in mds:
-        page.note_file(p)
-        page.add(f"<h3>{esc(p.name)}</h3>" + markdown_html(p.read_text(errors="replace"), shift=3))
-    for name in ("ablation", "search"):
-        if not (results / f"{name}.md").exists():
-            page.missing.append(str(results / f"{name}.md"))
-            if (results / f"{name}.json").exists():
-                page.note_file(results / f"{name}.json")
-                page.add(f"<h3>{name}.json</h3>" + kv_table(read_json(results / f"{name}.json")))
-    if not mds:
-        page.add("<p class=\"missing\">no benchmark results yet</p>")
+    mds = sorted(results.glob("*.md"))
+    own = [md for md in mds if is_this_runs(md, run)]
+    for md in own:
+        page.note_file(md)
+        page.add(f"<h3>{esc(md.name)}</h3>" + markdown_html(md.read_text(), shift=3))
+    if not own:
+        page.add(f"<p class=\"missing\">no results file of this run in {esc(results)} "
+                 f"(<code>make bench RUN={esc(run)}</code> writes one)</p>")
+    others = [md.name for md in mds if md not in own]
+    if others:
+        page.add(f"<h3>Other results in {esc(results)} (not this run's)</h3><p class=\"meta\">"
+                 + ", ".join(f"<code>{esc(n)}</code>" for n in others) + "</p>")
 
 
 def section_export(page: Page, run: Path) -> None:
@@ -325,9 +343,9 @@ def section_plots(page: Page, run: Path, results: Path) -> None:
     page.add("<h2 id=\"plots\">Plots</h2>")
     pngs = sorted(p for p in run.rglob("*.png") if "index" not in p.parts)
     if results.is_dir():
-        pngs += sorted(results.glob("*.png"))
+        pngs += [p for p in sorted(results.glob("*.png")) if is_this_runs(p, run)]
     if not pngs:
-        page.add("<p class=\"missing\">no plots (PNG files) in the run folder or benchmarks/results</p>")
+        page.add("<p class=\"missing\">no plots (PNG files) of this run in the run folder or the results folder</p>")
         return
     page.add("<div class=\"plots\">")
     for p in pngs:
@@ -351,21 +369,28 @@ def pick_queries(c2i: np.ndarray, n_images: int, n: int) -> list[int]:
     return out[:n]
 
 
-def section_queries(page: Page, run: Path, data_root: Path, n_queries: int, k: int, index: str | None) -> None:
-    from mcad.data.karpathy import load_karpathy
+def queries_data(run: Path, data: Any):
+    """The data set the example queries come from, as a checked spec: `data=` when given, else the
+    run's own (its manifest's `data:`), else the embedded synthetic set for a run from before specs."""
+    from mcad.data.spec import DEFAULT_SYNTH_ROOT, parse
+    from mcad.runs import run_record
+
+    if data is None:
+        data = (run_record(run).get("config") or {}).get("data") or str(DEFAULT_SYNTH_ROOT)
+    return parse(data)
+
+
+def section_queries(page: Page, run: Path, data: Any, n_queries: int, k: int, index: str | None) -> None:
+    from mcad.data.spec import load_corpus
     from mcad.retrieval import retrieval_metrics
     from mcad.search.encoders import EagerEncoder
     from mcad.search.index import encode_paths
     from mcad.tokenizer import Tokenizer
 
-    page.add("<h2 id=\"queries\">Example queries (synthetic test split)</h2>")
-    from mcad.data.spec import synth_json
-
-    dj = synth_json(data_root)
-    if not page.note_file(dj):
-        page.add(f"<p class=\"missing\">no {esc(dj)} (run <code>make data</code>)</p>")
-        return
-    corpus = load_karpathy(dj, split="test")
+    spec = queries_data(run, data)
+    page.add(f"<h2 id=\"queries\">Example queries ({esc(spec.describe())}, test split)</h2>")
+    corpus = load_corpus(spec, "test")
+    page.read.append(str(corpus.report.source))
     tok = Tokenizer.load(run / "tokenizer.json")
     tenc = EagerEncoder(run, "text")
     qids = pick_queries(corpus.caption_to_image, corpus.n_images, n_queries)
@@ -416,7 +441,7 @@ def section_queries(page: Page, run: Path, data_root: Path, n_queries: int, k: i
         page.add("</div></div>")
 
 
-def render(run: Path, data_root: Path, results: Path, out: Path, n_queries: int = 6, k: int = 5,
+def render(run: Path, data: Any, results: Path, out: Path, n_queries: int = 6, k: int = 5,
            index: str | None = None, embed: bool = True) -> Path:
     from mcad.io import sha256_file
     from mcad.runs import resolve_run
@@ -428,10 +453,10 @@ def render(run: Path, data_root: Path, results: Path, out: Path, n_queries: int 
                 ("export", "Exported artifacts"), ("bench", "Device benchmarks"), ("plots", "Plots")]
     section_metrics(page, run)
     try:
-        section_queries(page, run, data_root, n_queries, k, index)
+        section_queries(page, run, data, n_queries, k, index)
     except (ValueError, FileNotFoundError, OSError) as e:  # a broken data set or index: say so, keep the rest
         page.add(f"<p class=\"err\">example queries failed: {esc(e)}</p>")
-    section_results(page, results)
+    section_results(page, results, run)
     section_export(page, run)
     section_bench(page, run)
     section_plots(page, run, results)
@@ -462,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run = latest_run("runs")
     out = Path(opts["out"]) if opts["out"] else run / "report.html"
-    path = render(run, Path(str(opts["data_root"])), Path(str(opts["results"])), out, int(opts["queries"]),
+    path = render(run, opts["data"], Path(str(opts["results"])), out, int(opts["queries"]),
                   int(opts["k"]), opts["index"], bool(opts["embed"]))
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB); open it in a browser (no server needed)")
     return 0

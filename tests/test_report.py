@@ -76,8 +76,12 @@ def full_run(tiny_run, tmp_path_factory):
     write_json(run / "bench" / "bench.json", {"rows": bench_rows()})  # json only: no bench.md to show instead
     results = root / "results"
     results.mkdir()
+    # the repository's own tables (another run's) and one results file of this run (named so)
     (results / "ablation.md").write_text("# Ablation\n\n| variant | rsum |\n|---|---:|\n| no-KD | 100.0 ± 1.0 |\n"
                                          "| MCAD | 120.0 ± 2.0 |\n")
+    (results / "bench-of-another.md").write_text("# Bench\n\n| x |\n|---|\n| 777.7 |\n")
+    write_json(results / "bench-of-another.json", {"meta": {"command": "mcad bench run=runs/another"}})
+    (results / "tiny-local.md").write_text("# Bench of tiny\n\n| subject | p50 |\n|---|---:|\n| student | 3.21 |\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,6 +90,7 @@ def full_run(tiny_run, tmp_path_factory):
     fig, ax = plt.subplots(figsize=(3, 2))
     ax.plot([1, 2, 3], [3, 1, 2])
     fig.savefig(results / "ablation.png")
+    fig.savefig(results / "tiny-local.png")
     fig.savefig(run / "loss.png")
     plt.close(fig)
     return run, results
@@ -106,11 +111,15 @@ def test_report_has_every_section(full_run, synth_root):
 
     parity, row = export_parity(), bench_rows()[0]
     cos = parity["artifacts"]["text_encoder.onnx"]
-    for text in ("208.5", "dual teacher", "400.2", "MCAD", "120.0 ± 2.0", "text_encoder.onnx", "no QNN SDK",
+    for text in ("208.5", "dual teacher", "400.2", "Bench of tiny", "3.21", "text_encoder.onnx", "no QNN SDK",
                  "cos_mean", _fmt(cos["cos_mean"]), "cos_min", _fmt(cos["cos_min"]), "overlap_at_k_fp32",
                  "search p50 ms", _fmt(row["stages"]["search"]["p50"]), "search p90 ms", "memory MB",
-                 _fmt(row["memory"]["headline_mb"]), "ablation.png", "loss.png", "Recall, recomputed now"):
+                 _fmt(row["memory"]["headline_mb"]), "tiny-local.png", "loss.png", "Recall, recomputed now"):
         assert text in h, text
+    # other runs' results are named under their own heading, never shown as this run's
+    assert "120.0 ± 2.0" not in h and "777.7" not in h and "ablation.png" not in h.split("not this run")[0].split("id=\"plots\"")[-1]
+    others = h.split("not this run's)")[1].split("</p>")[0]
+    assert "ablation.md" in others and "bench-of-another.md" in others and "tiny-local.md" not in others
     blocks = re.findall(r'<div class="q" data-hit="([01])">(.*?)</div></div>', h, flags=re.S)
     assert len(blocks) == 6
     for hit, body in blocks:
@@ -119,7 +128,7 @@ def test_report_has_every_section(full_run, synth_root):
         assert ("hit" in figs) == (hit == "1") and ("target" in figs) == (hit == "0")
     assert h.count('src="data:image/png;base64,') >= 6 * 5 + 2
     src = h.split('id="sources"')[1]
-    assert "metrics.json" in src.split("not found")[0] and "search.md" in src.split("not found")[1]
+    assert "metrics.json" in src
 
 
 def test_report_marks_hits(tiny_run, tmp_path):
@@ -204,3 +213,29 @@ def test_report_renders_in_chromium(full_run, synth_root, tmp_path, embed):
         with Image.open(shot) as im:
             colours = im.convert("RGB").resize((320, 500)).getcolors(maxcolors=1 << 16)
         assert colours is None or len(colours) > 50  # not a blank page: text, tables and thumbnails drawn
+
+
+def test_report_queries_come_from_the_runs_own_data(tokenizer, tmp_path):
+    """A run trained on a CSV data set (its manifest's data: spec) shows queries of that set's test
+    split, with no synthetic set anywhere (no data/synth in the working folder)."""
+    import csv
+
+    from mcad.data.synthetic import generate
+    from mcad.io import write_json
+
+    generate(tmp_path / "imgs", seed=3, n_train=0, n_val=0, n_test=4, progress=False)
+    rows = json.loads((tmp_path / "imgs" / "dataset_synth.json").read_text())["images"]
+    with open(tmp_path / "test.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "caption"])
+        for r in rows:
+            w.writerow([str(tmp_path / "imgs" / "images" / r["filename"]), r["sentences"][0]["raw"]])
+    from conftest import make_run
+
+    run = make_run(tmp_path / "runs" / "csvrun", tokenizer)
+    write_json(run / "manifest.json", {"kind": "run", "config": {"name": "csvrun", "data": {
+        "format": "csv", "csv": {"train": str(tmp_path / "test.csv"), "test": str(tmp_path / "test.csv")}}}})
+    h = _render(run, tmp_path / "no_results", None, tmp_path / "r.html", n_queries=4).read_text()
+    assert "example queries failed" not in h and "data.format=csv" in h
+    assert len(re.findall(r'data-hit="([01])"', h)) == 4
+    assert str(tmp_path / "test.csv") in h.split('id="sources"')[1]
