@@ -14,12 +14,12 @@ ARGS  ?=
 TEACHER_ARGS ?=
 
 
-.PHONY: install data teachers cache student ablation export bench gate search-bench report test lint clean help
+.PHONY: install data teachers cache student ablation export bench gate search-bench report test test-fast lint clean help
 
 help:
 	@echo "make install | data | teachers | cache | student [CONFIG=... ARGS='k=v ...' NPROC=2] | ablation"
 	@echo "make export TARGET=cpu|snapdragon|dimensity [RUN=runs/<name>] [STRICT=1] [HUB=1]"
-	@echo "make bench DEVICE=local|<adb-serial>|qaihub:<name> [RUN=...] | gate [RUN=...] | report | test"
+	@echo "make bench DEVICE=local|<adb-serial>|qaihub:<name> [RUN=...] | gate [RUN=...] | report | test | test-fast"
 
 # Idempotent: the venv is made once; pip re-checks the pinned set against requirements.lock.
 .venv/.installed: pyproject.toml requirements.lock
@@ -93,6 +93,10 @@ report: | .venv/.installed
 
 test: .venv/.installed
 	$(PY) -m pytest -q tests
+
+# the edit loop: everything not marked slow (no training past a few steps, no export); CI runs `make test`
+test-fast: .venv/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf runs data .pytest_cache
