@@ -9,46 +9,44 @@ b's image is in L_a (image -> text rows) or a's image is in L_b (text -> image r
 Per image i the cache stores, for every caption slot c (captions of an image, padded with -1):
   v[i]              dual-teacher image embedding
   t[i, c]           dual-teacher caption embedding
-  h[i, c]           fused feature of the matched pair (image i, its caption c)
   m_i2t[i, r, c]    ITM logit of image i with caption c of image L_i[r]
   m_t2i[i, c, r]    ITM logit of image L_i[r] with caption c of image i
+and, in a cache built for λ > 0 (the fused-feature path; `fused_features` in the manifest):
+  h[i, c]           fused feature of the matched pair (image i, its caption c)
   h_img[i]          F's fused features of image i with every caption of every image of L_i,
                     weighted by softmax(m_i2t[i] / tau_f) (loss.fused=candidates)
   h_txt[i, c]       the same for caption c of image i over the images of L_i (softmax of m_t2i[i, c])
 in safetensors shards of `shard_images` images, with manifest.json (config, teacher and data
 hashes, shard hashes, the tau_f of h_img/h_txt). `TeacherCache.batch` and `online_batch` (with
-`online_candidate_features`) return the same `TeacherOutputs`.
+`online_candidate_features`) return the same `TeacherOutputs`. Writing: `distill.cache_build`.
 """
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mcad.config import load_command_config
-from mcad.evaluate import encode_images, encode_texts, image_keys
-from mcad.io import atomic_path, read_json, sha256_file, write_manifest
+from mcad.distill.cache_build import (FORMAT, PARTIAL, build_cache, build_key, candidate_features,  # noqa: F401
+                                      caption_table, shard_pairs, shard_tensors)
+from mcad.evaluate import encode_images, image_keys
+from mcad.io import read_json, sha256_file
 from mcad.distill.sampling import nearest_neighbours
 
 log = logging.getLogger("mcad.cache")
-# 2: neighbours are other scenes (image_keys), not duplicates; 3: + h_img/h_txt (loss.fused=candidates).
-# A format-2 cache still serves everything but loss.fused=candidates, which asks for a rebuild.
-FORMAT = "mcad-teacher-cache/3"
 READABLE = (FORMAT, "mcad-teacher-cache/2")
 TEACHER_FILES = ("dual.safetensors", "fusion.safetensors", "tokenizer.json")
 
 
-def rebuild_hint(root: Path, teachers: str | Path | None = None, data: str | None = None) -> str:
+def rebuild_hint(root: Path, teachers: str | Path | None = None, data: str | None = None, extra: str = "") -> str:
     # `make cache` is keyed by runs/teachers/metrics.json's time: it does nothing while an older
     # cache's manifest is newer, so the command given is the one that always rebuilds
     data_args = data if data and "=" in str(data) else f"data={data or '<data>'}"  # a spec: data.format=...
     return (f"rebuild it with `mcad cache teachers={teachers or '<teachers>'} {data_args} "
-            f"cache={root}` (or `rm -r {root}` then `make cache`)")
+            f"cache={root}{' ' + extra if extra else ''}` (or `rm -r {root}` then `make cache`)")
 
 
 @dataclass
@@ -102,12 +100,6 @@ def caption_slots(cap_table: np.ndarray, idx: np.ndarray, cap: np.ndarray) -> np
     return hit.argmax(1)
 
 
-def caption_table(image_captions: list[list[int]]) -> np.ndarray:
-    width = max(len(c) for c in image_captions)
-    out = np.full((len(image_captions), width), -1, dtype=np.int64)
-    for i, c in enumerate(image_captions):
-        out[i, :len(c)] = c
-    return out
 
 
 @torch.no_grad()
@@ -169,21 +161,6 @@ def online_candidate_features(fusion, image_input, f_ids: np.ndarray, cap_table:
     return h_img, h_txt
 
 
-def candidate_features(h_pairs: torch.Tensor, dest: np.ndarray, m_i2t: torch.Tensor, m_t2i: torch.Tensor,
-                       tau_f: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A shard's h_img [n, W] and h_txt [n, C, W] from its fused pairs (`dest` rows as build_cache
-    writes them) and its ITM logits (NaN where a caption slot is padding)."""
-    from mcad.distill.losses import candidate_mix
-
-    (n, k, C), W = m_i2t.shape, h_pairs.shape[1]
-    w = dest[:, 0] == 0
-    h_i2t = torch.zeros(n, k, C, W)
-    h_i2t[dest[w, 1], dest[w, 2], dest[w, 3]] = h_pairs[torch.as_tensor(w)]
-    h_t2i = torch.zeros(n, C, k, W)
-    h_t2i[:, :, 0] = h_i2t[:, 0]  # r = 0: image i itself with its own caption c
-    h_t2i[dest[~w, 1], dest[~w, 2], dest[~w, 3]] = h_pairs[torch.as_tensor(~w)]
-    h_img = candidate_mix(h_i2t.view(n, k * C, W), m_i2t.reshape(n, k * C), ~m_i2t.isnan().view(n, k * C), tau_f)
-    return h_img, candidate_mix(h_t2i, m_t2i, ~m_t2i.isnan(), tau_f)
 
 
 class TeacherCache:
@@ -211,9 +188,10 @@ class TeacherCache:
             for k, v in load_file(str(path)).items():
                 parts.setdefault(k, []).append(v)
         d = {k: torch.cat(v) for k, v in parts.items()}
-        self.v, self.t, self.h = d["v"], d["t"], d["h"]
+        self.v, self.t = d["v"], d["t"]
         self.m_i2t, self.m_t2i = d["m_i2t"], d["m_t2i"]
-        self.h_img, self.h_txt = d.get("h_img"), d.get("h_txt")  # None in a format-2 cache
+        self.h = d.get("h")  # None in a cache built without fused features (λ = 0)
+        self.h_img, self.h_txt = d.get("h_img"), d.get("h_txt")  # None there and in a format-2 cache
         self.lists = d["lists"].numpy()
         self.captions = d["captions"].numpy()
 
@@ -255,10 +233,16 @@ class TeacherCache:
             raise ValueError(f"{self.root}: cache was built from other teachers ({', '.join(changed)} in "
                              f"{teachers} changed since): {hint}")
 
-    def check_fused(self, tau_f: float) -> None:
-        """loss.fused=candidates reads h_img/h_txt, stored at the τ_F the cache was built with:
-        refuse a cache without them (format 2) or of another τ_F."""
-        hint = rebuild_hint(self.root, data=(self.manifest.get("config") or {}).get("data"))
+    def check_fused(self, tau_f: float, fused: str = "candidates", lam: float = 1.0) -> None:
+        """A run with λ > 0 reads F's fused features: refuse a cache built without them (λ = 0).
+        loss.fused=candidates reads h_img/h_txt, stored at the τ_F the cache was built with: refuse
+        a cache without them (format 2) or of another τ_F."""
+        hint = rebuild_hint(self.root, data=(self.manifest.get("config") or {}).get("data"), extra=f"loss.lam={lam:g}")
+        if self.h is None:
+            raise ValueError(f"{self.root}: cache built without fused features (with loss.lam=0), this run has "
+                             f"loss.lam={lam:g} and reads them: {hint}")
+        if fused == "matched":
+            return
         if self.h_img is None or self.h_txt is None:
             raise ValueError(f"{self.root}: format {self.manifest.get('format')!r} holds no fused features over the "
                              f"candidates (loss.fused=candidates needs {FORMAT!r}): {hint}")
@@ -278,185 +262,9 @@ class TeacherCache:
         m_i2t = self.m_i2t[ti[a], pos, slot[b]] * mask      # image a, caption b of image idx[b] = L_a[pos]
         m_t2i = self.m_t2i[ti[a], slot[a], pos] * mask      # caption a, image idx[b] = L_{idx[a]}[pos]
         fused = {} if self.h_img is None else {"h_img": self.h_img[ti], "h_txt": self.h_txt[ti, slot]}
-        return TeacherOutputs(self.v[ti], self.t[ti, slot], self.h[ti, slot], mask,
+        h = self.h[ti, slot] if self.h is not None else torch.zeros(B, 0)  # λ = 0 reads no fused feature
+        return TeacherOutputs(self.v[ti], self.t[ti, slot], h, mask,
                               m_i2t.nan_to_num(0.0), m_t2i.nan_to_num(0.0), **fused)
-
-
-PARTIAL = "partial.json"  # the shards written so far, and what they were made from (resume after a kill)
-
-
-def build_key(config: dict | None, shard_images: int, tau_f: float, k: int) -> str:
-    """What a cache's shards depend on: teachers, data, candidate lists' size, shard size, τ_F, format."""
-    import hashlib
-    import json
-
-    what = {"config": config or {}, "shard_images": int(shard_images), "tau_f": float(tau_f), "k": int(k),
-            "format": FORMAT}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _resumable(out: Path, key: str) -> list[dict]:
-    """Shards a killed build of the same inputs finished (each checked against its sha256)."""
-    f = out / PARTIAL
-    if not f.exists():
-        return []
-    try:
-        partial = read_json(f)
-    except (OSError, ValueError):
-        return []
-    if partial.get("key") != key:
-        log.info("cache: %s is of other inputs; building from the start", f)
-        return []
-    done = []
-    for sh in partial.get("shards", []):
-        if not (out / sh["file"]).exists() or sha256_file(out / sh["file"]) != sh["sha256"]:
-            break
-        done.append(sh)
-    return done
-
-
-@torch.no_grad()
-def build_cache(dual, fusion, pixels, ids: np.ndarray, image_captions: list[list[int]],
-                lists: np.ndarray, out: Path, shard_images: int = 2048, pair_batch: int = 1024,
-                config: dict | None = None, progress: bool = True, tau_f: float = 1.0, fusion_ids: np.ndarray | None = None,
-                on_shard=None, image_emb: torch.Tensor | None = None) -> Path:
-    """Write the cache shard by shard. `pixels`: mcad.data.stream.Images at the dual teacher's view
-    (or a uint8 array); each teacher reads them at its own view. `fusion_ids`: the captions as the
-    fusion teacher reads them, where its tokenizer is not the dual's (BLIP's BERT ids).
-
-    Streams: each shard is written (atomically) as it fills and recorded in partial.json with its
-    sha256 and a key of everything it depends on; a build killed half-way is resumed from the shards
-    it finished when the same inputs are given again. The manifest comes last, and the previous
-    build's manifest goes first (so no manifest ever points at half-rewritten shards).
-    `on_shard(i)` is called after shard i is recorded (progress hooks, tests); `image_emb`: the dual
-    teacher's image embeddings where the caller has them already (the neighbours were found with them)."""
-    from mcad.data.stream import as_images
-    from mcad.io import write_json
-    from mcad.preprocess import view_of
-
-    dual.eval()
-    fusion.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    images = as_images(pixels)
-    caps = caption_table(image_captions)
-    N, k = len(caps), lists.shape[1]
-    key = build_key(config, shard_images, tau_f, k)
-    previous = _recorded_files(out)
-    done = _resumable(out, key)
-    (out / "manifest.json").unlink(missing_ok=True)
-    if done:
-        log.info("cache: resuming after %d of %d shards (%s)", len(done), -(-N // shard_images), out / PARTIAL)
-    t0 = time.time()
-    log.info("cache: dual-teacher embeddings of %d images and %d captions", N, len(ids))
-    v_all = image_emb if image_emb is not None else encode_images(dual, images)
-    t_all = encode_texts(dual, ids)
-    f_images = images.as_view(view_of(fusion))
-    f_ids = ids if fusion_ids is None else fusion_ids
-    shards, n_pairs = list(done), sum(int(sh.get("pairs", 0)) for sh in done)
-    bar = tqdm(total=N, initial=min(N, len(done) * shard_images), desc="teacher cache", unit="img",
-               disable=not progress)
-    for s in range(len(done) * shard_images, N, shard_images):
-        e = min(N, s + shard_images)
-        tensors, pairs = shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_f, pair_batch)
-        name = f"shard-{len(shards):05d}.safetensors"
-        from safetensors.torch import save_file
-
-        with atomic_path(out / name) as tmp:
-            save_file(tensors, str(tmp))
-        n_pairs += pairs
-        shards.append({"file": name, "images": [s, e], "bytes": (out / name).stat().st_size,
-                       "sha256": sha256_file(out / name), "pairs": int(pairs)})
-        write_json(out / PARTIAL, {"key": key, "shards": shards})
-        bar.update(e - s)
-        bar.set_postfix(pairs=n_pairs)
-        if on_shard is not None:
-            on_shard(len(shards) - 1)
-    bar.close()
-    secs = time.time() - t0
-    log.info("cache: %d images, %d fusion pairs, %.1f s", N, n_pairs, secs)
-    write_manifest(out / "manifest.json", kind="teacher-cache", config=config or {},
-                   files=[out / sh["file"] for sh in shards], format=FORMAT,
-                   shards=[{k2: v for k2, v in sh.items() if k2 != "pairs"} for sh in shards], images=N,
-                   captions=int(len(ids)), list_size=int(k), fusion_pairs=int(n_pairs), seconds=round(secs, 1),
-                   fused_tau_f=float(tau_f), build_key=key)
-    (out / PARTIAL).unlink(missing_ok=True)
-    for stale in sorted(previous - {sh["file"] for sh in shards}):  # shards of a bigger earlier build
-        (out / stale).unlink(missing_ok=True)
-    return out
-
-
-def _recorded_files(out: Path) -> set[str]:
-    """The shard files this tool recorded in the folder (manifest and partial.json): the only ones it deletes."""
-    names: set[str] = set()
-    for f in (out / "manifest.json", out / PARTIAL):
-        try:
-            names |= {sh["file"] for sh in read_json(f).get("shards", []) if isinstance(sh, dict) and "file" in sh}
-        except (OSError, ValueError, AttributeError):
-            continue
-    return {n for n in names if Path(n).name == n}
-
-
-def shard_pairs(caps: np.ndarray, lists: np.ndarray, s: int, e: int):
-    """The fusion pairs of images s..e-1: (image, caption, destination) rows, where destination is
-    (0, local image, r, c) for image i with caption c of its candidate L_i[r], and (1, local image,
-    c, r) for candidate image L_i[r] (r >= 1) with caption c of image i."""
-    C, k = caps.shape[1], lists.shape[1]
-    ii, cc, dest = [], [], []
-    for loc, i in enumerate(range(s, e)):
-        for r in range(k):
-            j = int(lists[i, r])
-            for c in range(C):
-                if caps[j, c] >= 0:
-                    ii.append(i); cc.append(int(caps[j, c])); dest.append((0, loc, r, c))
-        for c in range(C):
-            if caps[i, c] < 0:
-                continue
-            for r in range(1, k):  # r = 0 is in m_i2t[., 0, .]
-                ii.append(int(lists[i, r])); cc.append(int(caps[i, c])); dest.append((1, loc, c, r))
-    return np.array(ii, dtype=np.int64), np.array(cc, dtype=np.int64), np.array(dest, dtype=np.int64)
-
-
-@torch.no_grad()
-def shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_f, pair_batch):
-    """One shard's tensors (see the module doc) and its number of fusion pairs."""
-    from mcad.preprocess import model_input
-
-    n, C, k = e - s, caps.shape[1], lists.shape[1]
-    ii, cc, d = shard_pairs(caps, lists, s, e)
-    img_need, img_pos = np.unique(ii, return_inverse=True)
-    cap_need, cap_pos = np.unique(cc, return_inverse=True)
-    from mcad.data.stream import image_batch
-
-    b = image_batch(int(fusion.image_size))
-    chunks = [img_need[j:j + b] for j in range(0, len(img_need), b)]
-    img_tok = torch.cat([fusion.image_tokens(model_input(fusion, px)) for px in f_images.batches(chunks)])
-    # a pair batch gathers one image's tokens per pair: at most ~128 MB of them (1024 pairs of the
-    # embedded teachers' 64 x 128 tokens; 72 of BLIP-base's 577 x 768)
-    pair_batch = max(16, min(pair_batch, (128 << 20) // (img_tok[0].numel() * img_tok.element_size())))
-    ids_need = torch.as_tensor(f_ids[cap_need])
-    txt_tok = torch.cat([fusion.text_tokens(ids_need[j:j + 1024]) for j in range(0, len(ids_need), 1024)])
-    # chunks of captions of similar length: the fusion model drops a chunk's common padding
-    lengths = (np.asarray(f_ids[cap_need]) != fusion.pad_id).sum(1)
-    ii_t, cc_t = torch.as_tensor(img_pos), torch.as_tensor(cap_pos)
-    order = torch.as_tensor(np.argsort(lengths[cap_pos], kind="stable"))
-    h_pairs, m_pairs = torch.empty(len(ii), fusion.width), torch.empty(len(ii))
-    for p in range(0, len(ii), pair_batch):
-        sel = order[p:p + pair_batch]
-        h_pairs[sel], m_pairs[sel] = fusion.fuse(img_tok[ii_t[sel]], txt_tok[cc_t[sel]], ids_need[cc_t[sel]])
-    m_i2t, m_t2i = torch.full((n, k, C), float("nan")), torch.full((n, C, k), float("nan"))
-    h = torch.zeros(n, C, h_pairs.shape[1])
-    w = d[:, 0] == 0
-    m_i2t[d[w, 1], d[w, 2], d[w, 3]] = m_pairs[torch.as_tensor(w)]
-    self_rows = w & (d[:, 2] == 0)
-    h[d[self_rows, 1], d[self_rows, 3]] = h_pairs[torch.as_tensor(self_rows)]
-    m_t2i[:, :, 0] = m_i2t[:, 0, :]
-    m_t2i[d[~w, 1], d[~w, 2], d[~w, 3]] = m_pairs[torch.as_tensor(~w)]
-    h_img, h_txt = candidate_features(h_pairs, d, m_i2t, m_t2i, tau_f)
-    cs = torch.as_tensor(caps[s:e])
-    t = torch.zeros(n, C, t_all.shape[1])
-    t[cs >= 0] = t_all[cs[cs >= 0]]
-    return {"v": v_all[s:e].contiguous(), "t": t, "h": h, "m_i2t": m_i2t, "m_t2i": m_t2i, "h_img": h_img,
-            "h_txt": h_txt, "lists": torch.as_tensor(lists[s:e]).contiguous(), "captions": cs.contiguous()}, len(ii)
 
 
 def main(argv: list[str]) -> int:
@@ -484,9 +292,10 @@ def main(argv: list[str]) -> int:
            "neighbours": int(cfg["neighbours"])}
     if not teacher_spec.is_default(cfg):
         src["teacher_specs"] = tset.describe()
+    # F's fused features only for a recipe with λ > 0 (any variant: the ablation's runs share one cache)
     build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, int(cfg.get("cache_shard_images", 2048)),
                 config=src, tau_f=float(cfg["loss"]["tau_f"]), fusion_ids=tset.fusion_ids(corpus.captions),
-                image_emb=emb)
+                image_emb=emb, fused=float(cfg["loss"]["lam"]) > 0)
     print(f"teacher cache: {out}")
     return 0
 
