@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcad.io import OutputRefused, atomic_path, sweep_stale_tmp
+from mcad.io import atomic_path, sweep_stale_tmp
 
 log = logging.getLogger("mcad.train")
 # header line of a checkpoint: CKPT_MAGIC + sha256 hex of the payload + "\n", then torch.save's bytes
@@ -152,26 +152,19 @@ class Trainer:
 
     def save(self, path: str | Path | None = None) -> Path:
         """Header (sha256 of the payload) + torch.save's bytes, written atomically. Weights that are
-        not finite are refused (nothing non-finite is kept); a failed write names the file."""
+        not finite are refused (nothing non-finite is kept)."""
         path = Path(path or self.ckpt_path)
         bad = non_finite_weights(self.modules)
         if bad:
             raise NonFiniteLoss(f"{self.desc}: weights not finite at step {self.step} ({', '.join(bad[:3])}); "
                                 f"not saved to {path}; lower lr= or check the loss settings")
-        try:
+        with atomic_path(path) as tmp:  # a failed write is named by mcad.io (a full disk included)
             buf = io.BytesIO()
             torch.save(self.state(), buf)
             payload = buf.getbuffer()
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(checkpoint_header(payload))
-                    f.write(payload)
-        except OutputRefused:
-            raise
-        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as "unexpected pos"
-            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise RuntimeError(f"{path}: could not write the training checkpoint ({reason}); the disk may be full: "
-                               f"free space and run the same command again") from None
+            with open(tmp, "wb") as f:
+                f.write(checkpoint_header(payload))
+                f.write(payload)
         self.saved_step = self.step
         return path
 
