@@ -15,6 +15,11 @@ children are free (any key, any YAML value); a command needing free keys must li
 `shorthands` maps a mapping's key to a function that reads `key=text` as the `key.<child>` values
 it stands for (`data=data/synth` -> data.format=synth data.root=data/synth, mcad.data.spec).
 
+Ranges: a numeric key's range is declared by its last name (POSITIVE, NON_NEGATIVE, FRACTION below:
+`lr`, `steps`, `batch_size`, `k`, `threads` > 0; `workers`, `seed`, `warmup`, loss weights >= 0), checked
+for every `key=value` given and every value of a recipe, so `lr=-1` or `workers=-2` is one line naming
+the key before any work. A top-level `name` (a run's folder below `out=`) may not be empty or leave `out=`.
+
 A recipe may start from another: `base: student` at its top takes every key of student.yaml and
 sets only those it names, which must be keys of the base (a typo in a shipped recipe is an error).
 """
