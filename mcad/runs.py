@@ -69,8 +69,15 @@ def run_dir(out: str | Path, name: str) -> Path:
 def run_folder_lock(run: str | Path, command: str) -> Iterator[Path]:
     """One writer per run folder: held for the whole run, so a second `mcad <command>` into the same
     folder is refused in one line naming the holder's pid (mcad.io.folder_lock) instead of both
-    writing the same files. Take it before anything is written there (its log included)."""
+    writing the same files. Take it before anything is written there (its log included). In a
+    torchrun job only rank 0 takes it (RANK, set before the process group exists): the other ranks
+    are the same run."""
+    import os
+
     from mcad.io import folder_lock
 
+    if int(os.environ.get("RANK") or 0) != 0:
+        yield Path(run)
+        return
     with folder_lock(run, command) as folder:
         yield folder

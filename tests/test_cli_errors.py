@@ -104,6 +104,24 @@ def test_a_second_student_run_into_the_same_folder_is_refused(synth_root, tmp_pa
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
 
 
+def test_the_other_ranks_of_a_torchrun_job_write_under_rank_0s_lock(tmp_path, monkeypatch):
+    from mcad.io import FolderBusy
+    from mcad.runs import run_folder_lock
+
+    holder = hold_lock(tmp_path, "student")  # rank 0 of the job
+    try:
+        monkeypatch.setenv("RANK", "1")
+        with run_folder_lock(tmp_path, "student"):
+            pass
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(FolderBusy, match=f"pid {holder.pid}"):
+            with run_folder_lock(tmp_path, "student"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.parametrize("name, why", [("../../x", "leaves out="), ("", "empty"), ("/tmp/x", "leaves out=")])
 def test_a_run_name_outside_out_or_empty_is_refused(name, why, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
