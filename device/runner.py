@@ -540,138 +540,169 @@ def _loop(spec: dict, step) -> tuple[dict, float]:
 
 
 def run_job(spec: dict) -> dict:
+    """One job: the mode's function, in a process that imports what every mode of this runtime imports
+    (so a bare process is the same process less the model and the gallery)."""
     mode = spec.get("mode", "search")
+    if mode not in MODES:
+        raise RunnerError(f"unknown mode {mode!r} ({', '.join(MODES)})")
     runtime = spec["runtime"]
-    threads = int(spec.get("threads", 1))
     cpus = _pin(spec)
     t_start = time.perf_counter()
-    import numpy as np
-
-    scorer_kind = spec.get("scorer", "faiss") if mode in ("search", "bare") else "none"
     program = spec.get("program", "encoder")
-    # Import everything a full job imports, so a bare process is the same process minus model and gallery.
     import_runtime(runtime)
-    if scorer_kind == "faiss" and program != "search":
+    if mode in ("search", "bare") and spec.get("scorer", "faiss") == "faiss" and program != "search":
         import faiss  # noqa: F401
     if spec.get("tokenizer") and mode in ("search", "bare"):
         import tokenizers  # noqa: F401
-    result: dict = {"mode": mode, "runtime": runtime, "threads": threads, "cpus": cpus,
+    result: dict = {"mode": mode, "runtime": runtime, "threads": int(spec.get("threads", 1)), "cpus": cpus,
                     "runner": "python", "runner_version": RUNNER_VERSION,
                     "python": platform.python_version(), "machine": platform.machine()}
     if mode == "bare":
         result["import_s"] = round(time.perf_counter() - t_start, 3)
         result["memory"] = memory_status()
         return result
-
     t = time.perf_counter()
-    model = Model(runtime, spec["model"], threads, spec.get("input_names"))
+    model = Model(runtime, spec["model"], result["threads"], spec.get("input_names"))
     result["load_model_s"] = round(time.perf_counter() - t, 3)
-    stages: dict = {}
-
     if mode == "outputs":
         return dict(result, **run_outputs(model, spec["inputs"], spec["outputs"]), memory=memory_status())
-    if mode == "image":
-        size = int(spec.get("image_size", 224))
-        rng = np.random.default_rng(0)
-        pix = rng.standard_normal((1, 3, size, size), dtype=np.float32)
-        emb = model.run([pix])[0]
-        result["embed_dim"] = int(emb.shape[-1])
+    times, elapsed = MODES[mode](spec, model, result)
+    return _finish(spec, result, times, elapsed)
 
-        def step(i, times):
-            t0 = time.perf_counter()
-            model.run([pix])
-            if times is not None:
-                times.setdefault("encode", []).append((time.perf_counter() - t0) * 1e3)
 
-        times, elapsed = _loop(spec, step)
-    elif mode == "search":
-        k = int(spec.get("k", 10))
-        ids_all = np.load(spec["ids"]) if spec.get("ids") else None
-        tok = MiniTokenizer(spec["tokenizer"], spec.get("context_length")) if spec.get("tokenizer") else None
-        texts = list(spec.get("texts") or ["a photo of a dog"])
-        if ids_all is None and tok is None:
-            raise RunnerError("search job needs token ids (spec.ids) or a tokenizer (spec.tokenizer)")
-        # When the tokenizer is the model's own, its ids feed the encoder; otherwise (a peer with
-        # another vocabulary) tokenize is timed on its own and the encoder gets the given ids.
-        use_tok_ids = tok is not None and bool(spec.get("tokenizer_is_model_tokenizer", ids_all is None))
-        if ids_all is None:
-            ids_all = np.concatenate([tok.encode(t) for t in texts])
-        ids_all = ids_all.astype(np.int64, copy=False)
-        bound = spec["gallery"].get("bound") if program == "search" else None
-        if bound:
-            dim = int(bound["dim"])
-        elif spec.get("embed_dim"):
-            dim = int(spec["embed_dim"])
-        elif program == "search":  # the gallery input's last dimension
-            shp = model.in_shapes[1] if len(model.in_shapes) > 1 else []
-            d_at = 0 if spec["gallery"].get("layout") == "columns" else -1
-            if not shp or not isinstance(shp[d_at], (int, np.integer)) or int(shp[d_at]) <= 0:
-                raise RunnerError("search program: embedding size unknown (give spec.embed_dim)")
-            dim = int(shp[d_at])
-        else:
-            dim = int(model.run([ids_all[:1]])[0].shape[-1])
-        t = time.perf_counter()
-        gsource = "file" if spec["gallery"].get("file") else "random unit vectors"
-        if bound:  # bound into the program at export (export.bound): nothing to give
-            if int(bound["n"]) != int(spec["gallery"]["n"]):
-                raise RunnerError(f"search program holds a gallery of {bound['n']} rows, the job asks for {spec['gallery']['n']}")
-            result["gallery"] = {"n": int(bound["n"]), "dim": dim, "source": "bound in the program",
-                                 "dtype": bound.get("dtype", "fp32"), "rerank": 0, "bytes": int(bound.get("bytes") or 0)}
-        elif program == "search":  # the program holds the gallery: given once, each query feeds its ids only
-            n = int(spec["gallery"]["n"])
-            model.bind_rows(1, n, dim, gallery_chunks(spec["gallery"], dim), [ids_all[:1], None],
-                            layout=str(spec["gallery"].get("layout") or "rows"))
-            result["gallery"] = {"n": n, "dim": dim, "source": gsource, "dtype": "fp32", "rerank": 0, "bytes": n * dim * 4}
-        else:
-            scorer = Scorer(scorer_kind, spec["gallery"], k, dim)
-            result["gallery"] = {"n": scorer.n, "dim": dim, "source": gsource, "dtype": scorer.dtype,
-                                 "rerank": scorer.rerank, "bytes": scorer.bytes()}
-        result["build_gallery_s"] = round(time.perf_counter() - t, 3)
-        result["scorer"] = "search program" if program == "search" else scorer_kind
-        last: dict = {}
+def _job_image(spec: dict, model: Model, result: dict) -> tuple[dict, float]:
+    """Image encoder latency on one seeded random image of the model's size."""
+    import numpy as np
 
-        def step(i, times):
-            t0 = time.perf_counter()
-            ids = tok.encode(texts[i % len(texts)]) if tok is not None else None
-            t1 = time.perf_counter()
-            if not use_tok_ids or ids is None:
-                ids = ids_all[i % len(ids_all)][None]
-            if program == "search":
-                outs = model.run([ids] if bound else [ids, None])
-                top = outs[-1][0]
-                t2 = t3 = time.perf_counter()
-            else:
-                emb = model.run([ids])[0]
-                t2 = time.perf_counter()
-                top = scorer.search(emb)
-                t3 = time.perf_counter()
-            last["top"] = top
-            if times is not None:
-                if tok is not None:
-                    times.setdefault("tokenize", []).append((t1 - t0) * 1e3)
-                if program == "search":
-                    times.setdefault("search", []).append((t3 - t1) * 1e3)
-                else:
-                    times.setdefault("encode", []).append((t2 - t1) * 1e3)
-                    times.setdefault("score_topk", []).append((t3 - t2) * 1e3)
-                    times.setdefault("search", []).append((t3 - t1) * 1e3)
-                if tok is not None:
-                    times.setdefault("end_to_end", []).append((t3 - t0) * 1e3)
+    size = int(spec.get("image_size", 224))
+    pix = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+    result["embed_dim"] = int(model.run([pix])[0].shape[-1])
 
-        times, elapsed = _loop(spec, step)
-        result["top_ids_last"] = [int(x) for x in np.asarray(last["top"]).ravel()[:k]]
-        result["tokenizer_feeds_encoder"] = use_tok_ids
-        if spec.get("report_queries") and program != "search":
-            # after the timed runs (the peak is already what it is): what the host needs for the
-            # recall of this gallery against an exact fp32 one, the embeddings and their top-k
-            q = np.concatenate([model.run([ids_all[j:j + 1]])[0] for j in range(min(len(ids_all), int(spec["report_queries"])))])
-            result["queries"] = {"emb": q.astype(np.float32).round(6).tolist(),
-                                 "top": [[int(x) for x in scorer.search(e)] for e in q]}
+    def step(i, times):
+        t0 = time.perf_counter()
+        model.run([pix])
+        if times is not None:
+            times.setdefault("encode", []).append((time.perf_counter() - t0) * 1e3)
+
+    return _loop(spec, step)
+
+
+def _query_ids(spec: dict):
+    """(token ids [Q, L], tokenizer or None, texts, whether the tokenizer's ids feed the encoder). When
+    the tokenizer is the model's own its ids feed the encoder; otherwise (a peer with another
+    vocabulary) tokenize is timed on its own and the encoder gets the given ids."""
+    import numpy as np
+
+    ids_all = np.load(spec["ids"]) if spec.get("ids") else None
+    tok = MiniTokenizer(spec["tokenizer"], spec.get("context_length")) if spec.get("tokenizer") else None
+    texts = list(spec.get("texts") or ["a photo of a dog"])
+    if ids_all is None and tok is None:
+        raise RunnerError("search job needs token ids (spec.ids) or a tokenizer (spec.tokenizer)")
+    use_tok_ids = tok is not None and bool(spec.get("tokenizer_is_model_tokenizer", ids_all is None))
+    if ids_all is None:
+        ids_all = np.concatenate([tok.encode(t) for t in texts])
+    return ids_all.astype(np.int64, copy=False), tok, texts, use_tok_ids
+
+
+def _embed_dim(spec: dict, model: Model, ids_all, program: str, bound: dict | None) -> int:
+    import numpy as np
+
+    if bound:
+        return int(bound["dim"])
+    if spec.get("embed_dim"):
+        return int(spec["embed_dim"])
+    if program == "search":  # the gallery input's last dimension
+        shp = model.in_shapes[1] if len(model.in_shapes) > 1 else []
+        d_at = 0 if spec["gallery"].get("layout") == "columns" else -1
+        if not shp or not isinstance(shp[d_at], (int, np.integer)) or int(shp[d_at]) <= 0:
+            raise RunnerError("search program: embedding size unknown (give spec.embed_dim)")
+        return int(shp[d_at])
+    return int(model.run([ids_all[:1]])[0].shape[-1])
+
+
+def _gallery(spec: dict, model: Model, ids_all, dim: int, program: str, bound: dict | None, result: dict):
+    """Give the gallery to whoever scores it: nothing for a program holding one (bound at export),
+    once to a search program taking it as an input, else a Scorer of the encoder's embeddings."""
+    k = int(spec.get("k", 10))
+    t = time.perf_counter()
+    gsource = "file" if spec["gallery"].get("file") else "random unit vectors"
+    scorer = None
+    if bound:
+        if int(bound["n"]) != int(spec["gallery"]["n"]):
+            raise RunnerError(f"search program holds a gallery of {bound['n']} rows, the job asks for {spec['gallery']['n']}")
+        result["gallery"] = {"n": int(bound["n"]), "dim": dim, "source": "bound in the program",
+                             "dtype": bound.get("dtype", "fp32"), "rerank": 0, "bytes": int(bound.get("bytes") or 0)}
+    elif program == "search":
+        n = int(spec["gallery"]["n"])
+        model.bind_rows(1, n, dim, gallery_chunks(spec["gallery"], dim), [ids_all[:1], None],
+                        layout=str(spec["gallery"].get("layout") or "rows"))
+        result["gallery"] = {"n": n, "dim": dim, "source": gsource, "dtype": "fp32", "rerank": 0, "bytes": n * dim * 4}
     else:
-        raise RunnerError(f"unknown mode {mode!r} (search, image, outputs, bare)")
+        scorer = Scorer(spec.get("scorer", "faiss"), spec["gallery"], k, dim)
+        result["gallery"] = {"n": scorer.n, "dim": dim, "source": gsource, "dtype": scorer.dtype,
+                             "rerank": scorer.rerank, "bytes": scorer.bytes()}
+    result["build_gallery_s"] = round(time.perf_counter() - t, 3)
+    result["scorer"] = "search program" if program == "search" else spec.get("scorer", "faiss")
+    return scorer
 
-    for name, vals in times.items():
-        stages[name] = summarize_ms(vals)
+
+def _job_search(spec: dict, model: Model, result: dict) -> tuple[dict, float]:
+    """Search latency: one query's token ids (or text) -> the top-k gallery ids, split into its stages."""
+    import numpy as np
+
+    program = spec.get("program", "encoder")
+    ids_all, tok, texts, use_tok_ids = _query_ids(spec)
+    bound = spec["gallery"].get("bound") if program == "search" else None
+    dim = _embed_dim(spec, model, ids_all, program, bound)
+    scorer = _gallery(spec, model, ids_all, dim, program, bound, result)
+    last: dict = {}
+
+    def step(i, times):
+        t0 = time.perf_counter()
+        ids = tok.encode(texts[i % len(texts)]) if tok is not None else None
+        t1 = time.perf_counter()
+        if not use_tok_ids or ids is None:
+            ids = ids_all[i % len(ids_all)][None]
+        if program == "search":
+            top = model.run([ids] if bound else [ids, None])[-1][0]
+            t2 = t3 = time.perf_counter()
+        else:
+            emb = model.run([ids])[0]
+            t2 = time.perf_counter()
+            top = scorer.search(emb)
+            t3 = time.perf_counter()
+        last["top"] = top
+        if times is not None:
+            _record_stages(times, tok is not None, program, t0, t1, t2, t3)
+
+    times, elapsed = _loop(spec, step)
+    k = int(spec.get("k", 10))
+    result["top_ids_last"] = [int(x) for x in np.asarray(last["top"]).ravel()[:k]]
+    result["tokenizer_feeds_encoder"] = use_tok_ids
+    if spec.get("report_queries") and program != "search":
+        # after the timed runs (the peak is already what it is): what the host needs for the
+        # recall of this gallery against an exact fp32 one, the embeddings and their top-k
+        q = np.concatenate([model.run([ids_all[j:j + 1]])[0] for j in range(min(len(ids_all), int(spec["report_queries"])))])
+        result["queries"] = {"emb": q.astype(np.float32).round(6).tolist(),
+                             "top": [[int(x) for x in scorer.search(e)] for e in q]}
+    return times, elapsed
+
+
+def _record_stages(times: dict, tokenized: bool, program: str, t0: float, t1: float, t2: float, t3: float) -> None:
+    if tokenized:
+        times.setdefault("tokenize", []).append((t1 - t0) * 1e3)
+    if program == "search":
+        times.setdefault("search", []).append((t3 - t1) * 1e3)
+    else:
+        times.setdefault("encode", []).append((t2 - t1) * 1e3)
+        times.setdefault("score_topk", []).append((t3 - t2) * 1e3)
+        times.setdefault("search", []).append((t3 - t1) * 1e3)
+    if tokenized:
+        times.setdefault("end_to_end", []).append((t3 - t0) * 1e3)
+
+
+def _finish(spec: dict, result: dict, times: dict, elapsed: float) -> dict:
+    stages = {name: summarize_ms(vals) for name, vals in times.items()}
     result["stages"] = stages
     result["runs"] = max((s["n"] for s in stages.values()), default=0)
     result["elapsed_s"] = round(elapsed, 3)
@@ -679,6 +710,10 @@ def run_job(spec: dict) -> dict:
         result["samples_ms"] = {k: [round(v, 4) for v in vals] for k, vals in times.items()}
     result["memory"] = memory_status()
     return result
+
+
+# mode -> the function that times it (bare and outputs are handled in run_job: nothing is timed)
+MODES = {"search": _job_search, "image": _job_image, "bare": None, "outputs": None}
 
 
 def main(argv: list | None = None) -> int:
