@@ -2,8 +2,8 @@
 larger of the two is the job's reference), so that budgets can be multiples of it (`p50_x`, `p90_x`
 in budgets.yaml): a busy neighbour or a slower machine of the class slows the kernel and the job
 alike, a regression of the subject only the job. Timing it on both sides keeps load that starts or
-stops during the job from reading as a regression (one `make gate` broke a 2.5x limit at 2.72x that
-way, with two other jobs starting on the 2 cores).
+stops during the job from reading as a regression (benchmarks/results/gate-limits.md tells the case
+that showed it).
 
 The kernel is an exact inner-product scan with faiss (one thread) over a fixed random gallery,
 the work a search does besides its encoder, on fixed data (seeded), so its cost depends on the

@@ -2,8 +2,9 @@
 
 The index's stored embeddings are bound into ExecuTorch's (int8) and LiteRT's (fp32) search programs
 as a constant weight (mcad.export.bound), which the runtime packs once at load: a query is then one
-program call from token ids to the top-10 rows of the index, at 0.35-1.1x the cost of the text
-encoder + a flat scan (a program that takes the gallery at run time costs 2.2-3x there). They are
+program call from token ids to the top-10 rows of the index, at about the cost of the text encoder
++ a flat scan or less, where a program that takes the gallery at run time costs several times that
+(benchmarks/results/scan_forms.md and bound-*-local.md measure both). They are
 written with their text encoders to `<index>/programs-<target>/` (an export folder with its manifest;
 row i of a program's result is row i of the index, `paths.json`). A changed index is bound again
 (`mcad index ... mode=add bind=cpu`); the manifest's `gallery_bound.sha256` says which rows a

@@ -27,7 +27,7 @@ import numpy as np
 TYPES = ("flat", "sq8", "ivfsq8", "ivfpq", "hnsw")
 RERANKABLE = ("sq8", "ivfsq8", "ivfpq")  # lossy codes: exact re-ranking of a shortlist pays off
 DEFAULT_RERANK = 4  # shortlist = 4 x k when the index folder keeps the exact embeddings
-AUTO_FLAT_BYTES = 32 << 20  # 32 MiB of float32 (131k x 64-d): exact search stays ~1-3 ms/query
+AUTO_FLAT_BYTES = 32 << 20  # 32 MiB of float32 (131k x 64-d): small enough that exact search needs no index
 
 
 def _faiss():
