@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from mcad.io import atomic_write_text, machine, now_iso, read_json
+from mcad.paths import RESULTS_DIR, RUNS_DIR, bench_dir
 
 log = logging.getLogger("mcad.search.report")
-OPTIONS: dict[str, Any] = {"data": None, "queries": 6, "results": "benchmarks/results", "out": None,
+OPTIONS: dict[str, Any] = {"data": None, "queries": 6, "results": str(RESULTS_DIR), "out": None,
                            "index": None, "embed": True, "k": 5}
 MAX_JSON_ROWS = 120
 
@@ -314,7 +315,7 @@ def section_export(page: Page, run: Path) -> None:
 
 def section_bench(page: Page, run: Path) -> None:
     page.add("<h2 id=\"bench\">Device benchmarks (bench/)</h2>")
-    files = sorted((run / "bench").glob("**/*.md")) + sorted((run / "bench").glob("**/*.json"))
+    files = sorted(bench_dir(run).glob("**/*.md")) + sorted(bench_dir(run).glob("**/*.json"))
     md_stems = {p.with_suffix("") for p in files if p.suffix == ".md"}
     shown = 0
     for p in files:
@@ -335,7 +336,7 @@ def section_bench(page: Page, run: Path) -> None:
             page.add(records_table(bench_records(rows)) if isinstance(rows, list) and rows and isinstance(rows[0], dict)
                      else kv_table(j))
     if not shown:
-        page.missing.append(str(run / "bench"))
+        page.missing.append(str(bench_dir(run)))
         page.add("<p class=\"missing\">no bench results (run <code>make bench</code>)</p>")
 
 
@@ -485,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from mcad.runs import latest_run
 
-        run = latest_run("runs")
+        run = latest_run(RUNS_DIR)
     out = Path(opts["out"]) if opts["out"] else run / "report.html"
     path = render(run, opts["data"], Path(str(opts["results"])), out, int(opts["queries"]),
                   int(opts["k"]), opts["index"], bool(opts["embed"]))
