@@ -22,7 +22,7 @@ from mcad.accelerator import resolve_device
 from mcad.data.images import normalize
 from mcad.data.stream import StepFeed
 from mcad.evaluate import encode_images, evaluate_dual, evaluate_rerank, image_keys
-from mcad.io import write_json
+from mcad.io import atomic_write_text, write_json
 from mcad.distill.losses import candidates_with_positive, clip_loss, itm_listwise_loss
 from mcad.models.checkpoint import check_tokenizer, load_model, read_metadata, save_model
 from mcad.models.registry import count_params, create_model, with_tokenizer
@@ -245,6 +245,6 @@ def train_teachers(cfg: dict, data, out: Path, seed: int, device) -> int:
                "timings_s": timings, "config": cfg,
                "fusion_beats_dual_r1": bool(f_metrics["t2i_r1"] > d_metrics["t2i_r1"] and f_metrics["i2t_r1"] > d_metrics["i2t_r1"])}
     write_json(out / "metrics.json", metrics)
-    (out / "metrics.md").write_text(table + "\n")
+    atomic_write_text(out / "metrics.md", table + "\n")
     log.info("teachers: %s", {k: round(v, 1) for k, v in timings.items()})
     return 0

@@ -200,7 +200,7 @@ def test_bench_options_keep_their_quick_defaults():
     assert q.timing.min_time_s == 0.5 and q.device_options == {"keep": True, "timeout_s": 3.0}
     f = parse_args(["runs/x", "threads=1,2", "results=out/res"])
     assert str(f.run) == "runs/x" and f.threads == [1, 2] and f.peers == "full" and str(f.results) == "out/res"
-    with pytest.raises(ValueError, match="threads=0: expected positive integers"):
+    with pytest.raises(ValueError, match="threads=0: must be a positive integer"):
         parse_args(["threads=0"])
 
 
