@@ -57,7 +57,7 @@ def latest_run(root: str | Path = "runs", exclude: tuple[str, ...] = ("teachers"
 def run_dir(out: str | Path, name: str) -> Path:
     """out=/name=: the run's folder, refused in one line where `name` would leave `out` or be `out`
     itself (the same rule mcad.config applies to a `name=` given on the command line)."""
-    from mcad.config import run_name_problem
+    from mcad.ranges import run_name_problem
 
     problem = run_name_problem(str(name))
     if problem:
