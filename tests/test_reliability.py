@@ -425,6 +425,73 @@ def test_fuzz_karpathy_every_entry_and_sentence_loads_or_is_counted(img_dir):
         assert next(caps_of, None) is None
 
 
+def _damage(rng: random.Random, raw: bytes) -> bytes:
+    """The ways a file gets damaged at rest or in a copy: 1-8 bytes flipped anywhere (header
+    included), a truncation, or bytes appended."""
+    r = rng.random()
+    if r < 0.15:
+        return raw[:rng.randrange(0, len(raw))]
+    if r < 0.25:
+        return raw + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    out = bytearray(raw)
+    for _ in range(rng.randint(1, 8)):
+        out[rng.randrange(len(out))] ^= rng.randint(1, 255)
+    return bytes(out)
+
+
+def test_fuzz_bench_artifacts_with_damaged_bytes_are_refused_before_timing(tiny_run, tmp_path):
+    """Every damaged .onnx/.tflite/.pte of an export is refused by the bench's loading (the step
+    before any job is timed) with one line naming the file and the command that rebuilds it."""
+    import shutil
+
+    from mcad.artifacts import ManifestError
+    from mcad.benchmarks.subjects import student_subject
+    from test_verification import fake_export
+
+    rng = random.Random(2)
+    runtimes = {".onnx": "onnxruntime", ".tflite": "litert", ".pte": "executorch"}
+    for trial in range(24):
+        ext = (".onnx", ".tflite", ".pte")[trial % 3]
+        run = tmp_path / f"run{trial}"
+        shutil.copytree(tiny_run, run)
+        f = fake_export(run, files=(f"text_encoder.int8{ext}",), seed=trial) / f"text_encoder.int8{ext}"
+        raw = f.read_bytes()
+        f.write_bytes(_damage(rng, raw))
+        if f.read_bytes() == raw:  # an xor is never 0, but a truncation to the whole file could be
+            continue
+        with pytest.raises(ManifestError) as e:
+            student_subject(run, tmp_path, [runtimes[ext]], None, ["a red circle"])
+        msg = str(e.value)
+        assert msg.startswith(f"{f}: sha256 differs from ") and "\n" not in msg, msg
+        assert f"rebuild: `make export TARGET=cpu RUN={run}`" in msg, msg
+
+
+def test_fuzz_resume_checkpoints_with_damaged_bytes_are_refused(tmp_path):
+    """Every damaged resume checkpoint is refused in one line naming it, never resumed."""
+    from mcad.distill.trainer import DamagedCheckpoint, Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    cfg = {"steps": 3, "lr": 1e-2, "ckpt_every": 1}
+    ckpt = tmp_path / "student.ckpt.pt"
+    tr = Trainer({"m": model}, cfg, ckpt, desc="t", recipe=cfg)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    tr.fit(lambda step: ((model(x) ** 2).mean(), {}), stop_at=2, progress=False)
+    raw = ckpt.read_bytes()
+    rng = random.Random(3)
+    for trial in range(40):
+        damaged = _damage(rng, raw)
+        if damaged == raw:
+            continue
+        ckpt.write_bytes(damaged)
+        with pytest.raises(DamagedCheckpoint) as e:
+            Trainer({"m": model}, cfg, ckpt, desc="t", recipe=cfg).resume()
+        msg = str(e.value)
+        assert msg.startswith(f"{ckpt}: damaged training checkpoint (") and "\n" not in msg, (trial, msg)
+    ckpt.write_bytes(raw)
+    assert Trainer({"m": model}, cfg, ckpt, desc="t", recipe=cfg).resume()  # the intact file still resumes
+
+
 # -- 6. numbers that make no sense --------------------------------------------------------------
 def test_counts_are_checked_at_each_command_naming_the_key(tmp_path, synth_root, teachers):
     from mcad.data.cli import make_synthetic
