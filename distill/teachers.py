@@ -223,7 +223,7 @@ def train_teachers(cfg: dict, data, out: Path, seed: int, device) -> int:
             model = load_model(path, kind=name)
         else:
             model, timings[f"{name}_train_s"] = train()
-            save_model(model, path, extra={"recipe": recipes[name]})
+            save_model(model, path, extra={"recipe": recipes[name]}, tokenizer=tok)
             (out / f"{name}.ckpt.pt").unlink(missing_ok=True)  # the finished model replaces its resume point
         check_tokenizer(model.config, tok, path, tok_path)
         return model

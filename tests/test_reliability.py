@@ -136,7 +136,8 @@ def test_teacher_cache_refuses_other_data_and_damaged_shards(built_cache, synth_
         TeacherCache(broken)
 
 
-def test_teachers_refuse_models_and_checkpoints_of_another_recipe(synth_root, tmp_path):
+def test_teachers_refuse_models_and_checkpoints_of_another_recipe(synth_root, tmp_path, monkeypatch):
+    from mcad.distill import teachers
     from mcad.distill.teachers import main
 
     out = tmp_path / "teachers"
@@ -149,9 +150,19 @@ def test_teachers_refuse_models_and_checkpoints_of_another_recipe(synth_root, tm
     assert (out / "metrics.json").read_text() == record  # no false record of the new config
     with pytest.raises(ValueError, match=r"fusion.safetensors: trained with another recipe \(differs in fusion.lr\)"):
         main([*args, "fusion.lr=1e-4"])
-    # a partial training checkpoint of another recipe is not resumed either
+    # a partial training checkpoint of another recipe is not resumed either: a run stopped after its
+    # last checkpoint but before the model was saved (a finished model removes its checkpoint)
     (out / "dual.safetensors").unlink()
     (out / "fusion.safetensors").unlink()
+    assert not (out / "dual.ckpt.pt").exists()
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(teachers, "save_model", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
     assert (out / "dual.ckpt.pt").exists()
     with pytest.raises(ValueError, match=r"dual.ckpt.pt: checkpoint of another recipe \(differs in dual.steps\)"):
         main([*args, "dual.steps=3"])
