@@ -344,7 +344,9 @@ def _random_chunks(n: int, d: int, seed: int, chunk_rows: int):
         yield x
 
 
-GALLERY_DTYPES = ("fp32", "fp16", "int8")
+GALLERY_DTYPES = ("fp32", "fp16", "int8", "pq4")
+DEFAULT_DEPTH = 200  # pq4: rows re-ranked exactly per query (the gallery's `depth`)
+PQ_TRAIN_ROWS = 4096  # pq4: rows the codebooks are trained on (what faiss's k-means samples for 16 centroids)
 
 
 # rows per chunk when a gallery streams in: the chunk (and its temporaries) is part of the measured
@@ -360,11 +362,13 @@ def gallery_chunks(gallery: dict, dim: int, chunk: int = CHUNK_ROWS):
 
 
 class Scorer:
-    """The gallery and its top-k scan. `gallery`: {"n", "seed" | "file", "dtype": fp32|fp16|int8,
-    "rerank": r}. fp32 is faiss's exact flat scan; fp16 and int8 are faiss scalar quantizers (int8:
-    per-dimension ranges, faiss SQ8) holding 2 and 1 bytes per dimension; with `rerank` r > 0 and the
-    fp32 rows in `file`, the k * r best by the compressed codes are scored again exactly from rows
-    read off the disk (not resident)."""
+    """The gallery and its top-k scan. `gallery`: {"n", "seed" | "file", "dtype": fp32|fp16|int8|pq4,
+    "rerank": r, "depth": R, "pq_m": M, "added": path}. fp32 is faiss's exact flat scan; fp16 and int8
+    are faiss scalar quantizers (int8: per-dimension ranges, faiss SQ8) holding 2 and 1 bytes per
+    dimension; with `rerank` r > 0 and the fp32 rows in `file`, the k * r best by the compressed codes
+    are scored again exactly from rows read off the disk (not resident). pq4 is a two-stage scan
+    (`TwoStage`): 4-bit PQ fast-scan codes of every row, then the R best re-ranked exactly from the
+    fp32 rows in `file`; it alone takes rows added and removed on the device (`add`, `remove`)."""
 
     def __init__(self, kind: str, gallery: dict, k: int, dim: int):
         import numpy as np
@@ -380,13 +384,18 @@ class Scorer:
 
         self.file = gallery.get("file")
         self.rerank = int(gallery.get("rerank") or 0) if self.dtype != "fp32" else 0
+        self.two, self.depth = None, 0
         if self.rerank and not self.file:
             raise RunnerError("gallery rerank needs the fp32 rows on disk (gallery.file)")
         if kind == "faiss":
             import faiss
 
             faiss.omp_set_num_threads(FAISS_THREADS)
-            self.index = _flat_index(dim, n, chunks()) if self.dtype == "fp32" else _sq_index(self.dtype, dim, n, chunks)
+            if self.dtype == "pq4":
+                self.rerank, self.two = 0, TwoStage(gallery, k, dim, chunks)
+                self.index, self.depth = self.two.index, self.two.depth
+            else:
+                self.index = _flat_index(dim, n, chunks()) if self.dtype == "fp32" else _sq_index(self.dtype, dim, n, chunks)
             self.n = self.index.ntotal
         elif kind == "numpy":
             if self.dtype != "fp32":
@@ -405,6 +414,8 @@ class Scorer:
 
     def bytes(self) -> int:
         """What the gallery holds in memory."""
+        if self.two is not None:
+            return self.two.bytes()
         if self.kind == "faiss":
             return int(self.index.codes.size()) if self.dtype != "fp32" else int(self.n * self.dim * 4)
         return int(getattr(self, "g", self.np.zeros(0)).nbytes)
@@ -412,6 +423,8 @@ class Scorer:
     def search(self, q):
         np = self.np
         q = np.ascontiguousarray(q.reshape(1, -1), dtype=np.float32)
+        if self.two is not None:
+            return self.two.search(q)
         if self.kind == "faiss":
             _, idx = self.index.search(q, self.k * max(1, self.rerank))
             return self._exact(q[0], idx[0]) if self.rerank else idx[0]
@@ -427,6 +440,156 @@ class Scorer:
         rows = _npy_rows(self.file, cand, self.dim)
         order = np.argsort(-(rows @ q), kind="stable")[:self.k]
         return cand[order]
+
+    def add(self, rows):
+        """Add photos' embeddings [m, dim]; returns their ids (the next free row numbers)."""
+        ids = self._updatable().add(rows)
+        self.n = self.index.ntotal
+        return ids
+
+    def remove(self, ids) -> int:
+        """Remove photos by id; returns how many were in the gallery."""
+        n = self._updatable().remove(ids)
+        self.n = self.index.ntotal
+        return n
+
+    def _updatable(self):
+        if self.two is None:
+            raise RunnerError(f"gallery dtype {self.dtype!r} is built once; a gallery that takes added and removed "
+                              "photos is dtype=pq4 (scorer=faiss)")
+        return self.two
+
+
+class RowStore:
+    """The exact fp32 rows of a two-stage gallery, on disk: the gallery's .npy (read-only) and the rows
+    added on the device, appended to a file of their own (`added`, else an anonymous temporary file).
+    Rows are read with pread, so none is mapped or resident; row ids run on from the .npy's rows."""
+
+    def __init__(self, path: str, dim: int, added: str | None = None):
+        import tempfile
+
+        self.f = open(path, "rb")
+        shape, fortran, dtype = _npy_header(self.f)
+        if len(shape) != 2 or fortran or shape[1] != dim or dtype.str != "<f4":
+            raise RunnerError(f"{path}: the re-rank rows must be a C-ordered float32 [N, {dim}] .npy, "
+                              f"got {dtype.str} {shape}")
+        self.dim, self.start, self.n_base = dim, self.f.tell(), int(shape[0])
+        self.extra = open(added, "w+b") if added else tempfile.TemporaryFile()
+        self.n = self.n_base
+
+    def append(self, rows):
+        import numpy as np
+
+        os.pwrite(self.extra.fileno(), rows.tobytes(), (self.n - self.n_base) * self.dim * 4)
+        ids = np.arange(self.n, self.n + len(rows), dtype=np.int64)
+        self.n += len(rows)
+        return ids
+
+    def read(self, ids):
+        """Rows `ids` as float32 [len(ids), dim], one pread each into one buffer."""
+        import numpy as np
+
+        size = self.dim * 4
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        view = memoryview(out).cast("B")
+        base, extra = self.f.fileno(), self.extra.fileno()
+        for j, r in enumerate(ids.tolist()):
+            fd, off = (base, self.start + r * size) if r < self.n_base else (extra, (r - self.n_base) * size)
+            if os.preadv(fd, [view[j * size:(j + 1) * size]], off) != size:
+                raise RunnerError(f"row {r} is past the end of the gallery's rows on disk")
+        return out
+
+
+class TwoStage:
+    """Two-stage search: faiss's 4-bit PQ fast-scan codes of every row (SIMD over packed nibbles, the
+    rows never decoded to float), the `depth` best by them re-ranked exactly from the fp32 rows on
+    disk (`RowStore`). The codebooks are trained here, by faiss's k-means on rows of the gallery itself;
+    photos added later are encoded with them. faiss's IndexIDMap keeps the photo ids through removals."""
+
+    def __init__(self, gallery: dict, k: int, dim: int, chunks):
+        import faiss
+        import numpy as np
+
+        self.np, self.faiss, self.k, self.dim = np, faiss, k, dim
+        if not gallery.get("file"):
+            raise RunnerError("gallery dtype pq4 re-ranks from the fp32 rows on disk: give gallery.file")
+        self.depth = int(gallery.get("depth") or DEFAULT_DEPTH)
+        m = int(gallery.get("pq_m") or dim // 4)
+        if self.depth < k or m < 1 or dim % m:
+            raise RunnerError(f"gallery depth={self.depth}, pq_m={m}: need depth >= k ({k}) and pq_m dividing "
+                              f"the embedding size {dim}")
+        self.store = RowStore(gallery["file"], dim, gallery.get("added"))
+        base = faiss.IndexPQFastScan(dim, m, 4, faiss.METRIC_INNER_PRODUCT)
+        base.train(_sample_rows(chunks(), self.store.n_base, dim))
+        self.base, self.index = base, faiss.IndexIDMap(base)
+        pos = 0
+        for c in chunks():
+            self.index.add_with_ids(np.ascontiguousarray(c), np.arange(pos, pos + len(c), dtype=np.int64))
+            pos += len(c)
+        if pos != self.store.n_base:
+            raise RunnerError(f"{gallery['file']}: {pos} rows streamed, its header says {self.store.n_base}")
+
+    def search(self, q):
+        """Top-k ids of one query [1, dim] (float32)."""
+        np = self.np
+        _, idx = self.index.search(q, min(self.depth, max(1, self.index.ntotal)))
+        cand = np.sort(idx[0][idx[0] >= 0])  # in file order: the reads walk the file forwards
+        scores = self.store.read(cand) @ q[0]
+        top = np.argpartition(-scores, self.k - 1)[:self.k] if len(cand) > self.k else np.arange(len(cand))
+        return cand[top[np.lexsort((cand[top], -scores[top]))]]
+
+    def add(self, rows):
+        np = self.np
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.dim or not np.issubdtype(rows.dtype, np.floating):
+            raise RunnerError(f"rows to add: expected float [m, {self.dim}], got {rows.dtype} {rows.shape}")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        ids = self.store.append(rows)
+        self.index.add_with_ids(rows, ids)
+        return ids
+
+    def remove(self, ids) -> int:
+        np = self.np
+        ids = np.unique(np.asarray(ids, dtype=np.int64).ravel())
+        n = int(self.index.remove_ids(self.faiss.IDSelectorBatch(ids))) if len(ids) else 0
+        _clear_fastscan_tail(self.base)
+        return n
+
+    def bytes(self) -> int:
+        """Codes (packed in blocks of 32 rows), codebooks and the id map held in memory."""
+        return int(self.base.codes.nbytes() + self.base.pq.centroids.size() * 4 + self.index.id_map.size() * 8)
+
+
+def _sample_rows(chunks, n: int, dim: int):
+    """PQ_TRAIN_ROWS rows evenly spaced over the gallery (photos in the order they were taken: every part of
+    it), collected into one buffer as the rows stream by (no random generator, no second copy)."""
+    import numpy as np
+
+    pick = np.linspace(0, n - 1, num=min(n, PQ_TRAIN_ROWS)).round().astype(np.int64)
+    out, got, pos = np.empty((len(pick), dim), dtype=np.float32), 0, 0
+    for c in chunks:
+        sel = pick[(pick >= pos) & (pick < pos + len(c))] - pos
+        out[got:got + len(sel)] = c[sel]
+        got, pos = got + len(sel), pos + len(c)
+    return out[:got]
+
+
+def _clear_fastscan_tail(index) -> None:
+    """Zero the codes past ntotal in a fast-scan index's last block. faiss's IndexFastScan.remove_ids
+    compacts the codes but leaves the moved-out ones in the last block's free slots, and its add()
+    packs new codes over those slots without clearing them, so a row added after a removal would be
+    scored from a corrupted code. Code 0 written by the index's own code packer clears a slot."""
+    import faiss
+    import numpy as np
+
+    if index.ntotal2 == index.ntotal:
+        return
+    packer = index.get_CodePacker()
+    zero = np.zeros(packer.code_size, dtype=np.uint8)
+    codes = faiss.rev_swig_ptr(index.codes.get(), index.codes.size())
+    last = codes[(index.ntotal // packer.nvec) * packer.block_size:]  # the block holding the free slots
+    for j in range(index.ntotal % packer.nvec, packer.nvec):
+        packer.pack_1_c(faiss.swig_ptr(zero), j, faiss.swig_ptr(last))
 
 
 def _flat_index(dim: int, n: int, chunks):
@@ -640,7 +803,7 @@ def _gallery(spec: dict, model: Model, ids_all, dim: int, program: str, bound: d
     else:
         scorer = Scorer(spec.get("scorer", "faiss"), spec["gallery"], k, dim)
         result["gallery"] = {"n": scorer.n, "dim": dim, "source": gsource, "dtype": scorer.dtype,
-                             "rerank": scorer.rerank, "bytes": scorer.bytes()}
+                             "rerank": scorer.rerank, "depth": scorer.depth, "bytes": scorer.bytes()}
     result["build_gallery_s"] = round(time.perf_counter() - t, 3)
     result["scorer"] = "search program" if program == "search" else spec.get("scorer", "faiss")
     return scorer
