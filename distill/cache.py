@@ -272,17 +272,36 @@ def main(argv: list[str]) -> int:
     from mcad.accelerator import resolve_device
     from mcad.checks import CACHE, require_counts
     from mcad.data import spec as data_spec
-    from mcad.preprocess import view_of
+    from mcad.data.unpaired import parse_unpaired
     from mcad.distill.teachers import add_file_log
+    from mcad.distill.unpaired import build_unpaired
+    from mcad.preprocess import view_of
 
-    # the student recipe (data, teachers, neighbours, cache, device) + the shard size, which only the cache reads
+    # the student recipe (data, teachers, neighbours, cache, device, unpaired) + the shard size, which only the cache reads
     cfg = load_command_config(argv, "student", extra={"cache_shard_images": 2048}, shorthands=teacher_spec.shorthands())
     require_counts(cfg, CACHE)
+    un = parse_unpaired(cfg.get("unpaired"))
     torch.set_num_threads(int(cfg.get("threads", 2)))
     data, device = data_spec.parse(cfg["data"]), resolve_device(cfg.get("device"))
     out = teacher_spec.cache_dir(cfg)
     add_file_log(out / "cache.log")
     tset = teacher_spec.load_teachers(cfg, device)
+    pixels = corpus = None
+    if un.paired:
+        pixels, corpus = build_paired(cfg, tset, data, out)
+    if un.on:
+        build_unpaired(cfg, un, tset, out / "unpaired", view_of(tset.dual), pixels,
+                       corpus.captions if corpus is not None else None)
+    print(f"teacher cache: {out}")
+    return 0
+
+
+def build_paired(cfg: dict, tset, data, out: Path):
+    """The cache over the recipe's training split; (its images, its corpus)."""
+    from mcad import teacher_spec
+    from mcad.data import spec as data_spec
+    from mcad.preprocess import view_of
+
     dual, fusion, tok = tset.dual, tset.fusion, tset.tokenizer
     pixels, corpus = data_spec.open_split(data, cfg.get("train_split", "train"), view_of(dual), cfg.get("workers"))
     ids = tok.encode_batch(corpus.captions)
@@ -296,8 +315,7 @@ def main(argv: list[str]) -> int:
     build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, out, int(cfg.get("cache_shard_images", 2048)),
                 config=src, tau_f=float(cfg["loss"]["tau_f"]), fusion_ids=tset.fusion_ids(corpus.captions),
                 image_emb=emb, fused=float(cfg["loss"]["lam"]) > 0)
-    print(f"teacher cache: {out}")
-    return 0
+    return pixels, corpus
 
 
 if __name__ == "__main__":  # python -m: what the `mcad` command runs, for callers below the CLI (benchmarks)

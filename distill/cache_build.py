@@ -191,17 +191,16 @@ def shard_pairs(caps: np.ndarray, lists: np.ndarray, s: int, e: int):
 
 
 @torch.no_grad()
-def shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_f, pair_batch, fused=True):
-    """One shard's tensors (see distill.cache's module doc) and its number of fusion pairs; without
-    `fused`, F's logits only (no h, h_img, h_txt)."""
+def fuse_pairs(fusion, f_images, f_ids: np.ndarray, ii: np.ndarray, cc: np.ndarray, pair_batch: int = 1024,
+               with_h: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """F's (h [P, W] or None without `with_h`, m [P]) of the pairs (image ii[p], text cc[p]): the
+    images' tokens once per image (F's view of `f_images`), the texts' once per text (`f_ids`: as F
+    reads them), the pairs fused in batches of texts of similar length."""
+    from mcad.data.stream import image_batch
     from mcad.preprocess import model_input
 
-    n, C, k = e - s, caps.shape[1], lists.shape[1]
-    ii, cc, d = shard_pairs(caps, lists, s, e)
     img_need, img_pos = np.unique(ii, return_inverse=True)
     cap_need, cap_pos = np.unique(cc, return_inverse=True)
-    from mcad.data.stream import image_batch
-
     b = image_batch(int(fusion.image_size))
     chunks = [img_need[j:j + b] for j in range(0, len(img_need), b)]
     img_tok = torch.cat([fusion.image_tokens(model_input(fusion, px)) for px in f_images.batches(chunks)])
@@ -214,13 +213,23 @@ def shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_
     lengths = (np.asarray(f_ids[cap_need]) != fusion.pad_id).sum(1)
     ii_t, cc_t = torch.as_tensor(img_pos), torch.as_tensor(cap_pos)
     order = torch.as_tensor(np.argsort(lengths[cap_pos], kind="stable"))
-    h_pairs = torch.empty(len(ii), fusion.width) if fused else None
+    h_pairs = torch.empty(len(ii), fusion.width) if with_h else None
     m_pairs = torch.empty(len(ii))
     for p in range(0, len(ii), pair_batch):
         sel = order[p:p + pair_batch]
         h_sel, m_pairs[sel] = fusion.fuse(img_tok[ii_t[sel]], txt_tok[cc_t[sel]], ids_need[cc_t[sel]])
-        if fused:
+        if with_h:
             h_pairs[sel] = h_sel
+    return h_pairs, m_pairs
+
+
+@torch.no_grad()
+def shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_f, pair_batch, fused=True):
+    """One shard's tensors (see distill.cache's module doc) and its number of fusion pairs; without
+    `fused`, F's logits only (no h, h_img, h_txt)."""
+    n, C, k = e - s, caps.shape[1], lists.shape[1]
+    ii, cc, d = shard_pairs(caps, lists, s, e)
+    h_pairs, m_pairs = fuse_pairs(fusion, f_images, f_ids, ii, cc, pair_batch, fused)
     m_i2t, m_t2i = torch.full((n, k, C), float("nan")), torch.full((n, C, k), float("nan"))
     w = d[:, 0] == 0
     m_i2t[d[w, 1], d[w, 2], d[w, 3]] = m_pairs[torch.as_tensor(w)]

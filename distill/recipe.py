@@ -13,7 +13,6 @@ recipe: `StudentRecipe.setup`, `.train`, `.evaluate_and_save`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -30,18 +29,21 @@ from mcad.config import load_command_config
 from mcad.data import spec as data_spec
 from mcad.data.spec import open_split
 from mcad.data.stream import StepFeed
-from mcad.distill.cache import TeacherCache, TeacherOutputs, candidate_lists, dual_neighbours, online_batch
+from mcad.data.unpaired import UNPAIRED_DEFAULTS, parse_unpaired
+from mcad.distill.cache import TeacherCache, TeacherOutputs, candidate_lists, dual_neighbours
 from mcad.distill.fused import fused_on, setup_fused
 from mcad.distill.losses import (FUSED, WITHIN, clip_loss, distribution_loss, feature_loss, mcad_targets,
                                  modified_features, single_teacher_loss)
 from mcad.distill.sampling import ConfuserBatches, caption_choice
+from mcad.distill.teacher_outputs import Teachers, on_device
 from mcad.distill.teachers import add_file_log
+from mcad.distill.unpaired import UnpairedImagesOf, setup_unpaired
 from mcad.distill.trainer import Trainer
 from mcad.evaluate import evaluate_dual, image_keys
 from mcad.io import write_json, write_manifest
 from mcad.models.checkpoint import save_model
 from mcad.models.registry import count_params, create_model, student_overrides
-from mcad.preprocess import model_input, same_input, view_of
+from mcad.preprocess import model_input, view_of
 from mcad.retrieval import recall_table
 from mcad.teacher_spec import load_teachers
 
@@ -49,7 +51,7 @@ log = logging.getLogger("mcad.distill")
 VARIANTS = ("none", "dual", "single", "mcad")
 # config settings a variant never reads: the recipe zeroes the loss weights among them, and the
 # ablation leaves them out when it decides whether a finished run can be reused
-UNUSED = {"none": ("loss", "adapters", "cache"),
+UNUSED = {"none": ("loss", "adapters", "cache", "unpaired"),
           "dual": ("loss.mu", "loss.lam", "loss.tau_f", "loss.within", "loss.fused", "adapters"),
           "single": ("loss.beta", "loss.mu", "loss.lam", "loss.within", "loss.fused", "adapters"), "mcad": ()}
 WEIGHTS = ("alpha", "beta", "mu", "lam")
@@ -76,45 +78,6 @@ def check_recipe(cfg: dict) -> None:
         raise ValueError(f"loss.fused={cfg['loss']['fused']!r}: expected one of {', '.join(FUSED)}")
 
 
-class Teachers:
-    """The teachers' outputs for a batch: from the cache, or by running them; on `device`.
-    Online, a step's batch arrives decoded for `feed_images` (the dual teacher's view, which the
-    student shares, and the fusion teacher's own where it differs)."""
-
-    def __init__(self, dual, fusion, lists: np.ndarray, cache: TeacherCache | None, with_fusion: bool = True,
-                 fusion_ids: np.ndarray | None = None, device: torch.device | None = None, images=None):
-        self.dual, self.fusion, self.lists, self.cache = dual, fusion, lists, cache
-        self.with_fusion = with_fusion
-        self.fusion_ids = fusion_ids  # None: the fusion teacher reads the dual's ids (the mcad teachers)
-        self.own_pixels = not same_input(dual, fusion)  # BLIP at 384 beside CLIP at 224, other mean/std
-        self.device = device or torch.device("cpu")
-        self.images = images  # mcad.data.stream.Images at the dual teacher's view
-        self.f_images = images.as_view(view_of(fusion)) if images is not None else None  # F's (the same array: resized)
-
-    @property
-    def feed_images(self) -> list:
-        """What each step must decode: the dual's view, and F's own where F runs online and sees another."""
-        if self.cache is not None or self.images is None:
-            return []
-        extra = self.cache is None and self.with_fusion and self.own_pixels and self.f_images is not self.images
-        return [self.images] + ([self.f_images] if extra else [])
-
-    def __call__(self, batch: list, ids, idx: np.ndarray, cap: np.ndarray) -> TeacherOutputs:
-        if self.cache is not None:
-            return on_device(self.cache.batch(idx, cap), self.device)
-        px = model_input(self.dual, batch[0])
-        f_px = model_input(self.fusion, batch[-1]) if self.own_pixels and self.with_fusion else None
-        f_ids = torch.as_tensor(self.fusion_ids[cap]) if self.fusion_ids is not None else None
-        out = online_batch(self.dual, self.fusion, px, torch.as_tensor(ids[cap]), idx, self.lists, self.with_fusion,
-                           f_px=f_px, f_ids=f_ids)
-        return on_device(out, self.device)
-
-
-def on_device(tb: TeacherOutputs, device: torch.device) -> TeacherOutputs:
-    """The batch's teacher outputs where the student is (the same tensors on the CPU)."""
-    return dataclasses.replace(tb, **{f.name: getattr(tb, f.name).to(device) for f in dataclasses.fields(tb)})
-
-
 def comparable(cfg: dict) -> dict:
     """The config as records compare it: the data as one value (`DataSpec.describe`: the synthetic
     root, as `data=` was before specs), the project's own teachers (the default) and the device left
@@ -132,7 +95,8 @@ def comparable(cfg: dict) -> dict:
 # Keys added after runs were recorded, with the values that do what the recipe did before them:
 # records leave them out at these values, so earlier runs still resume and the ablation still
 # reuses them.
-NEW_DEFAULTS = {"train_split": "train", "loss.fused": "matched"}
+NEW_DEFAULTS = {"train_split": "train", "loss.fused": "matched",
+                **{f"unpaired.{k}": v for k, v in UNPAIRED_DEFAULTS.items()}}
 
 
 def without_new_defaults(cfg: dict) -> dict:
@@ -140,8 +104,10 @@ def without_new_defaults(cfg: dict) -> dict:
     for key, value in NEW_DEFAULTS.items():
         top, _, sub = key.partition(".")
         holder, name = (out.get(top), sub) if sub else (out, top)
-        if isinstance(holder, dict) and holder.get(name) == value:
+        if isinstance(holder, dict) and name in holder and holder[name] == value:
             holder.pop(name)
+            if sub and not holder:  # a mapping all at its defaults (`unpaired:` off) is left out whole
+                out.pop(top)
     return out
 
 
@@ -153,17 +119,33 @@ class StudentRecipe:
         self.cfg, self.progress = cfg, progress
         self.variant, self.seed = cfg["variant"], int(cfg["seed"])
         self.weights = loss_weights(self.variant, cfg["loss"])  # α, β, μ, λ as the variant reads them
+        self.un = parse_unpaired(cfg.get("unpaired"))
+        self.paired = self.un.paired  # the train split's pairs (false: the unpaired data alone)
+        if not self.paired and self.variant == "none":
+            raise ValueError("variant=none learns from labels only and unpaired.paired=false gives it none: set "
+                             "variant=dual|single|mcad, or unpaired.paired=true")
+        if not self.paired and fused_on(self.variant, self.weights["lam"]):
+            raise ValueError(f"loss.lam={self.weights['lam']:g} with unpaired.paired=false: the fusion adapters are "
+                             f"fitted on the train split's pairs; set loss.lam=0, or unpaired.paired=true")
         self.adapters = None  # the fusion adapters: only on the fused-feature path (λ > 0)
+        self.unp = None  # the unpaired data (distill.unpaired.UnpairedData): only where `unpaired:` gives some
+        self.cache, self.cache_dir = None, teacher_spec.cache_dir(cfg)
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
         self._load_teachers_and_data()
-        self._teacher_outputs()
-        self.batches = ConfuserBatches(self.nb, int(self.cfg["batch_size"]), self.seed,
-                                       group=int(self.cfg["neighbours"]) + 1)
-        if fused_on(self.variant, self.weights["lam"]):
-            self.teacher_out, self.adapters = setup_fused(self.cfg, self.teacher_out, self.cache, self.ids, self.caps,
-                                                          len(self.pixels), self.batches, self.seed, self.progress)
+        if self.paired:
+            self._teacher_outputs()
+            self.batches = ConfuserBatches(self.nb, int(self.cfg["batch_size"]), self.seed,
+                                           group=int(self.cfg["neighbours"]) + 1)
+            if fused_on(self.variant, self.weights["lam"]):
+                self.teacher_out, self.adapters = setup_fused(self.cfg, self.teacher_out, self.cache, self.ids,
+                                                              self.caps, len(self.pixels), self.batches, self.seed,
+                                                              self.progress)
+        if self.un.on and self.variant != "none":
+            self._unpaired()
+        elif self.un.on:
+            log.info("unpaired data: not read by variant=none (labels only)")
         self._student()
 
     def _load_teachers_and_data(self) -> None:
@@ -179,21 +161,25 @@ class StudentRecipe:
         self.tset = load_teachers(cfg, self.device)
         self.student_over = student_overrides(cfg["model"], self.tset.dual, self.tset.tokenizer)  # said before any work
         self.view = view_of(self.tset.dual)  # the student sees images as its dual teacher does (size, resize rule)
-        self.pixels, self.corpus = open_split(self.data, cfg.get("train_split", "train"), self.view, cfg.get("workers"),
-                                              progress)
+        self.pixels = self.corpus = None
+        if self.paired:
+            self.pixels, self.corpus = open_split(self.data, cfg.get("train_split", "train"), self.view,
+                                                  cfg.get("workers"), progress)
         self.test_px, self.test_c = open_split(self.data, cfg["eval"]["split"], self.view, cfg.get("workers"), progress)
         tok = self.tset.tokenizer
-        self.ids, self.test_ids = tok.encode_batch(self.corpus.captions), tok.encode_batch(self.test_c.captions)
-        self.caps, self.keys = self.corpus.image_captions(), torch.as_tensor(image_keys(self.corpus))
+        self.test_ids = tok.encode_batch(self.test_c.captions)
+        if self.paired:
+            self.ids = tok.encode_batch(self.corpus.captions)
+            self.caps, self.keys = self.corpus.image_captions(), torch.as_tensor(image_keys(self.corpus))
         # what the run depends on besides its config: a partial checkpoint of other data or other
         # teachers (same paths, new contents) is not resumed
-        self.inputs = {"data": self.pixels.key(self.corpus.captions), "teachers": self.tset.hashes}
+        self.inputs = {"data": self.pixels.key(self.corpus.captions) if self.paired else None,
+                       "teachers": self.tset.hashes}
 
     def _teacher_outputs(self) -> None:
         """The cache where there is one (checked against the data and teachers), else online teachers;
         the candidate lists either way. Dual KD (μ = λ = 0) never reads F: online runs skip it."""
         cfg, tset = self.cfg, self.tset
-        self.cache, self.cache_dir = None, teacher_spec.cache_dir(cfg)
         if self.variant != "none" and (self.cache_dir / "manifest.json").exists():
             self.cache = TeacherCache(self.cache_dir)
             self.cache.check(len(self.pixels), self.caps, teachers=tset.hashes, data=self.inputs["data"])
@@ -211,6 +197,16 @@ class StudentRecipe:
         f_ids = tset.fusion_ids(self.corpus.captions) if self.cache is None and uses_f else None
         self.teacher_out = Teachers(tset.dual, tset.fusion, candidate_lists(self.nb), self.cache, with_fusion=uses_f,
                                     fusion_ids=f_ids, device=self.device, images=self.pixels)
+
+    def _unpaired(self) -> None:
+        """The unpaired data and its teachers' tables (distill.unpaired): cached under <cache>/unpaired,
+        else computed here; F only where the variant reads it."""
+        w = self.weights
+        with_f = self.variant == "single" or w["mu"] > 0 or w["lam"] > 0
+        self.unp = setup_unpaired(self.cfg, self.un, self.tset, self.view, self.cache_dir / "unpaired", with_f,
+                                  fused_on(self.variant, w["lam"]), self.pixels,
+                                  self.corpus.captions if self.paired else None, self.progress)
+        self.inputs["unpaired"] = self.unp.key
 
     def _student(self) -> None:
         """The student (the same initialisation for every variant), the feature maps B_img, B_txt
@@ -236,25 +232,58 @@ class StudentRecipe:
     # -- train ---------------------------------------------------------------------------------------
     def train(self) -> float:
         """Distill; the seconds it took."""
-        kd = self.weights["alpha"] > 0 or self.weights["beta"] > 0
-        # the student's view (= the dual's) first, then what online teachers need besides
-        self.feed = StepFeed([self.pixels] + self.teacher_out.feed_images[1:] if kd else [self.pixels], self.batches,
-                             int(self.cfg["steps"]))
-        self.keys_d = self.keys.to(self.device)
+        steps = int(self.cfg["steps"])
+        if self.paired:
+            kd = self.weights["alpha"] > 0 or self.weights["beta"] > 0
+            # the student's view (= the dual's) first, then what online teachers need besides
+            self.feed = StepFeed([self.pixels] + self.teacher_out.feed_images[1:] if kd else [self.pixels],
+                                 self.batches, steps)
+            self.keys_d = self.keys.to(self.device)
+        if self.unp is not None:
+            self.unp_feed = StepFeed([self.unp.images], UnpairedImagesOf(self.unp.batches), steps)
         t0 = time.time()
         self.trainer.fit(self.loss, progress=self.progress and self.rank == 0)
         return time.time() - t0
 
     def loss(self, step: int):
-        """(the step's loss, its terms for the log): L_clip + α L_dist + β L_feat on its confuser batch."""
-        idx = self.batches(step)
-        cap = caption_choice(len(self.pixels), self.caps, self.seed, step, idx)
-        batch = self.feed(step)
-        px = model_input(self.student, batch[0]).to(self.device)
-        ids_b = torch.as_tensor(self.ids[cap]).to(self.device)
-        sl = distributed.local_slice(len(idx))  # this process encodes its slice; losses see all
-        u, w, scale = self.forward(px[sl], ids_b[sl])
-        u, w = distributed.gather(u), distributed.gather(w)
+        """(the step's loss, its terms for the log): L_clip + α L_dist + β L_feat on its confuser batch,
+        plus weight · (α L_dist + β L_feat) on its unpaired batch (no label there, so no L_clip)."""
+        parts, wt = [], self.weights
+        if self.paired:
+            idx = self.batches(step)
+            cap = caption_choice(len(self.pixels), self.caps, self.seed, step, idx)
+            batch = self.feed(step)
+            parts.append((model_input(self.student, batch[0]), torch.as_tensor(self.ids[cap])))
+        if self.unp is not None:
+            img, txt = self.unp.batches(step)
+            parts.append((model_input(self.student, self.unp_feed(step)[0]), torch.as_tensor(self.unp.ids[txt])))
+        emb = self.encode(parts)
+        loss, logs = self.paired_loss(emb[0], batch, idx, cap) if self.paired else (0.0, {})
+        if self.unp is not None:
+            tb = on_device(self.unp.outputs(img, txt), self.device)
+            l_dist, l_feat = self.kd_terms(tb, emb[-1][0], emb[-1][1], "candidates")  # no matched pair: candidates
+            loss = loss + self.un.weight * (wt["alpha"] * l_dist + wt["beta"] * l_feat)
+            logs.update(u_dist=float(l_dist.detach()), u_feat=float(l_feat.detach()))
+        return loss, logs
+
+    def encode(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
+        """(u, w, scale) of each (pixels, ids) part: one student forward a step (one DDP forward) over
+        this process's slice of every part, each part's embeddings gathered over the processes (the
+        losses see whole batches)."""
+        sls = [(distributed.local_slice(len(px)), distributed.local_slice(len(ids))) for px, ids in parts]
+        px = torch.cat([p[a] for (p, _), (a, _) in zip(parts, sls)]).to(self.device)
+        ids = torch.cat([t[b] for (_, t), (_, b) in zip(parts, sls)]).to(self.device)
+        u, w, scale = self.forward(px, ids)
+        out, i, j = [], 0, 0
+        for a, b in sls:
+            ni, nt = a.stop - a.start, b.stop - b.start
+            out.append((distributed.gather(u[i:i + ni]), distributed.gather(w[j:j + nt]), scale))
+            i, j = i + ni, j + nt
+        return out
+
+    def paired_loss(self, emb: tuple, batch: list, idx: np.ndarray, cap: np.ndarray):
+        """L_clip + α L_dist + β L_feat of the confuser batch, and its terms."""
+        u, w, scale = emb
         loss = clip_loss(u, w, scale, self.keys_d[idx])
         logs = {"clip": float(loss.detach())}
         if self.weights["alpha"] > 0 or self.weights["beta"] > 0:
@@ -308,7 +337,8 @@ class StudentRecipe:
         tset.tokenizer.save(run / "tokenizer.json")
         pre = preprocess.record(student, self.view)
         tr = self.trainer
-        outputs = "none" if variant == "none" else ("cache " + str(self.cache_dir) if self.cache else "online")
+        outputs = "none" if variant == "none" else ("cache " + str(self.cache_dir) if self.cache else
+                                                    "online" if self.paired else "unpaired only")
         metrics = {"variant": variant, "seed": self.seed, "test": rows, "teacher_outputs": outputs,
                    "params": {"student": count_params(student), "dual_teacher": count_params(tset.dual),
                               "fusion_teacher": count_params(tset.fusion)},
@@ -317,7 +347,7 @@ class StudentRecipe:
                    "share_of_teacher_r1": {n: {d: rows["student"][f"{d}_r1"] / max(1e-9, r[f"{d}_r1"])
                                                for d in ("i2t", "t2i")} for n, r in rows.items() if n != "student"},
                    "teachers": tset.describe(), "data": self.data.describe(), "device": str(self.device),
-                   "preprocess": pre, "config": cfg}
+                   "preprocess": pre, "config": cfg, **({"unpaired": self.unp.record} if self.unp else {})}
         write_json(run / "metrics.json", metrics)
         (run / "report.md").write_text(f"# {cfg['name']} ({variant}, seed {self.seed})\n\n{recall_table(rows)}\n\n"
                                        f"student {count_params(student):,} params; dual teacher "

@@ -96,21 +96,21 @@ def test_student_from_cache_equals_student_with_online_teachers(teachers, synth_
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
 
 
+@pytest.mark.slow
 def test_cache_without_fused_features_serves_lam0_and_is_refused_by_a_run_that_reads_them(cache_setup, teachers,
                                                                                           synth_root, tmp_path):
-    """The fused-feature path is off by default: `mcad cache` at λ = 0 stores F's logits but not its
-    fused features (h, h_img, h_txt); its batches equal a full cache's in everything else, and a run
-    with λ > 0 refuses it in one line that gives the command rebuilding it."""
+    """The fused-feature path is off by default: `mcad cache` of the default recipe (λ = 0) stores F's
+    logits but not its fused features (h, h_img, h_txt); its batches equal a full cache's in
+    everything else, and a run with λ > 0 refuses it in one line that gives the command rebuilding it."""
     from safetensors.torch import load_file
 
-    from mcad.distill.cache import TeacherCache, build_cache, main as cache_main
+    from mcad.distill.cache import TeacherCache, main as cache_main
     from mcad.distill.recipe import main
     from mcad.distill.sampling import ConfuserBatches, caption_choice
 
-    dual, fusion, pixels, ids, corpus, lists, ref = cache_setup
+    _, fusion, pixels, _, corpus, _, ref = cache_setup
     lean_dir = tmp_path / "lean"
-    build_cache(dual, fusion, pixels, ids, corpus.image_captions(), lists, lean_dir, shard_images=50, progress=False,
-                fused=False)
+    assert cache_main([f"data={synth_root}", f"teachers={teachers}", f"cache={lean_dir}", "threads=1"]) == 0
     lean, full = TeacherCache(lean_dir), TeacherCache(ref)
     assert lean.manifest["fused_features"] is False and full.manifest["fused_features"] is True
     assert set(load_file(str(lean_dir / "shard-00000.safetensors"))) == {"v", "t", "m_i2t", "m_t2i", "lists",
@@ -119,18 +119,14 @@ def test_cache_without_fused_features_serves_lam0_and_is_refused_by_a_run_that_r
     cap = caption_choice(len(pixels), corpus.image_captions(), 0, 0, idx)
     a, b = lean.batch(idx, cap), full.batch(idx, cap)
     for name in ("v", "t", "mask", "m_i2t", "m_t2i"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=2e-4, rtol=1e-4, msg=name)
     assert a.h.numel() == 0 and a.h_img.numel() == 0 and b.h.shape == (32, fusion.width)
     full.check_fused(1.0, "matched", 0.5)
     with pytest.raises(ValueError, match=r"built without fused features \(with loss.lam=0\), this run has "
                                          r"loss.lam=0.5 .*`mcad cache .* loss.lam=0.5`"):
         lean.check_fused(1.0, "matched", 0.5)
-    # through the commands: the default recipe's cache, then a λ > 0 run
-    cache = tmp_path / "cmd-cache"
-    assert cache_main([f"data={synth_root}", f"teachers={teachers}", f"cache={cache}", "threads=1"]) == 0
-    assert TeacherCache(cache).h is None
-    with pytest.raises(ValueError, match="built without fused features") as e:
-        main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", f"cache={cache}", "loss.lam=0.5",
+    with pytest.raises(ValueError, match="built without fused features") as e:  # through the command
+        main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", f"cache={lean_dir}", "loss.lam=0.5",
               "steps=1", "batch_size=8", "threads=1"])
     assert "\n" not in str(e.value)
 
