@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from mcad.config import load_command_config
-from mcad.distill.cache_build import (FORMAT, PARTIAL, build_cache, build_key, candidate_features,  # noqa: F401
-                                      caption_table, shard_pairs, shard_tensors)
+# the writing side; PARTIAL and build_cache are also read from here (tests, `mcad cache`'s main)
+from mcad.distill.cache_build import FORMAT, PARTIAL, build_cache, caption_table  # noqa: F401
 from mcad.evaluate import encode_images, image_keys
 from mcad.io import read_json, sha256_file
 from mcad.distill.sampling import nearest_neighbours
