@@ -480,7 +480,9 @@ class RowStore:
     def append(self, rows):
         import numpy as np
 
-        os.pwrite(self.extra.fileno(), rows.tobytes(), (self.n - self.n_base) * self.dim * 4)
+        data = rows.tobytes()
+        if os.pwrite(self.extra.fileno(), data, (self.n - self.n_base) * self.dim * 4) != len(data):
+            raise RunnerError(f"{self.extra.name}: short write of added rows (disk full?)")
         ids = np.arange(self.n, self.n + len(rows), dtype=np.int64)
         self.n += len(rows)
         return ids
@@ -522,6 +524,7 @@ class TwoStage:
         base = faiss.IndexPQFastScan(dim, m, 4, faiss.METRIC_INNER_PRODUCT)
         base.train(_sample_rows(chunks(), self.store.n_base, dim))
         self.base, self.index = base, faiss.IndexIDMap(base)
+        _reserve(self.index, base, self.store.n_base)
         pos = 0
         for c in chunks():
             self.index.add_with_ids(np.ascontiguousarray(c), np.arange(pos, pos + len(c), dtype=np.int64))
@@ -558,6 +561,22 @@ class TwoStage:
     def bytes(self) -> int:
         """Codes (packed in blocks of 32 rows), codebooks and the id map held in memory."""
         return int(self.base.codes.nbytes() + self.base.pq.centroids.size() * 4 + self.index.id_map.size() * 8)
+
+
+def _reserve(index, base, n: int) -> None:
+    """Size an IndexIDMap over a fast-scan index for n rows before they are added, so that adding them
+    grows nothing: faiss grows both by doubling, which copies (the old and new buffers together would
+    be the build's peak). The codes are zeroed, as add() leaves them where it allocates: it packs each
+    new code onto the slot's bits."""
+    import faiss
+
+    if n <= 0:
+        return
+    size = -(-n // base.bbs) * base.bbs * base.M2 // 2
+    base.codes.resize(size)
+    faiss.rev_swig_ptr(base.codes.get(), size)[:] = 0
+    index.id_map.resize(n)
+    index.id_map.resize(0)  # a std::vector keeps its capacity
 
 
 def _sample_rows(chunks, n: int, dim: int):

@@ -138,3 +138,20 @@ def test_updates_bad_input_is_one_line(tmp_path):
     int8 = Scorer("faiss", {"n": len(rows), "file": str(tmp_path / "rows.npy"), "dtype": "int8"}, K, 64)
     with pytest.raises(RunnerError, match="gallery dtype 'int8' is built once; .* is dtype=pq4"):
         int8.add(rows[:2])
+
+
+def test_pq4_build_gives_faiss_own_codes(tmp_path):
+    """The runner sizes the codes and ids before it streams the rows in (no doubling copies at build):
+    the codes are byte for byte those of faiss's own add() of the same rows."""
+    import faiss
+
+    rows, _ = _clear_gallery(n_groups=5, far=1500)  # 1560 rows, not a multiple of the block of 32
+    sc = _scorer(tmp_path, rows)
+    ref = faiss.clone_index(sc.two.base)
+    ref.reset()
+    ref.add(rows)
+    got, want = sc.two.base, ref
+    assert (got.ntotal, got.ntotal2, got.codes.size()) == (want.ntotal, want.ntotal2, want.codes.size())
+    assert bytes(faiss.rev_swig_ptr(got.codes.get(), got.codes.size())) == bytes(
+        faiss.rev_swig_ptr(want.codes.get(), want.codes.size()))
+    assert faiss.vector_to_array(sc.index.id_map).tolist() == list(range(len(rows)))
