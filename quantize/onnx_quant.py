@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from mcad.quantize.pt2e import parse_keep, resolve_keep
+from mcad.quantize.pt2e import calibration_views, parse_keep, resolve_keep
 
 log = logging.getLogger("mcad.quantize")
 
@@ -78,10 +78,11 @@ class _Reader:
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, np.ndarray],
                   keep_fp32: Iterable[str] | None = None, method: str = "minmax",
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, recipe=None) -> dict:
     """Write the QDQ int8 model of `fp32_path` to `out_path` (a temp path the caller renames).
     `calib` maps input names to samples [N, ...], fed one at a time; `gallery` (the search
-    program's [rows, D] input) is fed whole with every sample."""
+    program's [rows, D] input) is fed whole with every sample; images get the extra calibration
+    views of `recipe` (quantize.recipe; None: its defaults)."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -97,6 +98,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, 
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True, skip_optimization=True)
         model = onnx.load(str(pre))
         exclude = float_nodes(model, keep)
+        calib = {k: v if k == "gallery" else calibration_views(v, recipe).numpy() for k, v in calib.items()}
         fixed = {k: v for k, v in calib.items() if k == "gallery"}
         reader = _Reader({k: v for k, v in calib.items() if k not in fixed})
         if fixed:

@@ -164,10 +164,11 @@ def strip_annotations(gm: torch.fx.GraphModule, pred) -> int:
 
 
 class KeepFloat:
-    """Wraps a PT2E quantizer: annotate as usual, then un-annotate what stays float."""
+    """Wraps a PT2E quantizer: annotate as usual, then un-annotate what stays float (`keep` names
+    and aliases, and whatever node predicate `extra` selects)."""
 
-    def __init__(self, base, keep: Sequence[str]):
-        self.base, self.keep = base, tuple(keep)
+    def __init__(self, base, keep: Sequence[str], extra=None):
+        self.base, self.keep, self.extra = base, tuple(keep), extra
         self.n_float = 0
 
     def __getattr__(self, name):
@@ -178,19 +179,20 @@ class KeepFloat:
 
     def annotate(self, model):
         model = self.base.annotate(model)
-        if self.keep:
-            self.n_float = strip_annotations(model, keep_predicate(self.keep))
+        if self.keep or self.extra is not None:
+            pred, extra = keep_predicate(self.keep), self.extra
+            self.n_float = strip_annotations(model, pred if extra is None else (lambda n: pred(n) or extra(n)))
         return model
 
     def validate(self, model):
         return self.base.validate(model)
 
 
-def as_quantizer(base, keep: Sequence[str]):
+def as_quantizer(base, keep: Sequence[str], extra=None):
     """A real `Quantizer` subclass instance (prepare_pt2e checks the type)."""
     from torchao.quantization.pt2e.quantizer import Quantizer
 
-    wrapper = KeepFloat(base, keep)
+    wrapper = KeepFloat(base, keep, extra)
 
     class _Q(Quantizer):
         def transform_for_annotation(self, model):
@@ -209,17 +211,38 @@ def as_quantizer(base, keep: Sequence[str]):
 
 
 # -- the three quantizers -------------------------------------------------------------------------
-def xnnpack_quantizer():
+def _ranged(config, recipe):
+    """A PT2E QuantizationConfig whose activation observers follow `recipe` (weights as they are)."""
+    from dataclasses import replace
+
+    from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver
+
+    obs = {"minmax": MinMaxObserver, "histogram": HistogramObserver}[recipe.act_observer]
+    act = {}
+    for key in ("input_activation", "output_activation"):
+        spec = getattr(config, key)
+        if spec is not None and not spec.is_dynamic:
+            act[key] = replace(spec, observer_or_fake_quant_ctr=obs.with_args(eps=2 ** -12))
+    return replace(config, **act)
+
+
+def xnnpack_quantizer(recipe=None):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer, get_symmetric_quantization_config)
 
-    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    from mcad.quantize.recipe import DEFAULT
+
+    config = _ranged(get_symmetric_quantization_config(is_per_channel=True), recipe or DEFAULT)
+    return XNNPACKQuantizer().set_global(config)
 
 
-def litert_quantizer():
+def litert_quantizer(recipe=None):
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
-    return PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    from mcad.quantize.recipe import DEFAULT
+
+    config = _ranged(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False), recipe or DEFAULT)
+    return PT2EQuantizer().set_global(config)
 
 
 def qnn_sdk_root() -> str | None:
@@ -278,13 +301,15 @@ def qnn_quantizer(soc: str = "SM8650"):
     return q
 
 
-def make_quantizer(backend: str, soc: str = "SM8650"):
+def make_quantizer(backend: str, soc: str = "SM8650", recipe=None):
+    """The PT2E quantizer of `backend`; XNNPACK's and LiteRT's activation ranges follow `recipe`
+    (quantize.recipe; None: its defaults). QNN's are the HTP quantizer's own."""
     if backend == "xnnpack":
-        return xnnpack_quantizer()
+        return xnnpack_quantizer(recipe)
     if backend == "qnn":
         return qnn_quantizer(soc)
     if backend == "litert":
-        return litert_quantizer()
+        return litert_quantizer(recipe)
     raise ValueError(f"unknown PT2E quantizer backend {backend!r} ({', '.join(BACKENDS)})")
 
 
@@ -295,18 +320,32 @@ def batches(x, size: int = 1):
         yield x[s:s + size]
 
 
+def calibration_views(calib, recipe=None) -> torch.Tensor:
+    """The calibration inputs the observers see: `calib` and, for images [N,3,H,W], the extra views
+    `recipe.calib_views` names (token ids are fed as they are)."""
+    from mcad.quantize.recipe import DEFAULT
+
+    calib = torch.as_tensor(calib)
+    if calib.is_floating_point() and calib.dim() == 4 and "flip" in (recipe or DEFAULT).calib_views:
+        calib = torch.cat([calib, calib.flip(-1)])
+    return calib
+
+
 def quantize_core(encoder: nn.Module, calib, backend: str = "xnnpack", keep_fp32: Sequence[str] = (),
-                  soc: str = "SM8650", progress: bool = False, desc: str = "calibrate"):
+                  soc: str = "SM8650", progress: bool = False, desc: str = "calibrate", recipe=None,
+                  extra_float=None):
     """(converted PT2E GraphModule of Core(encoder), quantizer used). `calib`: the encoder's
-    inputs [N,...] (ids int64 or normalised pixels); run one at a time (the shipped batch is 1)."""
+    inputs [N,...] (ids int64 or normalised pixels); run one at a time (the shipped batch is 1).
+    `recipe`: how activations are ranged (quantize.recipe; None: its defaults); `extra_float`: a
+    graph-node predicate of more nodes to leave float (studies)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from tqdm import tqdm
 
     core = Core(encoder).eval()
-    calib = torch.as_tensor(calib)
+    calib = calibration_views(calib, recipe)
     example = (calib[:1],)
-    base = make_quantizer(backend, soc)
-    quantizer = as_quantizer(base, parse_keep(keep_fp32, backend))
+    base = make_quantizer(backend, soc, recipe)
+    quantizer = as_quantizer(base, parse_keep(keep_fp32, backend), extra_float)
     with torch.no_grad():
         gm = torch.export.export(core, example).module()
         prepared = prepare_pt2e(gm, quantizer)
