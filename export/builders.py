@@ -1,5 +1,7 @@
-"""Lower one program (an nn.Module / converted PT2E graph + example inputs) to one artifact file.
-Each builder writes to the path it is given (the caller passes an `atomic_path` temp file)."""
+"""Lower one program (an nn.Module / converted PT2E graph + example inputs) to one artifact file:
+the lowering the CPU backends (export.backends) and the scan-form study share. Each builder writes to
+the path it is given (the caller passes an `atomic_path` temp file); the NPU backends' lowering is
+in their own modules."""
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +27,7 @@ def quiet():
 
 
 # -- ExecuTorch ------------------------------------------------------------------------------------
-def _to_pte(edge, out_path: Path, alloc_inputs: bool) -> None:
+def to_pte(edge, out_path: Path, alloc_inputs: bool) -> None:
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -38,7 +40,7 @@ def _to_pte(edge, out_path: Path, alloc_inputs: bool) -> None:
 def build_xnnpack(module, example, out_path: Path, dynamic_shapes=None, alloc_inputs: bool = True) -> None:
     """The second partitioner takes the float matmuls whose second operand is a runtime input (the
     search program's gallery scan), which XNNPACK's default partitioner leaves to ExecuTorch's portable
-    `mm` (a plain loop: 12 ms at 100k x 64). The first claims every static-weight op, so the
+    `mm` (a plain loop, far slower). The first claims every static-weight op, so the
     encoder's linears keep their packed weights."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -47,45 +49,7 @@ def build_xnnpack(module, example, out_path: Path, dynamic_shapes=None, alloc_in
         ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes)
         edge = to_edge_transform_and_lower(
             ep, partitioner=[XnnpackPartitioner(), XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)])
-        _to_pte(edge, out_path, alloc_inputs)
-
-
-def build_qnn(module, example, out_path: Path, soc: str) -> None:
-    """Lower a QNN-quantized program to the HTP of `soc` (needs a QNN SDK at $QNN_SDK_ROOT)."""
-    from mcad.quantize.pt2e import qnn_chipset, qnn_import_guard
-
-    with qnn_import_guard():
-        from executorch.backends.qualcomm.utils.utils import (
-            generate_htp_compiler_spec, generate_qnn_executorch_compiler_spec, to_edge_transform_and_lower_to_qnn)
-    specs = generate_qnn_executorch_compiler_spec(soc_model=qnn_chipset(soc),
-                                                  backend_options=generate_htp_compiler_spec(use_fp16=False))
-    with quiet(), torch.no_grad():
-        edge = to_edge_transform_and_lower_to_qnn(module, example, specs)
-        _to_pte(edge, out_path, True)
-
-
-MEDIATEK_PLATFORMS = ("mt6989", "mt6991", "mt6993")
-
-
-def build_mediatek(module, example, out_path: Path, platform: str = "mt6989") -> None:
-    """Lower a NeuroPilot-quantized program for a Dimensity APU (needs mtk_converter/mtk_neuron)."""
-    from executorch.backends.mediatek import NeuropilotPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-    from executorch.exir.backend.compile_spec_schema import CompileSpec
-
-    with quiet(), torch.no_grad():
-        ep = torch.export.export(module, example)
-        part = NeuropilotPartitioner([CompileSpec("platform-config", platform.encode())])
-        edge = to_edge_transform_and_lower(ep, partitioner=[part])
-        _to_pte(edge, out_path, True)
-
-
-def mediatek_quantizer():
-    from executorch.backends.mediatek import NeuropilotQuantizer, Precision
-
-    q = NeuropilotQuantizer()
-    q.setup_precision(Precision.A8W8)
-    return q
+        to_pte(edge, out_path, alloc_inputs)
 
 
 # -- ONNX ------------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 [calib=256] [keep_fp32=proj,softmax] [precision=int8|fp32] [data=<default: the run's own>] [parity=1]
 [gallery=<.npy of unit rows | random:N> [bound_dtype=int8|fp32]] [any_gallery_search=1]`
 
-Every key is a field of mcad.export.pipeline.Options (its defaults, with mcad/configs/export.yaml's
-over them). Writes runs/<name>/export/<target>/ (<target>-bound/ with gallery=: search programs
-holding that gallery, mcad.export.bound), prints the parity table and exits 1 when an artifact misses
-a bar. Bad input is one line on stderr."""
+Every key is a field of mcad.export.options.Options (its defaults, with mcad/configs/export.yaml's
+over them; checked when the options are made). Writes runs/<name>/export/<target>/ (<target>-bound/
+with gallery=: search programs holding that gallery, mcad.export.bound), prints the parity table and
+exits 1 when an artifact misses a bar. Bad input is one line on stderr."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from mcad.config import CONFIG_DIR, ConfigError, parse_overrides, read_yaml
+from mcad.export.backends import TARGETS
 
 log = logging.getLogger("mcad.export")
-TARGET_NAMES = ("cpu", "snapdragon", "dimensity")  # a bare one is `target=` (`mcad export cpu`)
 
 
 def defaults():
@@ -23,7 +23,7 @@ def defaults():
     mcad/configs/export.yaml's recipe values over them."""
     import dataclasses
 
-    from mcad.export.pipeline import Options
+    from mcad.export.options import Options
 
     path = CONFIG_DIR / "export.yaml"
     recipe = read_yaml(path) if path.exists() else {}
@@ -42,26 +42,18 @@ def parse_args(argv: list[str]) -> dict:
     argv = [a.split("=", 1)[0].lower() + "=" + a.split("=", 1)[1] if "=" in a else a for a in argv]
     p = parse_overrides(argv, defaults(), positional=1)
     cfg = p.config
-    if p.positional:
-        if p.positional[0] not in TARGET_NAMES:
-            raise ValueError(f"{p.positional[0]!r}: expected key=value or a target ({', '.join(TARGET_NAMES)})")
+    if p.positional:  # a bare target name is `target=` (`mcad export cpu`)
+        if p.positional[0] not in TARGETS:
+            raise ValueError(f"{p.positional[0]!r}: expected key=value or a target ({', '.join(TARGETS)})")
         cfg["target"] = p.positional[0]
     return cfg
 
 
 def options(cfg: dict):
-    from mcad.export.pipeline import Options, TARGETS
+    """The checked Options of parsed `key=value` arguments (bad values: one line)."""
+    from mcad.export.options import Options
 
-    o = Options(**cfg)
-    o.target = str(o.target or "cpu").lower()
-    if o.target not in TARGETS:
-        raise ValueError(f"target={o.target}: unknown target (one of {', '.join(TARGETS)})")
-    o.backends = o.backends or None          # empty: the target's whole plan
-    o.roles = o.roles or Options().roles
-    o.parity_images = o.parity_images or 0
-    if o.calib < 1:
-        raise ValueError(f"calib={o.calib}: need at least one calibration sample")
-    return o
+    return Options(**cfg)
 
 
 def _quiet_other_loggers() -> None:

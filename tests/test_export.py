@@ -153,7 +153,7 @@ def test_cpu_manifest(cpu_export, trained_run):
     got = {(a["role"], a["backend"], a["runtime"]) for a in m["artifacts"]}
     want = {(r, b, rt) for r in ("text", "image", "search")
             for b, rt in (("xnnpack", "executorch"), ("onnx", "onnxruntime"), ("tflite", "litert"))
-            if r != "search" or b == "onnx"}  # XNNPACK's and LiteRT's only bound or asked for (RUN_GALLERY_SLOW)
+            if r != "search" or b == "onnx"}  # XNNPACK's and LiteRT's only bound or asked for (common.RUN_GALLERY_SLOW)
     assert got == want
     slow = {s["artifact"]: s["reason"] for s in m["skipped"]}
     assert set(slow) == {"search.xnnpack.int8.pte", "search.int8.tflite"}
@@ -405,9 +405,9 @@ def test_dimensity_full_integer(trained_run, synth_root, tmp_path):
             assert rec["search"]["overlap_at_k_fp32"] >= 0.9, rec
         else:
             assert rec["cos_mean"] >= 0.99 and rec["cos_min"] >= 0.97, (name, rec)
-    from mcad.export.pipeline import mediatek_available
+    from mcad.export.backends import mediatek
 
-    if not mediatek_available():
+    if not mediatek.available():
         assert {s["artifact"] for s in m["skipped"]} == {
             "text_encoder.mediatek.mt6989.int8.pte", "image_encoder.mediatek.mt6989.int8.pte",
             "search.mediatek.mt6989.int8.pte"}
@@ -419,7 +419,7 @@ def test_dimensity_full_integer(trained_run, synth_root, tmp_path):
 def test_snapdragon_qnn_without_sdk(trained_run, synth_root, monkeypatch, tmp_path):
     """No SDK: the QNN quantizer still runs (its eager numbers land in the parity record), the HTP
     .pte is skipped with the reason, and strict=1 turns that into an error."""
-    from mcad.export.pipeline import SdkMissing
+    from mcad.export.backends.common import SdkMissing
 
     empty = tmp_path / "empty-sdk"
     empty.mkdir()
@@ -445,9 +445,9 @@ def test_qnn_lowering_with_sdk(trained_run, synth_root, tmp_path):
 
 
 def test_mediatek_lowering_with_sdk(trained_run, synth_root, tmp_path):
-    from mcad.export.pipeline import mediatek_available
+    from mcad.export.backends import mediatek
 
-    if not mediatek_available():
+    if not mediatek.available():
         pytest.skip("MediaTek lowering needs the NeuroPilot SDK's mtk_converter and mtk_neuron")
     m = _export(trained_run, synth_root, target="dimensity", backends=("mediatek",), parity=False,
                 out=tmp_path / "mtk")
@@ -528,7 +528,7 @@ def test_strict_without_sdk_is_one_line(tiny_run, capsys, monkeypatch):
     monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
     code, err = _cli(["target=snapdragon", f"run={tiny_run}", "strict=1"], capsys)
     assert code == 1 and len(err) == 1 and "QNN_SDK_ROOT" in err[0], err
-    if not __import__("mcad.export.pipeline", fromlist=["x"]).mediatek_available():
+    if not __import__("mcad.export.backends.mediatek", fromlist=["x"]).available():
         code, err = _cli(["target=dimensity", f"run={tiny_run}", "strict=1"], capsys)
         assert code == 1 and len(err) == 1 and "mtk_converter" in err[0], err
 
@@ -538,6 +538,44 @@ def test_bad_options_are_one_line(tiny_run, capsys):
     assert code == 1 and len(err) == 1 and "colour: unknown key" in err[0], err
     code, err = _cli(["target=cpu", f"run={tiny_run}", "keep_fp32=bogus"], capsys)
     assert code == 1 and len(err) == 1 and "keep_fp32: unknown entry" in err[0], err
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(target="tpu"), "target=tpu: unknown target (one of cpu, snapdragon, dimensity)"),
+    (dict(precision="int4"), "precision='int4': expected int8 or fp32"),
+    (dict(npu_activation_bits=4), "npu_activation_bits=4: expected 16 (A16W8) or 8 (A8W8)"),
+    (dict(bound_dtype="int4"), "bound_dtype='int4': expected int8 or fp32"),
+    (dict(calib=0), "calib=0: need at least one calibration sample"),
+    (dict(roles=("text", "audio")), "roles=text,audio: expected a subset of text, image, search"),
+    (dict(backends=("qnn",)), "backends=qnn: not part of target cpu (xnnpack, onnx, tflite)"),
+    (dict(gallery="random:50", roles=("text", "image")), "gallery=random:50: binds a gallery into the search programs"),
+    (dict(target="dimensity", soc="mt1234"), "soc=mt1234: unknown Dimensity platform (mt6989, mt6991, mt6993)"),
+    (dict(keep_fp32="bogus"), "keep_fp32: unknown entry 'bogus'"),
+])
+def test_options_are_checked_where_declared(kw, message):
+    """Every option is checked once, when the Options are made (by the CLI, the bench, search's bind=)."""
+    from mcad.export.options import Options
+
+    with pytest.raises(ValueError) as e:
+        Options(**kw)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_options_plan_and_roles():
+    """The plan is the target's row of the one backend table (AI Hub on request), less what backends=
+    leaves out, in build order; roles come out in their canonical order."""
+    from mcad.export.backends import TARGETS, plan
+    from mcad.export.options import Options
+
+    assert TARGETS == ("cpu", "snapdragon", "dimensity")
+    assert plan("cpu") == ("xnnpack", "onnx", "tflite")
+    assert Options(target="SNAPDRAGON").plan() == ("qnn", "xnnpack", "onnx", "tflite")
+    assert Options(target="snapdragon", hub=True).plan()[-1] == "hub"
+    assert plan("dimensity") == ("tflite_full", "xnnpack", "mediatek")
+    assert Options(backends=("tflite", "xnnpack")).plan() == ("xnnpack", "tflite")
+    o = Options(roles=("search", "text"), backends=(), parity_images=None)
+    assert (o.roles, o.backends, o.parity_images) == (("text", "search"), None, 0)
+    assert Options(target="dimensity").soc_name == "mt6989" and Options(target="cpu", soc="SM8750").soc_name == "SM8750"
 
 
 def test_default_run_is_latest(tmp_path, monkeypatch, capsys):
