@@ -200,11 +200,12 @@ class TeacherCache:
         return self.lists[:, 1:]
 
     def check(self, n_images: int, image_captions: list[list[int]], teachers: str | Path | None = None,
-              data: str | None = None) -> None:
+              data: str | None = None, teachers_arg: str | None = None) -> None:
         """Refuse a cache of another data set (sizes, caption table; with `data`, the `data_key` of
-        the images and captions) or, with `teachers`, of other teacher files than those there now."""
+        the images and captions) or, with `teachers`, of other teacher files than those there now;
+        `teachers_arg` is the teachers as the rebuild command names them (teachers= given as hashes)."""
         cfg = self.manifest.get("config") or {}
-        hint = rebuild_hint(self.root, None if isinstance(teachers, dict) else teachers, cfg.get("data"))
+        hint = rebuild_hint(self.root, teachers_arg or (None if isinstance(teachers, dict) else teachers), cfg.get("data"))
         if len(self.lists) != n_images or not np.array_equal(self.captions, caption_table(image_captions)):
             raise ValueError(f"{self.root}: cache was built for another data set ({len(self.lists)} images, "
                              f"this one has {n_images}): {hint}")

@@ -40,11 +40,12 @@ from mcad.distill.teachers import add_file_log
 from mcad.distill.unpaired import UnpairedImagesOf, setup_unpaired
 from mcad.distill.trainer import Trainer
 from mcad.evaluate import evaluate_dual, image_keys
-from mcad.io import write_json, write_manifest
+from mcad.io import atomic_write_text, write_json, write_manifest
 from mcad.models.checkpoint import save_model
 from mcad.models.registry import count_params, create_model, student_overrides
 from mcad.preprocess import model_input, view_of
 from mcad.retrieval import recall_table
+from mcad.runs import run_dir, run_folder_lock
 from mcad.teacher_spec import load_teachers
 
 log = logging.getLogger("mcad.distill")
@@ -155,7 +156,7 @@ class StudentRecipe:
         self.rank, self.world = distributed.init(device)
         self.device = distributed.local_device(device)
         torch.set_num_threads(max(1, int(cfg.get("threads", 2)) // self.world))
-        self.run = Path(cfg["out"]) / cfg["name"]
+        self.run = run_dir(cfg["out"], cfg["name"])
         self.run.mkdir(parents=True, exist_ok=True)
         add_file_log(self.run / "train.log")
         self.tset = load_teachers(cfg, self.device)
@@ -164,8 +165,9 @@ class StudentRecipe:
         self.pixels = self.corpus = None
         if self.paired:
             self.pixels, self.corpus = open_split(self.data, cfg.get("train_split", "train"), self.view,
-                                                  cfg.get("workers"), progress)
-        self.test_px, self.test_c = open_split(self.data, cfg["eval"]["split"], self.view, cfg.get("workers"), progress)
+                                                  cfg.get("workers"), progress, split_key="train_split")
+        self.test_px, self.test_c = open_split(self.data, cfg["eval"]["split"], self.view, cfg.get("workers"), progress,
+                                               split_key="eval.split")
         tok = self.tset.tokenizer
         self.test_ids = tok.encode_batch(self.test_c.captions)
         if self.paired:
@@ -182,7 +184,8 @@ class StudentRecipe:
         cfg, tset = self.cfg, self.tset
         if self.variant != "none" and (self.cache_dir / "manifest.json").exists():
             self.cache = TeacherCache(self.cache_dir)
-            self.cache.check(len(self.pixels), self.caps, teachers=tset.hashes, data=self.inputs["data"])
+            self.cache.check(len(self.pixels), self.caps, teachers=tset.hashes, data=self.inputs["data"],
+                             teachers_arg=str(self.cfg["teachers"]))
             if self.cache.neighbours.shape[1] != int(cfg["neighbours"]):
                 raise ValueError(f"{self.cache_dir}: cache has {self.cache.neighbours.shape[1]} neighbours per image, "
                                  f"the config {cfg['neighbours']}: rebuild it or set "
@@ -333,7 +336,8 @@ class StudentRecipe:
     def save(self, rows: dict, train_s: float) -> dict:
         """student.safetensors, tokenizer.json, metrics.json, report.md, manifest.json."""
         cfg, tset, run, variant, student = self.cfg, self.tset, self.run, self.variant, self.student
-        save_model(student, run / "student.safetensors", extra={"variant": variant, "seed": self.seed})
+        save_model(student, run / "student.safetensors", extra={"variant": variant, "seed": self.seed},
+                   tokenizer=tset.tokenizer)
         tset.tokenizer.save(run / "tokenizer.json")
         pre = preprocess.record(student, self.view)
         tr = self.trainer
@@ -349,9 +353,9 @@ class StudentRecipe:
                    "teachers": tset.describe(), "data": self.data.describe(), "device": str(self.device),
                    "preprocess": pre, "config": cfg, **({"unpaired": self.unp.record} if self.unp else {})}
         write_json(run / "metrics.json", metrics)
-        (run / "report.md").write_text(f"# {cfg['name']} ({variant}, seed {self.seed})\n\n{recall_table(rows)}\n\n"
-                                       f"student {count_params(student):,} params; dual teacher "
-                                       f"{count_params(tset.dual):,}\n")
+        atomic_write_text(run / "report.md", f"# {cfg['name']} ({variant}, seed {self.seed})\n\n{recall_table(rows)}\n\n"
+                                             f"student {count_params(student):,} params; dual teacher "
+                                             f"{count_params(tset.dual):,}\n")
         write_manifest(run / "manifest.json", kind="student-run", config=cfg,
                        files=[run / "student.safetensors", run / "tokenizer.json", run / "metrics.json"],
                        teachers={"specs": tset.describe(), "sha256": tset.hashes}, preprocess=pre,
@@ -361,10 +365,11 @@ class StudentRecipe:
 
 def distill(cfg: dict, progress: bool = True) -> dict:
     """Set up, train, evaluate and save one student run; its metrics ({} on processes other than rank 0)."""
-    recipe = StudentRecipe(cfg, progress)
-    recipe.setup()
-    train_s = recipe.train()
-    return recipe.evaluate_and_save(train_s)
+    with run_folder_lock(run_dir(cfg["out"], cfg["name"]), "student"):  # one writer per run folder
+        recipe = StudentRecipe(cfg, progress)
+        recipe.setup()
+        train_s = recipe.train()
+        return recipe.evaluate_and_save(train_s)
 
 
 def teachers_own_rows(cfg: dict, data: data_spec.DataSpec, teachers: Path) -> dict:

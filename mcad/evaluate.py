@@ -192,7 +192,7 @@ def main(argv: list[str]) -> int:
         fusion, ftok, _ = load_one(fspec, Path("."))
         f_name = Path(fspec.path).stem
     k = check_k(kv, given, fusion is not None)
-    pixels, corpus = open_split(data, kv["split"], view_of(dual), kv["workers"])
+    pixels, corpus = open_split(data, kv["split"], view_of(dual), kv["workers"], split_key="split")
     ids = tok.encode_batch(corpus.captions)
     metrics, sim = evaluate_dual(place(dual, device), pixels, ids, corpus.caption_to_image)
     rows = {name: metrics}

@@ -90,7 +90,6 @@ def test_a_second_teachers_run_into_the_same_folder_is_refused(synth_root, tmp_p
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written beside the holder's lock
 
 
-@pytest.mark.xfail(strict=True, reason="distill/recipe.py must take mcad.runs.run_folder_lock before writing the run")
 def test_a_second_student_run_into_the_same_folder_is_refused(synth_root, tmp_path, capsys):
     run = tmp_path / "runs" / "x"
     holder = hold_lock(run, "student")
@@ -316,8 +315,6 @@ def test_every_commands_defaults_are_in_range():
         check_ranges(read_yaml(recipe))
 
 
-# -- needs a change outside this helper's files (see the report): strict xfail until it lands -------------
-@pytest.mark.xfail(strict=True, reason="mcad/data/spec.py: the empty-split fix must name the command's own key")
 def test_an_empty_eval_split_suggests_a_key_eval_takes(tiny_run, tmp_path, capsys):
     from mcad.data.cli import make_synthetic
 

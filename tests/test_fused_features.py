@@ -174,7 +174,7 @@ def test_student_with_candidate_features_cached_equals_online(teachers, synth_ro
               "batch_size=16", "adapters.steps=2", "adapters.batch_size=8", "threads=1", "warmup=1",
               "loss.lam=1.0", "loss.fused=candidates"]
     assert main([*common, "name=online", f"cache={tmp_path / 'nocache'}"]) == 0
-    assert cache_main([f"data={synth_root}", f"teachers={teachers}", f"cache={tmp_path / 'cache'}", "threads=1"]) == 0
+    assert cache_main([f"data={synth_root}", f"teachers={teachers}", f"cache={tmp_path / 'cache'}", "threads=1", "loss.lam=1.0"]) == 0
     assert main([*common, "name=cached", f"cache={tmp_path / 'cache'}"]) == 0
     a = load_model(tmp_path / "online" / "student.safetensors").state_dict()
     b = load_model(tmp_path / "cached" / "student.safetensors").state_dict()

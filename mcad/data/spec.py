@@ -146,7 +146,7 @@ def synth_json(root: str | Path) -> Path:
 
 
 # -- spec -> Corpus / pixels --------------------------------------------------------------------------
-def load_corpus(spec: Any, split: str = "test"):
+def load_corpus(spec: Any, split: str = "test", split_key: str | None = None):
     """One split of a data set as a `Corpus` (for `wds`, images are decoded to validate them; use
     `load_pixels` to keep them). A split with nothing usable is one line naming the file and the fix."""
     spec = parse(spec)
@@ -156,7 +156,7 @@ def load_corpus(spec: Any, split: str = "test"):
         from mcad.data.corpus import EmptySplit
 
         if isinstance(e, EmptySplit):
-            raise EmptySplit(f"{e} {_empty_fix(spec, split)}") from None
+            raise EmptySplit(f"{e} {_empty_fix(spec, split, split_key)}") from None
         raise
 
 
@@ -179,7 +179,9 @@ def _load_corpus(spec: DataSpec, split: str):
                     max_images=spec.get("max_images"), name=spec.get("name"))
 
 
-def _empty_fix(spec: DataSpec, split: str) -> str:
+def _empty_fix(spec: DataSpec, split: str, key: str | None = None) -> str:
+    """How to get a usable split: another split (by the command's own key, when it takes one), or
+    for a CSV/shards spec the split's own file."""
     if spec.format in ("karpathy", "synth"):
         json_path = synth_json(per_split(spec, "root", split, DEFAULT_SYNTH_ROOT)) if spec.format == "synth" \
             else Path(per_split(spec, "json", split))
@@ -187,7 +189,8 @@ def _empty_fix(spec: DataSpec, split: str) -> str:
         others = [s for s in ("test", "val", "train") if s != split and have.get(s)]
         listed = ", ".join(f"{k} {v}" for k, v in have.items()) or "none"
         return (f"(its images per split: {listed}; Karpathy splits are train/restval, val, test"
-                + (f": choose another, e.g. eval.split={others[0]})" if others else ")"))
+                + ((f": choose another, e.g. {key}={others[0]})" if key else f": choose another, e.g. {others[0]})")
+                   if others else ")"))
     key = "csv" if spec.format == "csv" else "shards"
     splits = dict.fromkeys(["train", split])  # (train once when it is the split asked for)
     return f"(give the {split} split its own file: data.{key}={{{', '.join(f'{s}: ...' for s in splits)}}})"
@@ -248,7 +251,8 @@ def load_split(spec: Any, split: str, size: int, progress: bool = True):
     return load_pixels(spec, split, size, cache_dir=True, progress=progress)
 
 
-def open_split(spec: Any, split: str, view, workers: int | None = None, progress: bool = True):
+def open_split(spec: Any, split: str, view, workers: int | None = None, progress: bool = True,
+               split_key: str | None = None):
     """What every training and evaluation command reads: (mcad.data.stream.Images, Corpus) of one
     split as `view` (a model's size and resize rule) says. Image files and webdataset members are
     decoded when a command asks for them, by `workers` DataLoader processes (None: one per spare
@@ -264,7 +268,7 @@ def open_split(spec: Any, split: str, view, workers: int | None = None, progress
     if cache is not None:
         from mcad.data.images import load_images
 
-        pixels, corpus = load_images(load_corpus(spec, split), view.size, cache_dir=cache, progress=progress,
+        pixels, corpus = load_images(load_corpus(spec, split, split_key), view.size, cache_dir=cache, progress=progress,
                                      view=view)
         return ArrayImages(pixels, view), corpus
     if spec.format == "wds":
@@ -277,14 +281,14 @@ def open_split(spec: Any, split: str, view, workers: int | None = None, progress
             from mcad.data.corpus import EmptySplit
 
             if isinstance(e, EmptySplit):
-                raise EmptySplit(f"{e} {_empty_fix(spec, split)}") from None
+                raise EmptySplit(f"{e} {_empty_fix(spec, split, split_key)}") from None
             raise
     else:
-        corpus = load_corpus(spec, split)
+        corpus = load_corpus(spec, split, split_key)
     images, corpus = open_images(corpus, view, default_workers() if workers is None else int(workers), progress)
     if not len(images):
         from mcad.data.corpus import EmptySplit
 
         raise EmptySplit(f"{corpus.report.source}: no readable image in split '{split}' "
-                         f"({len(corpus.report.problems)} rows skipped) {_empty_fix(spec, split)}")
+                         f"({len(corpus.report.problems)} rows skipped) {_empty_fix(spec, split, split_key)}")
     return images, corpus

@@ -33,7 +33,7 @@ import numpy as np
 log = logging.getLogger("mcad.data")
 
 MODES = ("square", "shortest", "squash")
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: images decoded by their mode's meaning (16-bit greys, alpha)
 # images per encoding batch: ~4.2 M pixels, so a float batch stays ~50 MB whatever the size (256 at
 # the synthetic set's 64 px, as before; 83 at CLIP's 224 px; 28 at BLIP's 384 px)
 PIXELS_PER_BATCH = 256 * 128 * 128
@@ -76,22 +76,11 @@ class View:
 
 
 def open_image(src, max_pixels: int | None = None):
-    """A loaded RGB PIL image of a path or bytes; over `max_pixels` (header) is ImageTooLarge."""
-    from PIL import Image
+    """A loaded RGB PIL image of a path or bytes, each PIL mode by its meaning (mcad.data.images.open_rgb);
+    over `max_pixels` (header) is ImageTooLarge."""
+    from mcad.data.images import open_rgb
 
-    from mcad.data.images import MAX_PIXELS, ImageTooLarge
-
-    f = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
-    with warnings.catch_warnings():  # PIL's warning zone lies above our limit: refused below, not warned
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(f)  # reads the header only: the size is known before any decoding
-    with im:
-        limit = MAX_PIXELS if max_pixels is None else max_pixels
-        if im.size[0] * im.size[1] > limit:
-            raise ImageTooLarge(f"{im.size[0]} x {im.size[1]} = {im.size[0] * im.size[1]:,} pixels, over the "
-                                f"limit of {limit:,} (mcad.data.images.MAX_PIXELS)")
-        im.load()
-        return im.convert("RGB")
+    return open_rgb(src, max_pixels)
 
 
 def apply_view(im, view: View) -> np.ndarray:
