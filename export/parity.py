@@ -16,11 +16,31 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
+WORST = 5  # the lowest-cosine inputs an encoder's record names
+
+
 def cosine_stats(emb: np.ndarray, ref: np.ndarray) -> dict:
+    """Cosine of each embedding to its reference: mean, min, the WORST inputs (their indices in the
+    held-out order: images for an image encoder, captions for a text encoder) and the cosine bars."""
     c = cosine(emb, ref)
     mean, lo = float(c.mean()), float(c.min())
+    worst = np.argsort(c, kind="stable")[:WORST]
     return {"cos_mean": round(mean, 6), "cos_min": round(lo, 6), "n": int(len(c)),
+            "worst": [{"index": int(i), "cos": round(float(c[i]), 6)} for i in worst],
             "pass": bool(mean >= BARS["cos_mean"] and lo >= BARS["cos_min"])}
+
+
+def encoder_check(emb: np.ndarray, role: str, ref: dict, caption_to_image: np.ndarray, fp32: dict) -> dict:
+    """One encoder's own verdict: its cosines to the eager fp32 student (`cos_pass`), and R@1 of its
+    embeddings against the fp32 embeddings of the other tower (`retrieval`), so neither tower is
+    judged by the other's artifact. `ref`: {"text", "image"} fp32 embeddings; `fp32`: their R@1."""
+    rec = cosine_stats(emb, ref[role])
+    img, txt = (emb, ref["text"]) if role == "image" else (ref["image"], emb)
+    r = retrieval_check(img, txt, caption_to_image, fp32)
+    rec["cos_pass"] = rec["pass"]
+    rec["retrieval"] = r
+    rec["pass"] = bool(rec["cos_pass"] and r["pass"])
+    return rec
 
 
 def topk_agrees(indices: np.ndarray, ref_scores: np.ndarray, tol: float) -> bool:
@@ -42,7 +62,7 @@ def topk_agrees(indices: np.ndarray, ref_scores: np.ndarray, tol: float) -> bool
     return bool((np.diff(chosen) <= tol).all())  # best first, up to ties
 
 
-INT8_RECALL = 0.99  # issue 14's goal for a compressed gallery's recall@10 (reported; the bench's figure)
+INT8_RECALL = 0.99  # the goal for a compressed gallery's recall@10 (reported; the bench's figure)
 
 
 def int8_scan_error(q: np.ndarray, gallery: np.ndarray) -> float:
@@ -135,50 +155,82 @@ def r1_bar(n_images: int) -> float:
     return max(BARS["r1_delta"], 100.0 / max(int(n_images), 1))
 
 
-def table(parity: dict) -> str:
-    """Plain-text table of a manifest's parity section."""
-    fp = parity.get("fp32", {})
-    lines = [f"parity vs eager fp32 student on {parity.get('data', '?')} "
-             f"({parity.get('n_images', '?')} images, {parity.get('n_captions', '?')} captions); "
-             f"fp32 R@1 i2t {fp.get('i2t_r1', float('nan')):.1f} t2i {fp.get('t2i_r1', float('nan')):.1f}; "
-             f"bars: cos mean >= {BARS['cos_mean']}, min >= {BARS['cos_min']}, |dR@1| <= {BARS['r1_delta']} "
-             "(one image's worth on a split under 100 images)"]
-    head = f"{'artifact':<42} {'cos mean':>8} {'cos min':>8} {'R@1 i2t (d)':>13} {'R@1 t2i (d)':>13} {'top-10':>9}  ok"
-    lines += [head, "-" * len(head)]
-    retr = parity.get("retrieval", {})
+def _r1(r: dict | None) -> tuple[str, str]:
+    if not r:
+        return "", ""
+    return f"{r['i2t_r1']:.1f} ({r['d_i2t_r1']:+.1f})", f"{r['t2i_r1']:.1f} ({r['d_t2i_r1']:+.1f})"
+
+
+def _top(s: dict) -> str:
+    """A search program's agreement: with its runtime's own text encoder (same-query programs), with
+    fp32 within the quantization error (independently calibrated ones), or up to int8's error."""
+    if s.get("int8_gallery"):  # an int8 bound gallery: agreement up to int8's error, and recall@10
+        return f"{s['agree_int8_ties_aside']}/{s['queries']} i8"
+    key = "agree_ties_aside" if s.get("shared_query", True) and "agree_ties_aside" in s else "agree_fp32_ties_aside"
+    return f"{s.get(key, 0)}/{s.get('queries', 0)}" + ("" if key == "agree_ties_aside" else " fp32")
+
+
+def _artifact_row(name: str, a: dict, retr: dict) -> str:
+    """An encoder's R@1 is its own (against the other tower's fp32 embeddings); a manifest from before
+    per-artifact verdicts has only its runtime pair's, which then also decided the encoder's verdict."""
+    if a.get("role") == "search":
+        cm = cn = ri = rt = ""
+        top = _top(a.get("search", {}))
+        ok = a.get("pass")
+    else:
+        cm, cn = (f"{a['cos_mean']:.4f}", f"{a['cos_min']:.4f}") if "cos_mean" in a else ("", "")
+        own = a.get("retrieval")
+        r = own if own is not None else retr.get(a.get("group", ""))
+        ri, rt = _r1(r)
+        top = ""
+        ok = a.get("pass") and (own is not None or not r or r.get("pass"))
+    verdict = "yes" if ok else "-" if a.get("pass") is None else "NO"
+    return f"{name:<42} {cm:>8} {cn:>8} {ri:>13} {rt:>13} {top:>9}  {verdict}"
+
+
+def _notes(parity: dict) -> list[str]:
+    """Below the table: the worst inputs of each encoder that misses a bar, and what an int8 bound
+    gallery costs."""
+    lines = []
     for name, a in parity.get("artifacts", {}).items():
-        r = retr.get(a.get("group", ""), {})
-        if a.get("role") == "search":
-            s = a.get("search", {})
-            # same-query programs are held to their runtime's own text encoder; independently
-            # calibrated ones (shared_query False) to fp32 within the quantization error
-            key = "agree_ties_aside" if s.get("shared_query", True) and "agree_ties_aside" in s else "agree_fp32_ties_aside"
-            top = f"{s.get(key, 0)}/{s.get('queries', 0)}" + ("" if key == "agree_ties_aside" else " fp32")
-            if s.get("int8_gallery"):  # an int8 bound gallery: agreement up to int8's error, and recall@10
-                top = f"{s['agree_int8_ties_aside']}/{s['queries']} i8"
-            cm = cn = ri = rt = ""
-        else:
-            cm, cn = f"{a['cos_mean']:.4f}", f"{a['cos_min']:.4f}"
-            ri = f"{r['i2t_r1']:.1f} ({r['d_i2t_r1']:+.1f})" if r else ""
-            rt = f"{r['t2i_r1']:.1f} ({r['d_t2i_r1']:+.1f})" if r else ""
-            top = ""
-        ok = "yes" if a.get("pass") and (not r or r.get("pass") or a.get("role") == "search") else "NO"
-        lines.append(f"{name:<42} {cm:>8} {cn:>8} {ri:>13} {rt:>13} {top:>9}  {ok}")
-    for name, a in parity.get("simulated", {}).items():
-        r = a.get("retrieval")
-        for role in ("text", "image"):
-            if role not in a:
-                continue
-            ri = f"{r['i2t_r1']:.1f} ({r['d_i2t_r1']:+.1f})" if r else ""
-            rt = f"{r['t2i_r1']:.1f} ({r['d_t2i_r1']:+.1f})" if r else ""
-            lines.append(f"{name + ' ' + role + ' (eager sim.)':<42} {a[role]['cos_mean']:>8.4f} "
-                         f"{a[role]['cos_min']:>8.4f} {ri:>13} {rt:>13} {'':>9}  info")
-    for name, a in parity.get("artifacts", {}).items():
+        if a.get("pass") is False and a.get("worst"):
+            what = "captions" if a.get("role") == "text" else "images"
+            worst = ", ".join(f"{w['index']} ({w['cos']:.4f})" for w in a["worst"])
+            lines.append(f"{name}: lowest cosine on test {what} {worst}")
         sc = a.get("search", {})
         if sc.get("int8_gallery"):  # what int8 costs on this gallery, whatever the verdict
             low = sc["recall_at_k"] < INT8_RECALL
             lines.append(f"{name}: int8 bound gallery, recall@10 {sc['recall_at_k']:.3f} against exact search on "
                          f"{sc['queries']} test queries" + (f" (under {INT8_RECALL}: bound_dtype=fp32 binds it exact, "
                                                             "4x the bytes)" if low else ""))
+    return lines
+
+
+def table(parity: dict) -> str:
+    """Plain-text table of a manifest's parity section: one row per artifact with its own verdict,
+    one per runtime pair (its text x its image encoder), the eager simulations."""
+    fp = parity.get("fp32", {})
+    lines = [f"parity vs eager fp32 student on {parity.get('data', '?')} "
+             f"({parity.get('n_images', '?')} images, {parity.get('n_captions', '?')} captions); "
+             f"fp32 R@1 i2t {fp.get('i2t_r1', float('nan')):.1f} t2i {fp.get('t2i_r1', float('nan')):.1f}; "
+             f"bars: cos mean >= {BARS['cos_mean']}, min >= {BARS['cos_min']}, |dR@1| <= {BARS['r1_delta']} "
+             "(one image's worth on a split under 100 images); an encoder's R@1 is with the other tower in fp32"]
+    head = f"{'artifact':<42} {'cos mean':>8} {'cos min':>8} {'R@1 i2t (d)':>13} {'R@1 t2i (d)':>13} {'top-10':>9}  ok"
+    lines += [head, "-" * len(head)]
+    retr = parity.get("retrieval", {})
+    for name, a in parity.get("artifacts", {}).items():
+        lines.append(_artifact_row(name, a, retr))
+    own = any("retrieval" in a for a in parity.get("artifacts", {}).values())
+    for group, r in retr.items() if own else ():
+        ri, rt = _r1(r)
+        lines.append(f"{group + ' text x image (pair)':<42} {'':>8} {'':>8} {ri:>13} {rt:>13} {'':>9}  "
+                     f"{'yes' if r.get('pass') else 'NO'}")
+    for name, a in parity.get("simulated", {}).items():
+        ri, rt = _r1(a.get("retrieval"))
+        for role in ("text", "image"):
+            if role in a:
+                lines.append(f"{name + ' ' + role + ' (eager sim.)':<42} {a[role]['cos_mean']:>8.4f} "
+                             f"{a[role]['cos_min']:>8.4f} {ri:>13} {rt:>13} {'':>9}  info")
+    lines += _notes(parity)
     lines.append("all artifacts pass" if parity.get("pass") else "SOME ARTIFACT MISSES A BAR")
     return "\n".join(lines)

@@ -178,9 +178,17 @@ def test_cpu_manifest(cpu_export, trained_run):
 def test_cpu_parity_in_real_runtimes(cpu_export):
     p = cpu_export["parity"]
     assert p["n_images"] == 100 and p["n_captions"] == 500
+    verdicts = {a["file"]: a["parity_pass"] for a in cpu_export["artifacts"]}
     for name, rec in p["artifacts"].items():
+        assert verdicts[name] is rec["pass"] is True, (name, rec)  # each artifact's own verdict, in its entry too
         if rec["role"] in ("text", "image"):
             assert rec["cos_mean"] >= 0.99 and rec["cos_min"] >= 0.97, (name, rec)
+            # judged alone: R@1 with the other tower's fp32 embeddings; its worst inputs named, lowest first
+            r = rec["retrieval"]
+            assert r["pass"] and abs(r["d_i2t_r1"]) <= 1.0 + 1e-9 and abs(r["d_t2i_r1"]) <= 1.0 + 1e-9, (name, r)
+            cos = [w["cos"] for w in rec["worst"]]
+            assert len(cos) == 5 and cos == sorted(cos) and cos[0] == rec["cos_min"], (name, rec["worst"])
+            assert all(0 <= w["index"] < (500 if rec["role"] == "text" else 100) for w in rec["worst"])
     for group, r in p["retrieval"].items():
         assert abs(r["d_i2t_r1"]) <= 1.0 + 1e-9 and abs(r["d_t2i_r1"]) <= 1.0 + 1e-9, (group, r, p["fp32"])
     assert p["pass"], p
@@ -576,6 +584,78 @@ def test_options_plan_and_roles():
     o = Options(roles=("search", "text"), backends=(), parity_images=None)
     assert (o.roles, o.backends, o.parity_images) == (("text", "search"), None, 0)
     assert Options(target="dimensity").soc_name == "mt6989" and Options(target="cpu", soc="SM8750").soc_name == "SM8750"
+
+
+# -- each artifact's own verdict ---------------------------------------------------------------------
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _heldout(n: int = 20, dim: int = 16):
+    """A held-out set whose fp32 text embeddings retrieve their images (2 captions each)."""
+    from mcad.export.check import Heldout
+    from mcad.quantize.calib import Samples
+
+    rng = np.random.default_rng(0)
+    img = _unit(rng.standard_normal((n, dim)))
+    c2i = np.repeat(np.arange(n), 2)
+    txt = _unit(img[c2i] + 0.3 * rng.standard_normal((2 * n, dim)))
+    test = Samples(pixels=np.zeros((n, 3, 2, 2), np.float32), ids=np.zeros((2 * n, 4), np.int64),
+                   caption_to_image=c2i, source="unit:test")
+    return Heldout(test, {"text": txt, "image": img}, np.arange(4), img), rng
+
+
+def _built(role, group, emb, name):
+    from pathlib import Path
+
+    from mcad.export.backends.common import Built
+
+    return Built(role, group, "onnxruntime", Path(name), "int8", {"group": group}, outputs=[[e[None]] for e in emb])
+
+
+def test_each_encoder_is_judged_on_its_own():
+    """A text encoder as close to fp32 as can be passes although the image encoder of its runtime
+    misses the bars: each is judged with the other tower's fp32 embeddings; the failing one names its
+    worst inputs (the images that were broken), and the pair of the runtime still gates the export."""
+    from mcad.export.check import judge
+    from mcad.export.parity import table
+
+    held, rng = _heldout()
+    text = _unit(held.ref["text"] + 1e-4 * rng.standard_normal(held.ref["text"].shape))
+    image = held.ref["image"].copy()
+    broken = [3, 11, 17]
+    image[broken] = _unit(rng.standard_normal((3, image.shape[1])))
+    arts = [_built("text", "onnx", text, "text_encoder.int8.onnx"), _built("image", "onnx", image, "image_encoder.int8.onnx")]
+    p = judge(arts, held, None, {})
+    t, i = p["artifacts"]["text_encoder.int8.onnx"], p["artifacts"]["image_encoder.int8.onnx"]
+    assert t["pass"] and t["cos_pass"] and t["retrieval"]["pass"] and t["retrieval"]["d_t2i_r1"] == 0.0, t
+    assert not i["pass"] and not i["cos_pass"] and not i["retrieval"]["pass"], i
+    assert sorted(w["index"] for w in i["worst"][:3]) == broken
+    assert not p["retrieval"]["onnx"]["pass"] and p["pass"] is False
+    shown = table(p)
+    assert "image_encoder.int8.onnx: lowest cosine on test images" in shown and "SOME ARTIFACT MISSES A BAR" in shown
+    rows = {ln.split()[0]: ln.split()[-1] for ln in shown.splitlines()
+            if ln.startswith(("text_", "image_", "onnx ")) and not ln.split()[0].endswith(":")}
+    assert rows == {"text_encoder.int8.onnx": "yes", "image_encoder.int8.onnx": "NO", "onnx": "NO"}, shown
+    # both fine: every verdict passes
+    good = [_built("text", "onnx", text, "t.onnx"), _built("image", "onnx", held.ref["image"], "i.onnx")]
+    assert judge(good, held, None, {})["pass"] is True
+
+
+def test_table_reads_a_manifest_from_before_per_artifact_verdicts():
+    """A parity section without an encoder's own R@1 shows its runtime pair's, which decided its
+    verdict then (search's index and report print tables of older exports)."""
+    from mcad.export.parity import table
+
+    old = {"data": "d", "n_images": 10, "n_captions": 50, "fp32": {"i2t_r1": 50.0, "t2i_r1": 40.0},
+           "artifacts": {"text_encoder.int8.onnx": {"role": "text", "group": "onnx", "cos_mean": 0.9999,
+                                                    "cos_min": 0.999, "n": 50, "pass": True}},
+           "retrieval": {"onnx": {"i2t_r1": 40.0, "t2i_r1": 30.0, "d_i2t_r1": -10.0, "d_t2i_r1": -10.0,
+                                  "pass": False}},
+           "simulated": {}, "pass": False}
+    shown = table(old)
+    row = next(ln for ln in shown.splitlines() if ln.startswith("text_encoder"))
+    assert "40.0 (-10.0)" in row and row.split()[-1] == "NO" and "(pair)" not in shown, shown
 
 
 def test_default_run_is_latest(tmp_path, monkeypatch, capsys):
