@@ -33,7 +33,7 @@ from mcad.export.check import Heldout, judge, run_artifacts
 from mcad.export.encoders import Towers
 from mcad.export.manifest import manifest, write_golden
 from mcad.export.options import Options
-from mcad.io import atomic_path, sha256_file, write_json
+from mcad.io import atomic_path, sha256_file
 
 log = logging.getLogger("mcad.export")
 
@@ -142,20 +142,24 @@ class Exporter:
         return parity
 
     def export(self) -> dict:
-        """calibrate -> build -> run and check -> manifest; returns the manifest as written (JSON)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.calibrate()
-        self.build()
-        if self.tokenizer is not None:
-            with atomic_path(self.out / "tokenizer.json") as tmp:
-                shutil.copyfile(self.run / "tokenizer.json", tmp)
-        golden = write_golden(self.job, self.held, self.tokenizer).name if self.held is not None else None
-        parity = self.check() if self.opts.parity else None
-        record = manifest(self.job, self.run, self.student_sha, self.record, parity, golden,
-                          tokenizer=self.tokenizer is not None).to_json()
-        write_json(self.out / MANIFEST, record)
-        # only now, with the new record in place: what the previous export wrote and this one did not
-        folder.clean(self.out, self.previous, folder.recorded(self.out) or set())
+        """calibrate -> build -> run and check -> manifest; returns the manifest as written (JSON).
+        The manifest is written last, when every file it lists is in place: a re-export first takes
+        the previous one away (readers refuse the folder until the new one is there)."""
+        self.calibrate()  # before the folder is touched: a data set that cannot be used leaves nothing
+        made = folder.begin(self.out)
+        try:
+            self.build()
+            if self.tokenizer is not None:
+                with atomic_path(self.out / "tokenizer.json") as tmp:
+                    shutil.copyfile(self.run / "tokenizer.json", tmp)
+            golden = write_golden(self.job, self.held, self.tokenizer).name if self.held is not None else None
+            parity = self.check() if self.opts.parity else None
+            record = manifest(self.job, self.run, self.student_sha, self.record, parity, golden,
+                              tokenizer=self.tokenizer is not None).to_json()
+            folder.commit(self.out, record, self.previous)
+        except BaseException:
+            folder.abandon(self.out, made, self.planned_files())
+            raise
         return record
 
 

@@ -503,6 +503,41 @@ def test_out_folder_is_the_tools_own(trained_run, synth_root, tmp_path, capsys):
                                                      "mine.onnx", "search.int8.onnx", "tokenizer.json"]
 
 
+def test_manifest_is_written_last(trained_run, synth_root, tmp_path, monkeypatch):
+    """A re-export takes the previous manifest away before it writes anything (a killed one leaves
+    no manifest beside new files: readers refuse the folder), and writes its own last; the next
+    export still knows the folder's files. A failed export into a new folder leaves no folder."""
+    from mcad.artifacts import load_manifest
+    from mcad.export.backends import onnx
+
+    out = tmp_path / "exp"
+    opts = dict(target="cpu", backends=("onnx",), precision="fp32", parity=False, calib=4, out=out)
+    _export(trained_run, synth_root, roles=("text",), **opts)
+    m = out / "manifest.json"
+    assert all(p.stat().st_mtime_ns <= m.stat().st_mtime_ns for p in out.iterdir())
+
+    def killed(job):
+        (job.out / "image_encoder.fp32.onnx").write_bytes(b"half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "build", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _export(trained_run, synth_root, roles=("image",), **opts)
+    assert not m.exists() and (out / "text_encoder.fp32.onnx").exists()
+    with pytest.raises(FileNotFoundError):
+        load_manifest(out)
+    fresh = tmp_path / "new" / "exp"
+    with pytest.raises(KeyboardInterrupt):
+        _export(trained_run, synth_root, roles=("image",), **dict(opts, out=fresh))
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    again = _export(trained_run, synth_root, roles=("image",), **opts)
+    assert [a["file"] for a in again["artifacts"]] == ["image_encoder.fp32.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["golden.npz", "image_encoder.fp32.onnx", "manifest.json",
+                                                     "tokenizer.json"]  # the first export's text encoder removed
+    assert load_manifest(out, verify=True).artifacts[0].file == "image_encoder.fp32.onnx"
+
+
 # -- bad input: one line -------------------------------------------------------------------------
 def _cli(argv, capsys):
     from mcad.cli import main
@@ -532,20 +567,24 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, tokenizer, capsys):
     assert code == 1 and len(err) == 1 and "student.safetensors" in err[0], err
 
 
-def test_strict_without_sdk_is_one_line(tiny_run, capsys, monkeypatch):
+def test_strict_without_sdk_is_one_line(tiny_run, capsys, monkeypatch, tmp_path):
+    """A refused export says why in one line and leaves no folder behind."""
     monkeypatch.delenv("QNN_SDK_ROOT", raising=False)
-    code, err = _cli(["target=snapdragon", f"run={tiny_run}", "strict=1"], capsys)
+    out = tmp_path / "refused" / "exp"
+    code, err = _cli(["target=snapdragon", f"run={tiny_run}", "strict=1", f"out={out}"], capsys)
     assert code == 1 and len(err) == 1 and "QNN_SDK_ROOT" in err[0], err
     if not __import__("mcad.export.backends.mediatek", fromlist=["x"]).available():
-        code, err = _cli(["target=dimensity", f"run={tiny_run}", "strict=1"], capsys)
+        code, err = _cli(["target=dimensity", f"run={tiny_run}", "strict=1", f"out={out}"], capsys)
         assert code == 1 and len(err) == 1 and "mtk_converter" in err[0], err
+    assert not (tmp_path / "refused").exists()
 
 
-def test_bad_options_are_one_line(tiny_run, capsys):
+def test_bad_options_are_one_line(tiny_run, capsys, tmp_path):
     code, err = _cli(["target=cpu", f"run={tiny_run}", "colour=red"], capsys)
     assert code == 1 and len(err) == 1 and "colour: unknown key" in err[0], err
-    code, err = _cli(["target=cpu", f"run={tiny_run}", "keep_fp32=bogus"], capsys)
+    code, err = _cli(["target=cpu", f"run={tiny_run}", "keep_fp32=bogus", f"out={tmp_path / 'x'}"], capsys)
     assert code == 1 and len(err) == 1 and "keep_fp32: unknown entry" in err[0], err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("kw, message", [
