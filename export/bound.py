@@ -4,17 +4,16 @@ index folder `mcad index ... bind=<target>` (mcad.search.bind).
 A search program that takes its gallery at run time cannot scan it at a flat scan's cost in every
 runtime. XNNPACK (ExecuTorch's delegate, LiteRT's default one) packs a fully connected layer's
 weights into its own layout: once, at load, for a constant; every call for a run-time input. With
-the gallery as that weight, each query repacks it (LiteRT: 3.7-5.3x faiss's flat scan at 100k);
-with the query as the weight (ExecuTorch's rows form), it is a one-column product that leaves most
-of the kernel's lanes idle (2-3x). Bound in as a constant weight, the gallery is packed once when
-the program loads and a query is one matrix-vector product: ExecuTorch int8 0.15-0.38x faiss,
-LiteRT fp32 0.83-1.12x (benchmarks/results/scan_forms.md). The price: the program is that gallery's;
-a changed gallery is a new export (seconds at 100k).
+the gallery as that weight, each query repacks it; with the query as the weight (ExecuTorch's rows
+form), it is a one-column product that leaves most of the kernel's lanes idle. Bound in as a
+constant weight, the gallery is packed once when the program loads and a query is one
+matrix-vector product (the measured costs against faiss's flat scan: benchmarks/results/scan_forms.md).
+The price: the program is that gallery's; a changed gallery is a new export.
 
 ExecuTorch binds it int8 (per-row symmetric weights, the query quantized per call: XNNPACK's
 dynamic-quantized fully connected layer), LiteRT fp32 (its converter's int8 path quantizes
 activations statically, which would round the scores the top-k ranks). ONNX Runtime keeps its
-run-time gallery: its columns scan already costs ~1x faiss."""
+run-time gallery: its columns scan already costs about what faiss's does."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,10 +24,9 @@ import torch
 from torch import nn
 
 # the backends that bind the gallery, and the dtypes each can bind it in (first: the default); the
-# others keep their run-time gallery. ExecuTorch int8 holds a quarter of the bytes (its program added
-# 54.9 MB at 100k x 256, benchmarks/results/bound-mobile-local.md; the fp32 one ~100 MB more) at recall@10
-# 1.000 on a 200-image index of the default student, 0.90-1.00 on random unit vectors (whose top-10 sit
-# within int8's error; benchmarks/results/scan_forms.md): `bound_dtype=fp32` where that is too low.
+# others keep their run-time gallery. ExecuTorch int8 holds a quarter of the bytes at a recall@10 that
+# parity reports (benchmarks/results/bound-mobile-local.md, scan_forms.md: random unit vectors, whose
+# top-10 sit within int8's error, lose the most): `bound_dtype=fp32` where that is too low.
 BOUND_DTYPES = {"xnnpack": ("int8", "fp32"), "tflite": ("fp32",)}
 
 

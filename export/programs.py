@@ -38,10 +38,10 @@ class ImageProgram(nn.Module):
 
 # How each runtime reads a gallery given at run time fastest (benchmarks/results/scan_forms.md):
 # "rows": gallery [N, D] scored as gallery @ q^T (XNNPACK runs it as one fully connected layer over
-# the gallery rows, read in place; q @ gallery^T packs the whole gallery each query, 4-13x slower);
+# the gallery rows, read in place; q @ gallery^T packs the whole gallery each query, far slower);
 # "rows-t": gallery [N, D], q @ gallery^T (LiteRT: the rows form's reshape cannot be resized; the
 # NPU backends); "columns": gallery [D, N] (the rows transposed once, when the gallery is bound),
-# q @ gallery (ONNX Runtime: a plain GEMM at ~1x faiss's flat scan, where q @ gallery^T cost 2.7x).
+# q @ gallery (ONNX Runtime: a plain GEMM, about faiss's flat scan, where q @ gallery^T cost more).
 SCANS = ("rows", "rows-t", "columns")
 
 
