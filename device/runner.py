@@ -345,7 +345,9 @@ def _random_chunks(n: int, d: int, seed: int, chunk_rows: int):
 
 
 GALLERY_DTYPES = ("fp32", "fp16", "int8", "pq4")
-DEFAULT_DEPTH = 200  # pq4: rows re-ranked exactly per query (the gallery's `depth`)
+DEFAULT_DEPTH = 200  # pq4: rows re-ranked exactly per query (the gallery's `depth`): at least this many,
+DEPTH_PER_ROWS = 1000  # and one per this many photos (a larger gallery has more near neighbours to pass)
+CODE_BUDGET_MB = 40  # pq4: the finest code (pq_m = dim/2, dim/4, dim/8) whose codes fit this by default
 PQ_TRAIN_ROWS = 4096  # pq4: rows the codebooks are trained on (what faiss's k-means samples for 16 centroids)
 
 
@@ -363,12 +365,14 @@ def gallery_chunks(gallery: dict, dim: int, chunk: int = CHUNK_ROWS):
 
 class Scorer:
     """The gallery and its top-k scan. `gallery`: {"n", "seed" | "file", "dtype": fp32|fp16|int8|pq4,
-    "rerank": r, "depth": R, "pq_m": M, "added": path}. fp32 is faiss's exact flat scan; fp16 and int8
-    are faiss scalar quantizers (int8: per-dimension ranges, faiss SQ8) holding 2 and 1 bytes per
-    dimension; with `rerank` r > 0 and the fp32 rows in `file`, the k * r best by the compressed codes
-    are scored again exactly from rows read off the disk (not resident). pq4 is a two-stage scan
-    (`TwoStage`): 4-bit PQ fast-scan codes of every row, then the R best re-ranked exactly from the
-    fp32 rows in `file`; it alone takes rows added and removed on the device (`add`, `remove`)."""
+    "rerank": r, "depth": R, "pq_m": M, "code_mb": MB, "added": path}. fp32 is faiss's exact flat scan;
+    fp16 and int8 are faiss scalar quantizers (int8: per-dimension ranges, faiss SQ8) holding 2 and 1
+    bytes per dimension; with `rerank` r > 0 and the fp32 rows in `file`, the k * r best by the
+    compressed codes are scored again exactly from rows read off the disk (not resident). pq4 is a
+    two-stage scan (`TwoStage`): 4-bit PQ fast-scan codes of every row (M sub-quantizers, M / 2 bytes a
+    row; by default the finest of dim/2, dim/4, dim/8 whose codes fit MB), then the R best (by default
+    one per DEPTH_PER_ROWS photos, at least DEFAULT_DEPTH) re-ranked exactly from the fp32 rows in
+    `file`; it alone takes photos added and removed on the device (`add`, `remove`)."""
 
     def __init__(self, kind: str, gallery: dict, k: int, dim: int):
         import numpy as np
@@ -515,16 +519,17 @@ class TwoStage:
         self.np, self.faiss, self.k, self.dim = np, faiss, k, dim
         if not gallery.get("file"):
             raise RunnerError("gallery dtype pq4 re-ranks from the fp32 rows on disk: give gallery.file")
-        self.depth = int(gallery.get("depth") or DEFAULT_DEPTH)
-        m = int(gallery.get("pq_m") or dim // 4)
+        self.store = RowStore(gallery["file"], dim, gallery.get("added"))
+        n = self.store.n_base
+        self.depth = int(gallery.get("depth") or max(DEFAULT_DEPTH, n // DEPTH_PER_ROWS))
+        m = int(gallery.get("pq_m") or _default_pq_m(n, dim, float(gallery.get("code_mb") or CODE_BUDGET_MB)))
         if self.depth < k or m < 1 or dim % m:
             raise RunnerError(f"gallery depth={self.depth}, pq_m={m}: need depth >= k ({k}) and pq_m dividing "
                               f"the embedding size {dim}")
-        self.store = RowStore(gallery["file"], dim, gallery.get("added"))
         base = faiss.IndexPQFastScan(dim, m, 4, faiss.METRIC_INNER_PRODUCT)
-        base.train(_sample_rows(chunks(), self.store.n_base, dim))
+        base.train(_sample_rows(chunks(), n, dim))
         self.base, self.index = base, faiss.IndexIDMap(base)
-        _reserve(self.index, base, self.store.n_base)
+        _reserve(self.index, base, n)
         pos = 0
         for c in chunks():
             self.index.add_with_ids(np.ascontiguousarray(c), np.arange(pos, pos + len(c), dtype=np.int64))
@@ -561,6 +566,14 @@ class TwoStage:
     def bytes(self) -> int:
         """Codes (packed in blocks of 32 rows), codebooks and the id map held in memory."""
         return int(self.base.codes.nbytes() + self.base.pq.centroids.size() * 4 + self.index.id_map.size() * 8)
+
+
+def _default_pq_m(n: int, dim: int, budget_mb: float) -> int:
+    """Sub-quantizers of 4 bits: dim/2, else dim/4, else dim/8, the first whose n codes fit budget_mb."""
+    for m in (dim // 2, dim // 4):
+        if m >= 1 and dim % m == 0 and n * m / 2 <= budget_mb * 2**20:
+            return m
+    return max(1, dim // 8)
 
 
 def _reserve(index, base, n: int) -> None:

@@ -48,9 +48,23 @@ def test_pq4_top_k_is_exact_where_the_answer_is_clear(tmp_path):
     assert sc.n == len(rows) and sc.depth == 50
     for qi in q:
         assert sc.search(qi).tolist() == _exact(rows, ids, qi).tolist()
-    # what it holds: packed codes (dim / 8 bytes per row, in blocks of 32), the codebooks, the id map
+    # what it holds: packed codes (a small gallery: dim/2 sub-quantizers of 4 bits, dim / 4 bytes per row,
+    # in blocks of 32), the codebooks (16 centroids of 2 dimensions each), the id map
     d = rows.shape[1]
-    assert sc.bytes() == -(-len(rows) // 32) * 32 * d // 8 + (d // 4) * 16 * 4 * 4 + len(rows) * 8
+    assert sc.two.base.M == d // 2
+    assert sc.bytes() == -(-len(rows) // 32) * 32 * d // 4 + (d // 2) * 16 * 2 * 4 + len(rows) * 8
+
+
+@pytest.mark.parametrize("gallery, pq_m, depth", [
+    ({}, 32, 200),                            # 2040 rows of 16 B: the finest code fits the default budget
+    ({"code_mb": 0.02}, 16, 200),             # 32 KB would not hold 16 B a row, 8 B fits
+    ({"code_mb": 0.001}, 8, 200),             # nothing fits: the coarsest
+    ({"pq_m": 16, "depth": 64}, 16, 64),      # given
+])
+def test_pq4_defaults_follow_the_code_budget(tmp_path, gallery, pq_m, depth):
+    rows, _ = _clear_gallery(n_groups=20, far=1800)
+    sc = _scorer(tmp_path, rows, **gallery)
+    assert (sc.two.base.M, sc.depth) == (pq_m, depth)
 
 
 def test_pq4_recall_on_a_seeded_structured_gallery(tmp_path):
@@ -113,7 +127,7 @@ def test_pq4_codes_after_remove_then_add_are_the_fresh_index_codes(tmp_path):
 
 @pytest.mark.parametrize("gallery, dim, match", [
     ({"file": None, "seed": 0}, 64, "gallery dtype pq4 re-ranks from the fp32 rows on disk: give gallery.file"),
-    ({"depth": 5}, 64, r"gallery depth=5, pq_m=16: need depth >= k \(10\)"),
+    ({"depth": 5}, 64, r"gallery depth=5, pq_m=32: need depth >= k \(10\)"),
     ({"pq_m": 7}, 64, "pq_m dividing the embedding size 64"),
     ({}, 32, r"rows.npy: the re-rank rows must be a C-ordered float32 \[N, 32\] .npy"),
     ({"dtype": "pq8"}, 64, "gallery dtype 'pq8': expected one of fp32, fp16, int8, pq4"),

@@ -7,12 +7,12 @@ so never resident), against faiss's exact flat scan (IndexFlatIP) in the same pr
 
 First stages, each built from the gallery rows alone (no host-side training):
 - `sq8+rr4`: the runner's int8 gallery as it stands (faiss SQ8, decoded per row), k*4 re-ranked.
-- `binary`: faiss IndexBinaryFlat over the sign bits of the rows less their mean (32 B at 256-d), Hamming.
+- `binary`: faiss IndexBinaryFlat over the sign bits of the rows less their mean (D/8 bytes), Hamming.
 - `rabitq-fs`: faiss IndexRaBitQFastScan, 1 bit per dimension and two factors per row (its only
   training is the mean); asymmetric estimate of the inner product.
-- `pq4fs-m64` / `pq4fs-m32`: faiss IndexPQFastScan, 4-bit product quantizer with 64 / 32 sub-quantizers
-  (32 / 16 B), codebooks trained by k-means on a seeded sample of the gallery's own rows.
-  `pq4fs-m64` is the runner's `dtype=pq4` gallery (device/runner.py TwoStage), built by the runner.
+- `pq4fs-m<M>`: the runner's `dtype=pq4` gallery (device/runner.py TwoStage) with pq_m = M = D/2, D/4,
+  D/8: faiss IndexPQFastScan, M sub-quantizers of 4 bits (M/2 bytes a photo), codebooks trained by
+  faiss's k-means on rows evenly spaced over the gallery, in a faiss IndexIDMap (8 B a photo).
 A Matryoshka prefix is not measured: its point is a student trained so that the prefix ranks well,
 and no such student exists here; the prefix of an untrained embedding is a random projection.
 
@@ -23,7 +23,8 @@ n ~ N(0, I/D), plus a shared offset 0.5 c (embeddings share a cone); queries = u
 a fixed offset 0.8 g (the text/image modality gap)); `powerlaw` (the same with n's covariance
 spectrum falling as 1/i in a random basis: a low effective dimension). Each gallery's cosine
 statistics are reported beside the table. recall@10 is against exact fp32 search over the same rows.
-Timings are ratios against IndexFlatIP measured in the same round (the machine may be shared).
+Timings are the search thread's CPU time, and ratios against IndexFlatIP measured in the same round
+(the machine may be shared).
 Writes two_stage_scan.{json,md} to `results` (none: only print)."""
 from __future__ import annotations
 
@@ -151,14 +152,15 @@ def build(path: Path, gal: Gallery, k: int, seed: int):
     t = time.perf_counter()
     sq = runner.Scorer("faiss", dict(spec, dtype="int8", rerank=4), k, d)
     out["sq8+rr4"] = (lambda q, r: sq.search(q), None, sq.bytes(), time.perf_counter() - t)
-    t = time.perf_counter()
-    pq = runner.TwoStage(dict(spec, dtype="pq4", pq_m=d // 4), k, d, lambda: runner.gallery_chunks(spec, d))
-    store = pq.store
-    out["pq4fs-m64"] = (TwoStage(pq.index.search, store, k).search, True, pq.bytes(), time.perf_counter() - t)
+    store = None
+    for m in (d // 2, d // 4, d // 8):
+        t = time.perf_counter()
+        pq = runner.TwoStage(dict(spec, dtype="pq4", pq_m=m), k, d, lambda: runner.gallery_chunks(spec, d))
+        store = store or pq.store
+        out[f"pq4fs-m{m}"] = (TwoStage(pq.index.search, store, k).search, True, pq.bytes(), time.perf_counter() - t)
     sample = runner._sample_rows(runner.gallery_chunks(spec, d), n, d)
     mean = sample.mean(0)
-    for name, make in (("pq4fs-m32", lambda: faiss.IndexPQFastScan(d, d // 8, 4, faiss.METRIC_INNER_PRODUCT)),
-                       ("rabitq-fs", lambda: faiss.IndexRaBitQFastScan(d, faiss.METRIC_INNER_PRODUCT)),
+    for name, make in (("rabitq-fs", lambda: faiss.IndexRaBitQFastScan(d, faiss.METRIC_INNER_PRODUCT)),
                        ("binary", lambda: faiss.IndexBinaryFlat(d))):
         t = time.perf_counter()
         index = make()
@@ -169,7 +171,7 @@ def build(path: Path, gal: Gallery, k: int, seed: int):
             index.add(np.packbits(c > mean, axis=1) if binary else np.ascontiguousarray(c))
         size = index.ntotal * index.code_size if binary else len(faiss.serialize_index(index))
         first = (lambda q, r, ix=index: ix.search(np.packbits(q > mean, axis=1), r)) if binary else index.search
-        out[name] = (TwoStage(first, store, k).search, True, size, time.perf_counter() - t)
+        out[name] = (TwoStage(first, store, k).search, True, size + 8 * n, time.perf_counter() - t)  # + ids, as pq4
     return out
 
 
@@ -186,25 +188,27 @@ def measure(gal: Gallery, path: Path, o: dict) -> tuple[list, dict]:
             rec = float(np.mean([len(set(g.tolist()) & set(t.tolist())) / k for g, t in zip(got, truth)]))
             rows.append({"n": gal.n, "gallery": gal.kind, "candidate": name, "depth": r, "recall_at_10": round(rec, 4),
                          "resident_mb": round(size / 2**20, 2), "bytes_per_photo": round(size / gal.n, 1),
-                         "build_s": round(build_s, 1), "p50_ms_rounds": [], "ratio_rounds": []})
+                         "build_s": round(build_s, 1), "p50_ms_rounds": [], "ratio_rounds": [], "wall_p50_ms_rounds": []})
     timed = q[:int(o["timed"])]
     for _ in range(int(o["rounds"])):
         p50 = {}
         for row in rows:
             search = cands[row["candidate"]][0]
-            ts = []
+            cpu, wall = [], []
             for i in range(len(timed)):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 search(timed[i:i + 1], row["depth"])
-                ts.append((time.perf_counter() - t) * 1e3)
-            p50[id(row)] = float(np.median(ts))
-        flat = next(p50[id(r)] for r in rows if r["candidate"] == "flat")
+                cpu.append((time.thread_time() - c) * 1e3)
+                wall.append((time.perf_counter() - t) * 1e3)
+            p50[id(row)] = (float(np.median(cpu)), float(np.median(wall)))
+        flat = next(p50[id(r)][0] for r in rows if r["candidate"] == "flat")
         for row in rows:
-            row["p50_ms_rounds"].append(round(p50[id(row)], 4))
-            row["ratio_rounds"].append(round(p50[id(row)] / flat, 4))
+            row["p50_ms_rounds"].append(round(p50[id(row)][0], 4))
+            row["wall_p50_ms_rounds"].append(round(p50[id(row)][1], 4))
+            row["ratio_rounds"].append(round(p50[id(row)][0] / flat, 4))
     for row in rows:
-        row["p50_ms"] = round(float(np.median(row["p50_ms_rounds"])), 4)
-        row["ratio_to_flat"] = round(float(np.median(row["ratio_rounds"])), 4)
+        for key in ("p50_ms", "wall_p50_ms", "ratio"):
+            row[key if key != "ratio" else "ratio_to_flat"] = round(float(np.median(row[key + "_rounds"])), 4)
     return rows, stats
 
 
@@ -220,23 +224,26 @@ if g.get("dtype"):
     q = np.random.default_rng(0).standard_normal((50, int(sys.argv[3])), dtype=np.float32)
     for e in q: sc.search(e)
     out["bytes"] = sc.bytes()
+    out["pq_m"] = int(sc.two.base.M) if sc.two is not None else None
+    out["depth"] = sc.depth or None
 out["memory"] = runner.memory_status()
 print(json.dumps(out))
 """
 
 
-def process_peak(path: Path, n: int, dim: int, depth: int) -> list:
+def process_peak(path: Path, n: int, dim: int) -> list:
     """Whole-process peak (VmHWM) of the standalone runner file holding the gallery and searching it
     (numpy + faiss, no model runtime), beside the same process holding nothing."""
     out = []
-    for g in ({}, {"dtype": "int8", "rerank": 4}, {"dtype": "pq4", "depth": depth}):
+    for g in ({}, {"dtype": "int8", "rerank": 4}, {"dtype": "pq4"}):  # pq4: the runner's defaults
         spec = dict(g, n=n, file=str(path))
         res = subprocess.run([sys.executable, "-c", PEAK, str(RUNNER), json.dumps(spec), str(dim)],
                              capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if res.returncode:
             raise RuntimeError(f"peak-memory process failed: {res.stderr.strip().splitlines()[-1:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        out.append({"n": n, "gallery": g.get("dtype", "none (numpy + faiss imported)"), "depth": g.get("depth"),
+        out.append({"n": n, "gallery": g.get("dtype", "none (numpy + faiss imported)"), "depth": r.get("depth"),
+                    "pq_m": r.get("pq_m"),
                     "peak_mb": r["memory"]["peak_mb"], "bytes_mb": round(r.get("bytes", 0) / 2**20, 2),
                     "build_s": r.get("build_s")})
     return out
@@ -248,11 +255,14 @@ def markdown(res: dict) -> str:
              f"- command: `{m['command']}`", f"- date: {m['date']}", f"- machine: {m['machine']}",
              f"- load (1-min load average on this machine's {os.cpu_count()} cores, at each gallery's start): "
              + ", ".join(f"N={x['n']} {x['gallery']} {x['load']}" for x in res["load"]),
-             f"- timings: p50 over {o['timed']} queries per round, median over {o['rounds']} rounds; ratio = "
-             "p50 / IndexFlatIP's p50 in the same round (the machine is shared: compare ratios, not ms); "
-             "two-stage rows include the re-rank of R rows read by pread from the fp32 .npy",
+             f"- timings: the search thread's CPU time (time.thread_time: a search preempted by the machine's "
+             f"other processes does not count their time), p50 over {o['timed']} queries per round, median over "
+             f"{o['rounds']} rounds; ratio = p50 / IndexFlatIP's p50 in the same round (compare ratios, not ms; "
+             "memory-bandwidth contention from the other processes still counts); wall-clock p50s are in the "
+             ".json (`wall_p50_ms`); two-stage rows include the re-rank of R rows read by pread from the fp32 .npy",
              f"- recall@10 over {o['queries']} queries against exact fp32 search of the same rows; "
-             "resident = the index's own bytes (codes, codebooks, id map), the re-rank rows stay on disk", "",
+             "resident = the index's own bytes (codes, codebooks) and an id map of 8 B a photo (what takes deletions), "
+             "the re-rank rows stay on disk", "",
              "Galleries (cosine statistics: random pairs of rows, a query to its 1st / 10th / 100th neighbour):", ""]
     for g, s in res["galleries"].items():
         lines.append(f"- `{g}`: pairs {s['pair_cos_mean']}, query top-1 {s['query_top1_cos']}, top-10 "
@@ -260,7 +270,7 @@ def markdown(res: dict) -> str:
     gals = list(dict.fromkeys(r["gallery"] for r in res["rows"]))
     for n in dict.fromkeys(r["n"] for r in res["rows"]):
         lines += ["", f"## N = {n:,}", "",
-                  "| candidate | R | resident MB | " + " | ".join(f"{g}: p50 ms (x flat) | {g}: recall@10" for g in gals) + " |",
+                  "| candidate | R | resident MB | " + " | ".join(f"{g}: CPU p50 ms (x flat) | {g}: recall@10" for g in gals) + " |",
                   "|---|--:|--:|" + "--:|--:|" * len(gals)]
         keys = dict.fromkeys((r["candidate"], r["depth"]) for r in res["rows"] if r["n"] == n)
         for cand, depth in keys:
@@ -270,11 +280,11 @@ def markdown(res: dict) -> str:
                      if g in by else "- | -" for g in gals]
             lines.append(f"| {cand} | {depth or '-'} | {mb:.1f} | " + " | ".join(cells) + " |")
     if res.get("process_peak"):
-        lines += ["", "Whole-process peak of the standalone runner file holding the gallery and searching it "
-                  "(numpy + faiss imported; no model runtime):", "",
-                  "| N | gallery | R | peak MB | gallery bytes MB | build s |", "|--:|---|--:|--:|--:|--:|"]
+        lines += ["", "Whole-process peak (VmHWM) of the standalone runner file building the gallery and searching it "
+                  "50 times (numpy + faiss imported; no model runtime); pq4 with the runner's defaults:", "",
+                  "| N | gallery | pq_m | R | peak MB | gallery bytes MB | build s |", "|--:|---|--:|--:|--:|--:|--:|"]
         for p in res["process_peak"]:
-            lines.append(f"| {p['n']:,} | {p['gallery']} | {p['depth'] or '-'} | {p['peak_mb']:.1f} | "
+            lines.append(f"| {p['n']:,} | {p['gallery']} | {p.get('pq_m') or '-'} | {p['depth'] or '-'} | {p['peak_mb']:.1f} | "
                          f"{p['bytes_mb']:.1f} | {p['build_s'] if p['build_s'] is not None else '-'} |")
     return "\n".join(lines) + "\n"
 
@@ -302,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(markdown(res).split("\n## ")[-1], flush=True)
                 if kind != o["galleries"][-1]:
                     path.unlink()
-            res["process_peak"] += process_peak(path, int(n), int(o["dim"]), 200)
+            res["process_peak"] += process_peak(path, int(n), int(o["dim"]))
             path.unlink()
     md = markdown(res)
     print(md)
