@@ -212,12 +212,15 @@ def as_quantizer(base, keep: Sequence[str], extra=None):
 
 # -- the three quantizers -------------------------------------------------------------------------
 def _ranged(config, recipe):
-    """A PT2E QuantizationConfig whose activation observers follow `recipe` (weights as they are)."""
+    """A PT2E QuantizationConfig whose activation observers follow `recipe` (weights as they are);
+    the quantizer's own config where the recipe asks for its own (histogram) ranges."""
     from dataclasses import replace
 
-    from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver
+    from torchao.quantization.pt2e.observer import MinMaxObserver
 
-    obs = {"minmax": MinMaxObserver, "histogram": HistogramObserver}[recipe.act_observer]
+    if recipe.act_observer == "histogram":
+        return config
+    obs = {"minmax": MinMaxObserver}[recipe.act_observer]
     act = {}
     for key in ("input_activation", "output_activation"):
         spec = getattr(config, key)
