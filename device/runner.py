@@ -398,8 +398,10 @@ class Scorer:
             if self.dtype == "pq4":
                 self.rerank, self.two = 0, TwoStage(gallery, k, dim, chunks)
                 self.index, self.depth = self.two.index, self.two.depth
+            elif self.dtype == "fp32":
+                self.index = _flat_index(dim, n, chunks())
             else:
-                self.index = _flat_index(dim, n, chunks()) if self.dtype == "fp32" else _sq_index(self.dtype, dim, n, chunks)
+                self.index = _sq_index(self.dtype, dim, n, chunks)
             self.n = self.index.ntotal
         elif kind == "numpy":
             if self.dtype != "fp32":

@@ -169,3 +169,40 @@ def test_pq4_build_gives_faiss_own_codes(tmp_path):
     assert bytes(faiss.rev_swig_ptr(got.codes.get(), got.codes.size())) == bytes(
         faiss.rev_swig_ptr(want.codes.get(), want.codes.size()))
     assert faiss.vector_to_array(sc.index.id_map).tolist() == list(range(len(rows)))
+
+
+def _onnx_encoder(path, table):
+    """A tiny text encoder as ONNX: ids [1, L] -> the mean of their rows of `table`, unit length."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("ReduceMean", ["e", "axes"], ["m"], keepdims=0),
+             helper.make_node("LpNormalization", ["m"], ["emb"], axis=-1, p=2)]
+    graph = helper.make_graph(nodes, "enc", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [1, table.shape[1]])],
+                              [numpy_helper.from_array(table, "table"),
+                               numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_search_job_with_a_pq4_gallery(tmp_path):
+    """The job spec the bench passes: gallery {n, file, dtype: pq4, depth}; the job records the depth
+    and the bytes the codes hold, and its top-10 are exact search's."""
+    from mcad.device.runner import run_job
+
+    rows, q = _clear_gallery(n_groups=8, far=1500)
+    np.save(tmp_path / "rows.npy", rows)
+    table = np.concatenate([q, q]).astype(np.float32)  # token t and t + 8 embed as query t
+    _onnx_encoder(str(tmp_path / "enc.onnx"), table)
+    ids = np.array([[3, 11, 3]], np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    spec = {"mode": "search", "runtime": "onnxruntime", "model": str(tmp_path / "enc.onnx"),
+            "ids": str(tmp_path / "ids.npy"),
+            "gallery": {"n": len(rows), "file": str(tmp_path / "rows.npy"), "dtype": "pq4", "depth": 40},
+            "warmup": 1, "min_runs": 3, "max_runs": 3, "min_time_s": 0}
+    res = run_job(spec)
+    assert res["gallery"]["dtype"] == "pq4" and res["gallery"]["depth"] == 40 and res["gallery"]["n"] == len(rows)
+    assert res["gallery"]["bytes"] < len(rows) * rows.shape[1]  # under the int8 gallery's 1 B a dimension
+    assert res["top_ids_last"] == _exact(rows, np.arange(len(rows)), q[3]).tolist()
+    assert res["stages"]["score_topk"]["n"] == 3

@@ -84,7 +84,8 @@ class Gallery:
             if self.kind == "random":
                 yield _unit(rng.standard_normal((m, self.dim), dtype=np.float32))
                 continue
-            ev = (np.arange(start, start + m, dtype=np.int64) * 2654435761) % len(self.events)  # events spread over the file
+            # a photo's event by a hash of its row: an event's photos are spread over the file
+            ev = (np.arange(start, start + m, dtype=np.int64) * 2654435761) % len(self.events)
             yield self._around(rng, ev, 0.5, 0.0)
 
     def queries(self, m: int):
@@ -188,7 +189,8 @@ def measure(gal: Gallery, path: Path, o: dict) -> tuple[list, dict]:
             rec = float(np.mean([len(set(g.tolist()) & set(t.tolist())) / k for g, t in zip(got, truth)]))
             rows.append({"n": gal.n, "gallery": gal.kind, "candidate": name, "depth": r, "recall_at_10": round(rec, 4),
                          "resident_mb": round(size / 2**20, 2), "bytes_per_photo": round(size / gal.n, 1),
-                         "build_s": round(build_s, 1), "p50_ms_rounds": [], "ratio_rounds": [], "wall_p50_ms_rounds": []})
+                         "build_s": round(build_s, 1), "p50_ms_rounds": [], "ratio_rounds": [],
+                         "wall_p50_ms_rounds": []})
     timed = q[:int(o["timed"])]
     for _ in range(int(o["rounds"])):
         p50 = {}
@@ -220,7 +222,9 @@ import numpy as np, faiss
 g = json.loads(sys.argv[2])
 out = {"bare": runner.memory_status()}
 if g.get("dtype"):
-    t = time.perf_counter(); sc = runner.Scorer("faiss", g, 10, int(sys.argv[3])); out["build_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    sc = runner.Scorer("faiss", g, 10, int(sys.argv[3]))
+    out["build_s"] = round(time.perf_counter() - t, 2)
     q = np.random.default_rng(0).standard_normal((50, int(sys.argv[3])), dtype=np.float32)
     for e in q: sc.search(e)
     out["bytes"] = sc.bytes()
@@ -270,7 +274,8 @@ def markdown(res: dict) -> str:
     gals = list(dict.fromkeys(r["gallery"] for r in res["rows"]))
     for n in dict.fromkeys(r["n"] for r in res["rows"]):
         lines += ["", f"## N = {n:,}", "",
-                  "| candidate | R | resident MB | " + " | ".join(f"{g}: CPU p50 ms (x flat) | {g}: recall@10" for g in gals) + " |",
+                  "| candidate | R | resident MB | "
+                  + " | ".join(f"{g}: CPU p50 ms (x flat) | {g}: recall@10" for g in gals) + " |",
                   "|---|--:|--:|" + "--:|--:|" * len(gals)]
         keys = dict.fromkeys((r["candidate"], r["depth"]) for r in res["rows"] if r["n"] == n)
         for cand, depth in keys:
@@ -284,7 +289,8 @@ def markdown(res: dict) -> str:
                   "50 times (numpy + faiss imported; no model runtime); pq4 with the runner's defaults:", "",
                   "| N | gallery | pq_m | R | peak MB | gallery bytes MB | build s |", "|--:|---|--:|--:|--:|--:|--:|"]
         for p in res["process_peak"]:
-            lines.append(f"| {p['n']:,} | {p['gallery']} | {p.get('pq_m') or '-'} | {p['depth'] or '-'} | {p['peak_mb']:.1f} | "
+            lines.append(f"| {p['n']:,} | {p['gallery']} | {p.get('pq_m') or '-'} | {p['depth'] or '-'} | "
+                         f"{p['peak_mb']:.1f} | "
                          f"{p['bytes_mb']:.1f} | {p['build_s'] if p['build_s'] is not None else '-'} |")
     return "\n".join(lines) + "\n"
 
@@ -295,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     o = parse_overrides(argv, OPTIONS, types=TYPES).config
     if int(o["k"]) > min(o["depths"]) or int(o["timed"]) > int(o["queries"]):
-        raise ValueError(f"depths={o['depths']}, timed={o['timed']}: need every depth >= k ({o['k']}) and timed <= queries")
+        raise ValueError(f"depths={o['depths']}, timed={o['timed']}: need every depth >= k ({o['k']}) "
+                         "and timed <= queries")
     res = {"meta": {"command": "python benchmarks/studies/two_stage_scan.py " + " ".join(argv), "date": now_iso(),
                     "machine": machine(), "versions": versions()},
            "options": o, "galleries": {}, "load": [], "rows": [], "process_peak": []}
