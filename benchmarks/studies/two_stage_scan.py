@@ -256,7 +256,8 @@ def process_peak(path: Path, n: int, dim: int) -> list:
 def markdown(res: dict) -> str:
     m, o = res["meta"], res["options"]
     lines = [f"# Two-stage gallery scans vs faiss flat, D = {o['dim']}, 1 thread", "",
-             f"- command: `{m['command']}`", f"- date: {m['date']}", f"- machine: {m['machine']}",
+             f"- command: `{m['command']}`", f"- date: {m['date']}",
+             f"- machine: {m['machine']}, shared with other jobs",
              f"- load (1-min load average on this machine's {os.cpu_count()} cores, at each gallery's start): "
              + ", ".join(f"N={x['n']} {x['gallery']} {x['load']}" for x in res["load"]),
              f"- timings: the search thread's CPU time (time.thread_time: a search preempted by the machine's "
@@ -266,7 +267,10 @@ def markdown(res: dict) -> str:
              ".json (`wall_p50_ms`); two-stage rows include the re-rank of R rows read by pread from the fp32 .npy",
              f"- recall@10 over {o['queries']} queries against exact fp32 search of the same rows; "
              "resident = the index's own bytes (codes, codebooks) and an id map of 8 B a photo (what takes deletions), "
-             "the re-rank rows stay on disk", "",
+             "the re-rank rows stay on disk",
+             "- not measured: a Matryoshka prefix (it needs a student trained for it; an untrained prefix is a "
+             "random projection) and the student's own image embeddings (the script has no such gallery: no "
+             "trained student was at hand)", "",
              "Galleries (cosine statistics: random pairs of rows, a query to its 1st / 10th / 100th neighbour):", ""]
     for g, s in res["galleries"].items():
         lines.append(f"- `{g}`: pairs {s['pair_cos_mean']}, query top-1 {s['query_top1_cos']}, top-10 "
@@ -296,7 +300,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mcad.io import machine, now_iso, versions, write_json
+    from mcad.io import atomic_write_text, machine, now_iso, versions, write_json
 
     argv = list(sys.argv[1:] if argv is None else argv)
     o = parse_overrides(argv, OPTIONS, types=TYPES).config
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if str(o["results"]).lower() != "none":
         out = Path(o["results"])
         write_json(out / "two_stage_scan.json", res)
-        (out / "two_stage_scan.md").write_text(md)
+        atomic_write_text(out / "two_stage_scan.md", md)
     return 0
 
 
