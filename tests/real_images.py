@@ -123,7 +123,6 @@ def train_student(json_path: str | Path, run: str | Path, model_name: str = "stu
     with `model_name` trained `steps` CLIP-loss steps on the set's train split: enough for retrieval
     well above chance, in seconds for student-tiny at 64 px. Deterministic in `seed` on one thread."""
     import torch
-    import torch.nn.functional as F
 
     from mcad.data.images import load_images, normalize
     from mcad.data.karpathy import load_karpathy
@@ -146,6 +145,26 @@ def train_student(json_path: str | Path, run: str | Path, model_name: str = "stu
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    clip_steps(model, pix, ids, c2i, steps, batch, opt, g, sched)
+    save_model(model.eval(), run / "student.safetensors")
+    tok.save(run / "tokenizer.json")
+    data = {**DATA_DEFAULTS, "format": "karpathy", "json": str(Path(json_path).resolve())}
+    (run / "manifest.json").write_text(json.dumps({"kind": "run", "config": {"name": run.name, "data": data}}, indent=1))
+    return run
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python tests/real_images.py OUT [SIZE]")
+    print(build(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 96))
+
+
+def clip_steps(model, pix, ids, c2i, steps: int, batch: int, opt, g, sched=None):
+    """`steps` of the CLIP loss on random caption batches (captions of one image count as one
+    target), in train mode; returns the model in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
     model.train()
     for _ in range(steps):
         cap = torch.randperm(len(ids), generator=g)[:batch]
@@ -158,15 +177,6 @@ def train_student(json_path: str | Path, run: str | Path, model_name: str = "stu
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
-    save_model(model.eval(), run / "student.safetensors")
-    tok.save(run / "tokenizer.json")
-    data = {**DATA_DEFAULTS, "format": "karpathy", "json": str(Path(json_path).resolve())}
-    (run / "manifest.json").write_text(json.dumps({"kind": "run", "config": {"name": run.name, "data": data}}, indent=1))
-    return run
-
-
-if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python tests/real_images.py OUT [SIZE]")
-    print(build(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 96))
+        if sched is not None:
+            sched.step()
+    return model.eval()

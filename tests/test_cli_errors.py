@@ -8,28 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, list[str], str]:
-    """(exit code, stderr lines that are not progress or log lines, stdout); a traceback fails."""
-    from mcad.cli import main
-
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return code, [ln for ln in err.splitlines() if ln.startswith("mcad ")], out
-
-
-def fake_command(monkeypatch, main) -> None:
-    """`mcad fake` runs `main`: how a fault deep inside a command reaches the top-level handler."""
-    from mcad import cli
-
-    monkeypatch.setitem(sys.modules, "fake_mcad_command", types.SimpleNamespace(main=main, __doc__="fake"))
-    monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_mcad_command", ""))
+from cli_helpers import fake_command, run_cli
 
 
 def hold_lock(folder: Path, command: str) -> subprocess.Popen:

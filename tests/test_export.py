@@ -23,8 +23,6 @@ def _students():
 def _train_briefly(model, tokenizer, synth_root, steps: int = 40, seed: int = 0):
     """A few dozen CLIP-loss steps on the small synthetic train split, so embeddings spread out
     and retrieval is above chance (random weights make every image embedding nearly the same)."""
-    import torch.nn.functional as F
-
     from mcad.data.images import load_images, normalize
     from mcad.data.karpathy import load_karpathy
 
@@ -35,19 +33,9 @@ def _train_briefly(model, tokenizer, synth_root, steps: int = 40, seed: int = 0)
     c2i = torch.as_tensor(corpus.caption_to_image)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(steps):
-        cap = torch.randperm(len(ids), generator=g)[:64]
-        img = c2i[cap]
-        u, w, scale = model(pix[img], ids[cap])
-        logits = scale * u @ w.T
-        same = (img[:, None] == img[None, :]).float()
-        tgt = same / same.sum(1, keepdim=True)
-        loss = -(tgt * F.log_softmax(logits, 1)).sum(1).mean() - (tgt * F.log_softmax(logits.T, 1)).sum(1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    from real_images import clip_steps
+
+    return clip_steps(model, pix, ids, c2i, steps, 64, opt, g)
 
 
 @pytest.fixture(scope="session")

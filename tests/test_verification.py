@@ -7,36 +7,16 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import fake_command, run_cli as cli
 import torch
 from PIL import Image
 
 
-def cli(argv: list[str], capsys) -> tuple[int, list[str], str]:
-    """(exit code, the `mcad ...` lines on stderr, stdout); a traceback fails the test."""
-    from mcad.cli import main
-
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return code, [ln for ln in err.splitlines() if ln.startswith("mcad ")], out
-
-
-def fake_command(monkeypatch, main) -> None:
-    from mcad import cli as mcli
-
-    monkeypatch.setitem(sys.modules, "fake_mcad_command", types.SimpleNamespace(main=main, __doc__="fake"))
-    monkeypatch.setitem(mcli.COMMANDS, "fake", ("fake_mcad_command", ""))
-
-
-# -- resume checkpoints ------------------------------------------------------------------------------
 def _train(ckpt: Path, steps: int = 4, stop_at: int | None = None, nan_at: int | None = None, term: str = "dist"):
     """A small model trained with a checkpoint every step; with nan_at, the loss (and the logged
     `term`) go NaN at that 0-based step. Returns (trainer, model)."""
