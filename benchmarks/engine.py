@@ -17,7 +17,7 @@ from mcad.io import machine, now_iso, versions, write_json
 
 log = logging.getLogger("mcad.benchmarks")
 # the committed summaries of the checkout the command runs in (cwd), never the installed package's folder
-RESULTS_DIR = Path("benchmarks") / "results"
+from mcad.paths import RESULTS_DIR, RUNS_DIR  # noqa: E402,F401  (the one results location)
 ALL_RUNTIMES = ["onnxruntime", "litert", "executorch"]
 OURS = ("student", "student-mobile")
 LATENCY_METRICS = ("p50_ms", "p90_ms", "p50_x", "p90_x")
@@ -323,7 +323,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     from mcad.runs import latest_run, resolve_run
 
     budgets = load_budgets(opts.budgets)  # bad budgets file: fail before any work
-    run = resolve_run(opts.run) if opts.run else latest_run("runs")
+    run = resolve_run(opts.run) if opts.run else latest_run(RUNS_DIR)
     device = get_device(opts.device, **opts.device_options)
     info = device.connect()  # missing/unauthorized device: one line, before any export work
     try:

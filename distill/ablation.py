@@ -13,6 +13,7 @@ import numpy as np
 
 from mcad.config import load_command_config
 from mcad.distill.recipe import UNUSED, VARIANTS, comparable, distill
+from mcad.paths import RESULTS_DIR
 from mcad.io import machine, now_iso, write_json
 
 log = logging.getLogger("mcad.ablation")
@@ -23,7 +24,7 @@ PAIRS = [("mcad", "dual"), ("dual", "none"), ("mcad", "none"), ("single", "none"
 # (issue 15: MCAD with λ > 0 against MCAD without the modified features)
 SETTINGS = {"mcad-lam0": ("mcad", {"loss": {"lam": 0.0}})}
 # the ablation's own keys, beside the student recipe's (which every run gets)
-OWN = {"seeds": "0,1,2,3,4", "variants": ",".join(VARIANTS), "results": "benchmarks/results"}
+OWN = {"seeds": "0,1,2,3,4", "variants": ",".join(VARIANTS), "results": str(RESULTS_DIR)}
 
 
 

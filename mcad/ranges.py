@@ -10,7 +10,7 @@ from typing import Any
 POSITIVE = frozenset((
     "lr", "steps", "batch_size", "batch", "threads", "k", "rerank_k", "list_k", "neighbours", "tau", "tau_kd",
     "tau_f", "calib", "context_length", "vocab_size", "nlist", "nprobe", "m", "nbits", "M", "efConstruction",
-    "efSearch", "max_gallery", "fixed_gallery", "image_size", "size", "captions_per_image", "distill_captions",
+    "efSearch", "image_size", "size", "captions_per_image", "distill_captions",
     "max_images", "max_samples", "cache_shard_images", "galleries", "iterations", "runs", "max_runs", "timeout",
     "build_timeout", "max_time"))
 NON_NEGATIVE = frozenset((

@@ -16,7 +16,7 @@ from pathlib import Path
 from mcad.search import store
 from mcad.search.common import SearchError
 
-TARGETS = ("cpu", "snapdragon", "dimensity")
+from mcad.paths import TARGETS  # noqa: E402
 
 
 def programs_folder(index_root: str | Path, target: str) -> Path:

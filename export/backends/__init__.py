@@ -8,15 +8,15 @@ As ExecuTorch's examples keep one script per backend, each backend here is one m
   the reason one cannot be made here).
 The modules import their toolchains only inside `build`, so reading this table costs nothing.
 
-The target names are owned here (`TARGETS`): the CLI, search's `bind=` and the bench take them from
-this module."""
+The target names are core's (`mcad.paths.TARGETS`), re-exported here for the exporter's own modules."""
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-TARGETS = ("cpu", "snapdragon", "dimensity")
+from mcad.paths import TARGETS  # noqa: F401  (re-exported: the one list of target names is core's)
+
 DEFAULT_SOC = {"snapdragon": "SM8650", "dimensity": "mt6989"}  # soc= unset (cpu: none recorded)
 
 
