@@ -71,6 +71,26 @@ def inherit_student(student_cfg, teacher, towers=TOWERS, overrides: dict | None 
     return student
 
 
+def student_overrides(model, dual, tokenizer, init: str = "scratch") -> dict:
+    """What the recipe builds `model` with (create_model or inherit_student overrides): the dual
+    teacher's tokenizer, image size and mean/std for an mcad student (registry.student_overrides);
+    nothing for a CLIPModel student, which takes them from its teacher. model=clip where it cannot
+    be built is one line, said before any work."""
+    from mcad.models import clip_student
+    from mcad.models.registry import student_overrides as mcad_overrides
+
+    if not clip_student.is_clip_shape(model):
+        return mcad_overrides(model, dual, tokenizer)
+    if init != "inherit":
+        raise InheritError("model=clip: a CLIPModel student is cut from its CLIPModel teacher; set init=inherit "
+                           "(or a registry student, e.g. model=student-mobile, for init=scratch)")
+    if not clip_student.is_clip_teacher(dual):
+        raise InheritError(f"model=clip: cut from a transformers CLIPModel dual teacher (dual.source=hf-clip), and the "
+                           f"dual teacher here is {teacher_name(dual)}; use model=student-tiny (or another registry "
+                           f"student)")
+    return {}
+
+
 def _towers(towers) -> tuple[str, ...]:
     towers = tuple(t for t in (towers.split(",") if isinstance(towers, str) else towers) if t)
     bad = [t for t in towers if t not in TOWERS]

@@ -308,3 +308,19 @@ def test_clip_bad_input_is_one_line(clip_folder, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         inherit_student("clip", bare)
     one_line(e, str(bare), "tokenizer.json", "vocab.json + merges.txt")
+
+
+def test_recipe_overrides_refuse_a_clip_student_where_it_cannot_be(clip_folder, tokenizer):
+    from mcad.distill.inherit import student_overrides
+    from mcad.models.hf_teachers import CLIPTeacher
+
+    t = teacher()
+    assert student_overrides("student-tiny", t, tokenizer)["text"]["vocab_size"] == tokenizer.vocab_size
+    with pytest.raises(InheritError) as e:
+        student_overrides("clip", t, tokenizer, init="inherit")
+    one_line(e, "model=clip", "dual.source=hf-clip", "teacher-dual")
+    clip = CLIPTeacher.from_pretrained(clip_folder)
+    with pytest.raises(InheritError) as e:
+        student_overrides("clip", clip, clip.tokenizer, init="scratch")
+    one_line(e, "model=clip", "init=inherit")
+    assert student_overrides({"type": "clip", "text": {"layers": 1}}, clip, clip.tokenizer, init="inherit") == {}

@@ -120,6 +120,11 @@ def is_clip_teacher(teacher) -> bool:
     return type(teacher).__name__ in ("CLIPTeacher", "CLIPModel")
 
 
+def is_clip_shape(model) -> bool:
+    """Whether a recipe's `model` names a CLIPModel student ("clip", or a shape of type clip)."""
+    return model == "clip" or (isinstance(model, dict) and model.get("type") == "clip")
+
+
 def check_tokenizer_files(folder: Path) -> None:
     folder = Path(folder)
     if (folder / "tokenizer.json").exists() or ((folder / "vocab.json").exists() and (folder / "merges.txt").exists()):
@@ -160,7 +165,7 @@ def tower_shape(sub: dict) -> dict:
 
 def student_hf_config(teacher_cfg: dict, student_cfg, teacher_name: str) -> dict:
     """The student CLIPModel's config: the teacher's with the shape's layers and widths."""
-    shape = {} if student_cfg in (None, "clip") else student_cfg
+    shape = {} if student_cfg is None or student_cfg == "clip" else student_cfg
     if not isinstance(shape, dict) or shape.get("type", "clip") != "clip":
         name = shape.get("name", "?") if isinstance(shape, dict) else shape
         raise ValueError(f"image tower: the teacher ({teacher_name}) is a transformers CLIPModel (ViT and CLIP text "
