@@ -68,6 +68,9 @@ def loss_weights(variant: str, loss_cfg: dict) -> dict[str, float]:
     return w
 
 
+INITS = ("scratch", "inherit")  # the student's first weights: random, or cut from its dual teacher
+
+
 def check_recipe(cfg: dict) -> None:
     """The recipe's counts and names, before any work: one line naming the key."""
     require_counts(cfg, STUDENT_COUNTS)
@@ -75,6 +78,8 @@ def check_recipe(cfg: dict) -> None:
         raise ValueError(f"variant {cfg['variant']!r}: expected one of {', '.join(VARIANTS)}")
     if cfg["loss"].get("within", "order") not in WITHIN:
         raise ValueError(f"loss.within={cfg['loss']['within']!r}: expected one of {', '.join(WITHIN)}")
+    if cfg.get("init", "scratch") not in INITS:
+        raise ValueError(f"init={cfg['init']!r}: expected one of {', '.join(INITS)}")
     if cfg["loss"].get("fused", "matched") not in FUSED:
         raise ValueError(f"loss.fused={cfg['loss']['fused']!r}: expected one of {', '.join(FUSED)}")
 
@@ -96,7 +101,7 @@ def comparable(cfg: dict) -> dict:
 # Keys added after runs were recorded, with the values that do what the recipe did before them:
 # records leave them out at these values, so earlier runs still resume and the ablation still
 # reuses them.
-NEW_DEFAULTS = {"train_split": "train", "loss.fused": "matched",
+NEW_DEFAULTS = {"train_split": "train", "loss.fused": "matched", "init": "scratch", "inherit.towers": ["image", "text"],
                 **{f"unpaired.{k}": v for k, v in UNPAIRED_DEFAULTS.items()}}
 
 
@@ -215,8 +220,15 @@ class StudentRecipe:
         """The student (the same initialisation for every variant), the feature maps B_img, B_txt
         to the dual teacher's width, DDP under torchrun, and the resumable trainer."""
         cfg, device, dual = self.cfg, self.device, self.tset.dual
-        torch.manual_seed(self.seed)
-        self.student = create_model(cfg["model"], **self.student_over).to(device)
+        torch.manual_seed(self.seed)  # inherit: what has no counterpart in the teacher starts as scratch would
+        if cfg.get("init", "scratch") == "inherit":
+            from mcad.distill.inherit import inherit_student
+
+            self.student = inherit_student(cfg["model"], dual, towers=tuple(cfg["inherit"]["towers"]),
+                                           overrides=self.student_over).to(device)
+            log.info("student inherited from the dual teacher: %s", self.student.inheritance.get("towers"))
+        else:
+            self.student = create_model(cfg["model"], **self.student_over).to(device)
         self.student.image_view = self.view
         self.proj = nn.ModuleDict({"img": nn.Linear(self.student.embed_dim, dual.embed_dim, bias=False),
                                    "txt": nn.Linear(self.student.embed_dim, dual.embed_dim, bias=False)}).to(device)

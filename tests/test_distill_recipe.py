@@ -166,3 +166,19 @@ def test_ddp_two_processes_match_one(teachers, synth_root, tmp_path):
     ma = json.loads((tmp_path / "one" / "metrics.json").read_text())["test"]["student"]
     mb = json.loads((tmp_path / "two" / "metrics.json").read_text())["test"]["student"]
     assert abs(ma["rsum"] - mb["rsum"]) <= 2.0
+
+
+def test_init_inherit_starts_from_the_dual_teacher(teachers, synth_root, tmp_path):
+    """init=inherit: the recipe's student is cut from its dual teacher (distill/inherit.py), so its
+    first step's feature term sits below a scratch student's at the same seed; scratch is unchanged."""
+    from mcad.distill.recipe import main
+
+    # student-tiny's separable image convs hold no subset of the plain-conv teacher's: its text tower inherits
+    inherited = logged_losses(two_steps("dual", teachers, synth_root, tmp_path / "i", "init=inherit", "inherit.towers=text"))
+    scratch = logged_losses(two_steps("dual", teachers, synth_root, tmp_path / "s"))
+    assert scratch[1] == pytest.approx(PINNED["dual"][1], rel=1e-4)
+    assert inherited[1]["feat"] < scratch[1]["feat"] and inherited[1] != scratch[1]
+    with pytest.raises(ValueError, match="depthwise-separable conv holds no subset"):
+        two_steps("dual", teachers, synth_root, tmp_path / "x", "init=inherit")
+    with pytest.raises(ValueError, match="init='bogus': expected one of scratch, inherit"):
+        main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "init=bogus"])
