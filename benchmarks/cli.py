@@ -12,7 +12,8 @@ Options (key=value; lists comma-separated):
   threads=1,2  galleries=1000,10000,100000  runtimes=onnxruntime,litert,executorch
   quant=fp32,int8 (filter)  make_quant=fp32,int8 (variants the bench makes itself when no export)
   scorer=faiss|numpy  k=10  peers=full|tiny|none  mobile=1|0  image=1|0
-  gallery=fp32,fp16,int8 (the encoder + scan path's gallery: faiss flat, SQfp16, SQ8 per-dimension; default fp32)
+  gallery=fp32,fp16,int8,pq4 (the encoder + scan path's gallery: faiss flat, SQfp16, SQ8 per-dimension, or 4-bit PQ
+          fast-scan codes with the best rows re-ranked exactly from the fp32 file; default fp32)
   rerank=r (compressed galleries: re-rank the k*r best from the fp32 rows on disk; 0 = off)
   confirm=2 (a job that breaks a latency budget runs again up to this many times and keeps its fastest
             attempt: noise only adds time, a regression breaks every attempt; 0 = judge the first run)

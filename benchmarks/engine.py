@@ -87,7 +87,7 @@ def plan_jobs(subjects, opts: BenchOptions, texts: list[str], work: Path | None 
                                     context_length=s.context_length if s.tokenizer_feeds_encoder else None,
                                     texts=texts, embed_dim=s.embed_dim, timing=opts.timing,
                                     gallery_dtype=dt, rerank=rerank,
-                                    gallery_file=gallery_file(work, g, s.embed_dim) if rerank else None,
+                                    gallery_file=gallery_file(work, g, s.embed_dim) if rerank or dt in ROWS_ON_DISK else None,
                                     report_queries=RECALL_QUERIES if dt != "fp32" else 0))
             elif a.role == "image" and opts.image:
                 for t in opts.threads:
@@ -95,6 +95,11 @@ def plan_jobs(subjects, opts: BenchOptions, texts: list[str], work: Path | None 
                                     image_size=s.image_size or (a.input_shape(0) or [1, 3, 224, 224])[-1],
                                     timing=opts.timing))
     return jobs, notes
+
+
+# galleries whose scorer re-ranks from the fp32 rows on disk whatever `rerank=` says (the runner's
+# two-stage pq4: fast-scan codes in memory, the best rows read from the file)
+ROWS_ON_DISK = ("pq4",)
 
 
 def search_program_misfit(a, g: int) -> str | None:

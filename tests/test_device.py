@@ -201,20 +201,22 @@ def test_bench_compressed_gallery_rows_memory_and_recall(export_run, tmp_path, c
 
     (tmp_path / "ok.yaml").write_text(PERMISSIVE)
     code = main(["device=local", f"run={export_run}", "quick=1", "galleries=20000", "runtimes=onnxruntime",
-                 "gallery=fp32,int8", "rerank=4", f"budgets={tmp_path / 'ok.yaml'}", f"out={tmp_path / 'out'}",
+                 "gallery=fp32,int8,pq4", "rerank=4", f"budgets={tmp_path / 'ok.yaml'}", f"out={tmp_path / 'out'}",
                  "results=none", "runs=5", "warmup=1"])
     out = capsys.readouterr().out
     assert code == 0, out
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     text = {r["gallery_dtype"]: r for r in rows if r["artifact"] == "text_encoder"}
-    assert set(text) == {"fp32", "int8"} and [r["gallery_dtype"] for r in rows if r["role"] == "search"] == ["fp32"]
+    assert set(text) == {"fp32", "int8", "pq4"} and [r["gallery_dtype"] for r in rows if r["role"] == "search"] == ["fp32"]
+    # pq4: fast-scan codes in memory (a fraction of int8's bytes), the best rows re-ranked from the fp32 file
+    assert text["pq4"]["gallery_bytes"] < text["int8"]["gallery_bytes"] and text["pq4"]["recall_at_10"] >= 0.95
     assert text["fp32"]["gallery_bytes"] == 20000 * 64 * 4 and text["int8"]["gallery_bytes"] == 20000 * 64
     assert text["int8"]["recall_at_10"] == 1.0 and text["int8"]["rerank"] == 4 and "queries" not in text["int8"]
     assert text["fp32"].get("recall_at_10") is None
     assert "N=20000/int8+rr4" in out and "recall@10 1.000" in out
     from mcad.benchmarks.cli import parse_args
 
-    with pytest.raises(ValueError, match="gallery=int4: expected some of fp32, fp16, int8"):
+    with pytest.raises(ValueError, match="gallery=int4: expected some of fp32, fp16, int8, pq4"):
         parse_args(["gallery=int4"])
 
 
