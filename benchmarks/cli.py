@@ -35,7 +35,8 @@ import re
 import sys
 from pathlib import Path
 
-from mcad.benchmarks.engine import ALL_RUNTIMES, RESULTS_DIR, BenchOptions, command_line, console_summary, run_bench
+from mcad.benchmarks.engine import ALL_RUNTIMES, RESULTS_DIR, BenchOptions, command_line, run_bench
+from mcad.benchmarks.report import console_summary
 from mcad.device.base import Timing
 from mcad.device.errors import DeviceError
 from mcad.models.checkpoint import CheckpointError

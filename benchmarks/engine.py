@@ -318,10 +318,49 @@ def _job_name(row: dict) -> str:
     return "/".join(str(row.get(k)) for k in ("subject", "artifact", "gallery", "runtime", "threads"))
 
 
+def bench_record(opts: BenchOptions, run: Path, info: dict, rows: list[dict], subjects, notes: list[str],
+                 errors: list[str], checks: list[dict], budgets: dict, budget_name, budget_entry, parity_failed) -> dict:
+    """bench.json: the rows and what they were measured with, the notes that say how to read them,
+    the ratios to the peers and the budget checks."""
+    from mcad.benchmarks import calibration
+
+    broken = [c for c in checks if not c["ok"]]
+    res = {"command": opts.command, "date": now_iso(), "machine": machine(), "device": info,
+           "run": str(run), "run_name": run.name, "quick": opts.quick,
+           "options": {"threads": opts.threads, "galleries": opts.galleries, "runtimes": opts.runtimes,
+                       "quant": opts.quant, "scorer": opts.scorer, "k": opts.k, "peers": opts.peers,
+                       "mobile": opts.mobile, "image": opts.image, "timing": opts.timing.__dict__,
+                       "gallery": opts.gallery_dtypes, "rerank": opts.rerank,
+                       "confirm": opts.confirm},
+           "scorer_note": SCORER_NOTE.get(opts.scorer, opts.scorer),
+           "calibration_note": calibration.describe() if any("reference_ms" in r for r in rows) else None,
+           "gallery_note": "N random unit vectors (float32) built in the measured process; exact flat search cost "
+                           "does not depend on the values" + (
+                               f"; gallery={','.join(opts.gallery_dtypes)}: the encoder + scan path over faiss flat (fp32), "
+                               f"SQfp16 (fp16) or SQ8 with per-dimension ranges (int8)"
+                               + (f", the {opts.k} x {opts.rerank} best re-ranked exactly from the fp32 rows on disk"
+                                  if opts.rerank else "") + "; recall@10 against exact fp32 search of the same rows, "
+                               f"{RECALL_QUERIES} queries; search programs take fp32"
+                               if opts.gallery_dtypes != ["fp32"] else "") + (
+                               "; a search program with its gallery bound in at export (export/bound.py) holds its "
+                               "own rows and runs at its own N only (bench.json: gallery_source, gallery_bytes)"
+                               if any(r.get("gallery_source") == "bound in the program" for r in rows) else ""),
+           "memory_note": "peak resident memory (VmHWM) of the process doing the search; `bare` = a fresh process "
+                          "that imported the same runtime and libraries and loaded nothing; `added` = peak - bare. "
+                          "The memory column is the added part for ExecuTorch's Python runtime (it imports torch) "
+                          "and the whole-process peak for LiteRT, ONNX Runtime and native runners.",
+           "subjects": [s.describe() for s in subjects], "plan_notes": notes, "rows": rows,
+           "parity_failed": parity_failed,
+           "ratios": ratios(rows), "errors": errors,
+           "budget": {"file": budgets.get("_path"), "device": budget_name, "checks": checks, "broken": len(broken),
+                      "limits": (budget_entry or {}).get("budgets", {})},
+           "versions": versions()}
+    return res
+
+
 def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     from tqdm import tqdm
 
-    from mcad.benchmarks import calibration
     from mcad.benchmarks.budgets import check, load_budgets, match_device
     from mcad.benchmarks.report import plot, write_markdown
     from mcad.benchmarks.subjects import default_queries
@@ -362,36 +401,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
     checks = check(rows, budget_entry, budget_name) if budget_entry else []
     broken = [c for c in checks if not c["ok"]]
     parity_failed = mark_parity(rows, subjects)
-    res = {"command": opts.command, "date": now_iso(), "machine": machine(), "device": info,
-           "run": str(run), "run_name": run.name, "quick": opts.quick,
-           "options": {"threads": opts.threads, "galleries": opts.galleries, "runtimes": opts.runtimes,
-                       "quant": opts.quant, "scorer": opts.scorer, "k": opts.k, "peers": opts.peers,
-                       "mobile": opts.mobile, "image": opts.image, "timing": opts.timing.__dict__,
-                       "gallery": opts.gallery_dtypes, "rerank": opts.rerank,
-                       "confirm": opts.confirm},
-           "scorer_note": SCORER_NOTE.get(opts.scorer, opts.scorer),
-           "calibration_note": calibration.describe() if any("reference_ms" in r for r in rows) else None,
-           "gallery_note": "N random unit vectors (float32) built in the measured process; exact flat search cost "
-                           "does not depend on the values" + (
-                               f"; gallery={','.join(opts.gallery_dtypes)}: the encoder + scan path over faiss flat (fp32), "
-                               f"SQfp16 (fp16) or SQ8 with per-dimension ranges (int8)"
-                               + (f", the {opts.k} x {opts.rerank} best re-ranked exactly from the fp32 rows on disk"
-                                  if opts.rerank else "") + "; recall@10 against exact fp32 search of the same rows, "
-                               f"{RECALL_QUERIES} queries; search programs take fp32"
-                               if opts.gallery_dtypes != ["fp32"] else "") + (
-                               "; a search program with its gallery bound in at export (export/bound.py) holds its "
-                               "own rows and runs at its own N only (bench.json: gallery_source, gallery_bytes)"
-                               if any(r.get("gallery_source") == "bound in the program" for r in rows) else ""),
-           "memory_note": "peak resident memory (VmHWM) of the process doing the search; `bare` = a fresh process "
-                          "that imported the same runtime and libraries and loaded nothing; `added` = peak - bare. "
-                          "The memory column is the added part for ExecuTorch's Python runtime (it imports torch) "
-                          "and the whole-process peak for LiteRT, ONNX Runtime and native runners.",
-           "subjects": [s.describe() for s in subjects], "plan_notes": notes, "rows": rows,
-           "parity_failed": parity_failed,
-           "ratios": ratios(rows), "errors": errors,
-           "budget": {"file": budgets.get("_path"), "device": budget_name, "checks": checks, "broken": len(broken),
-                      "limits": (budget_entry or {}).get("budgets", {})},
-           "versions": versions()}
+    res = bench_record(opts, run, info, rows, subjects, notes, errors, checks, budgets, budget_name, budget_entry,
+                       parity_failed)
     name = opts.name or f"{run.name}-{slug(device.name)}" + ("-quick" if opts.quick else "")
     write_json(out / "bench.json", res)
     write_markdown(marked_for_markdown(res), out / "bench.md")
@@ -406,62 +417,6 @@ def run_bench(opts: BenchOptions) -> tuple[dict, int]:
         res["files"]["summary"] = str(rdir / f"{name}.md")
     code = 1 if (broken or errors) else 0
     return res, code
-
-
-def console_summary(res: dict) -> list[str]:
-    """Measured vs budget, one line each, and the last line saying what broke (if anything)."""
-    lines = []
-    for r in res["rows"]:
-        if r.get("parity"):  # benched with allow_failed_parity=1: said on the row itself
-            r = dict(r, subject=f"{r['subject']} {r['parity']}")
-        if r.get("error"):
-            lines.append(f"FAILED {r['subject']}/{r['runtime']}/t{r['threads']}/N={r.get('gallery')}: {r['error']}")
-            continue
-        st, m = r.get("stages") or {}, r.get("memory") or {}
-        if r["mode"] == "search":
-            s = st.get("search") or {}
-            dt = "" if (r.get("gallery_dtype") or "fp32") == "fp32" else f"/{r['gallery_dtype']}" + (
-                f"+rr{r['rerank']}" if r.get("rerank") else "")
-            rec = f"  recall@10 {r['recall_at_10']:.3f}" if r.get("recall_at_10") is not None else ""
-            lines.append(f"{r['subject']:<15} {r['artifact'][:12]:<12} {r['runtime']:<11} {_qf(r):<5} t{r['threads']} "
-                         f"N={str(r['gallery']) + dt:<7} search p50 {_n(s.get('p50'))} p90 {_n(s.get('p90'))} ms  "
-                         f"(enc {_n((st.get('encode') or {}).get('p50'))}, score+top-k {_n((st.get('score_topk') or {}).get('p50'))}, "
-                         f"tok {_n((st.get('tokenize') or {}).get('p50'))})  mem {_n(m.get('headline_mb'), 1)} MB"
-                         + (" added" if (m.get("headline") or "").startswith("added") else "") + rec)
-        else:
-            e = st.get("encode") or {}
-            lines.append(f"{r['subject']:<15} {r['artifact'][:12]:<12} {r['runtime']:<11} {_qf(r):<5} t{r['threads']} "
-                         f"image encode p50 {_n(e.get('p50'))} p90 {_n(e.get('p90'))} ms  mem {_n(m.get('headline_mb'), 1)} MB")
-    for x in res.get("ratios", []):
-        if x["threads"] == 1 and x["what"] == "search" and x.get("gallery") not in (None,):
-            lines.append(f"ratio {x['ours']}/{x['peer']} {x['runtime']} {x['quant']} t1 N={x['gallery']}: "
-                         f"latency {_n(x['latency_ratio'], 3)}  memory {_n(x['memory_ratio'], 3)}")
-    b = res["budget"]
-    if b.get("device"):
-        lines += [c["line"] for c in b["checks"]]
-    else:
-        lines.append(f"no budget entry for {res['device'].get('device')} in {b.get('file')}: measured only")
-    lines.append(f"wrote {res['files']['markdown']}, {res['files']['json']}" +
-                 (f", {res['files']['plot']}" if res["files"].get("plot") else ""))
-    broken = [c for c in b.get("checks", []) if not c["ok"]]
-    if broken:
-        lines.append(f"bench: {len(broken)} budget(s) broken; first: {broken[0]['line'][7:]}")
-    if res.get("errors"):
-        lines.append(f"bench: {len(res['errors'])} job(s) failed; first: {res['errors'][0]}")
-    if res.get("parity_failed"):
-        lines.append(f"bench: PARITY FAILED for {', '.join(res['parity_failed'])}: benched because "
-                     "allow_failed_parity=1 asked; its figures are not those of a shippable export")
-    return lines
-
-
-def _qf(r: dict) -> str:
-    from mcad.benchmarks.subjects import quant_family
-
-    return quant_family(r.get("quantization", ""))
-
-
-def _n(x, nd=2) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
 
 
 def command_line(argv: list[str]) -> str:

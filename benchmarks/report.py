@@ -171,3 +171,59 @@ def plot(res: dict, path: Path) -> Path | None:
 
 def write_markdown(res: dict, path: Path) -> Path:
     return atomic_write_text(path, markdown(res))
+
+
+def console_summary(res: dict) -> list[str]:
+    """Measured vs budget, one line each, and the last line saying what broke (if anything)."""
+    lines = []
+    for r in res["rows"]:
+        if r.get("parity"):  # benched with allow_failed_parity=1: said on the row itself
+            r = dict(r, subject=f"{r['subject']} {r['parity']}")
+        if r.get("error"):
+            lines.append(f"FAILED {r['subject']}/{r['runtime']}/t{r['threads']}/N={r.get('gallery')}: {r['error']}")
+            continue
+        st, m = r.get("stages") or {}, r.get("memory") or {}
+        if r["mode"] == "search":
+            s = st.get("search") or {}
+            dt = "" if (r.get("gallery_dtype") or "fp32") == "fp32" else f"/{r['gallery_dtype']}" + (
+                f"+rr{r['rerank']}" if r.get("rerank") else "")
+            rec = f"  recall@10 {r['recall_at_10']:.3f}" if r.get("recall_at_10") is not None else ""
+            lines.append(f"{r['subject']:<15} {r['artifact'][:12]:<12} {r['runtime']:<11} {_qf(r):<5} t{r['threads']} "
+                         f"N={str(r['gallery']) + dt:<7} search p50 {_n(s.get('p50'))} p90 {_n(s.get('p90'))} ms  "
+                         f"(enc {_n((st.get('encode') or {}).get('p50'))}, score+top-k {_n((st.get('score_topk') or {}).get('p50'))}, "
+                         f"tok {_n((st.get('tokenize') or {}).get('p50'))})  mem {_n(m.get('headline_mb'), 1)} MB"
+                         + (" added" if (m.get("headline") or "").startswith("added") else "") + rec)
+        else:
+            e = st.get("encode") or {}
+            lines.append(f"{r['subject']:<15} {r['artifact'][:12]:<12} {r['runtime']:<11} {_qf(r):<5} t{r['threads']} "
+                         f"image encode p50 {_n(e.get('p50'))} p90 {_n(e.get('p90'))} ms  mem {_n(m.get('headline_mb'), 1)} MB")
+    for x in res.get("ratios", []):
+        if x["threads"] == 1 and x["what"] == "search" and x.get("gallery") not in (None,):
+            lines.append(f"ratio {x['ours']}/{x['peer']} {x['runtime']} {x['quant']} t1 N={x['gallery']}: "
+                         f"latency {_n(x['latency_ratio'], 3)}  memory {_n(x['memory_ratio'], 3)}")
+    b = res["budget"]
+    if b.get("device"):
+        lines += [c["line"] for c in b["checks"]]
+    else:
+        lines.append(f"no budget entry for {res['device'].get('device')} in {b.get('file')}: measured only")
+    lines.append(f"wrote {res['files']['markdown']}, {res['files']['json']}" +
+                 (f", {res['files']['plot']}" if res["files"].get("plot") else ""))
+    broken = [c for c in b.get("checks", []) if not c["ok"]]
+    if broken:
+        lines.append(f"bench: {len(broken)} budget(s) broken; first: {broken[0]['line'][7:]}")
+    if res.get("errors"):
+        lines.append(f"bench: {len(res['errors'])} job(s) failed; first: {res['errors'][0]}")
+    if res.get("parity_failed"):
+        lines.append(f"bench: PARITY FAILED for {', '.join(res['parity_failed'])}: benched because "
+                     "allow_failed_parity=1 asked; its figures are not those of a shippable export")
+    return lines
+
+
+def _qf(r: dict) -> str:
+    from mcad.benchmarks.subjects import quant_family
+
+    return quant_family(r.get("quantization", ""))
+
+
+def _n(x, nd=2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
