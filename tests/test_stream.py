@@ -103,15 +103,15 @@ def test_data_key_follows_content_not_mtime(photos):
 
 
 def test_scan_reads_each_file_once_until_it_changes(photos, monkeypatch):
+    from mcad.data import scan as scan_module
     from mcad.data import spec
-    from mcad.data import stream
 
     corpus = spec.load_corpus(_spec(photos), "train")
     digests, bad = scan(corpus, progress=False)
     assert list(bad) == [7] and all(len(d) == 64 for d in digests)
     calls = []
-    real = stream.check_one
-    monkeypatch.setattr(stream, "check_one", lambda p, m: calls.append(p) or real(p, m))
+    real = scan_module.check_one
+    monkeypatch.setattr(scan_module, "check_one", lambda p, m: calls.append(p) or real(p, m))
     assert scan(spec.load_corpus(_spec(photos), "train"), progress=False) == (digests, bad)
     assert calls == []  # kept per file under MCAD_CACHE_DIR
     _photo(5, (90, 60)).save(photos / "images" / "03.png")
