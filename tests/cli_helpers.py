@@ -2,8 +2,10 @@
 brings a fault from deep inside a command to the top-level handler."""
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, list[str], str]:
@@ -22,3 +24,13 @@ def fake_command(monkeypatch, main) -> None:
 
     monkeypatch.setitem(sys.modules, "fake_mcad_command", types.SimpleNamespace(main=main, __doc__="fake"))
     monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_mcad_command", ""))
+
+
+def hold_lock(folder: Path, command: str) -> subprocess.Popen:
+    """Another process holding a run folder, as a running `mcad <command>` does."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from mcad.runs import run_folder_lock\n"
+        f"with run_folder_lock({str(folder)!r}, {command!r}):\n"
+        "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder

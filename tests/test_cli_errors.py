@@ -6,22 +6,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import fake_command, run_cli
-
-
-def hold_lock(folder: Path, command: str) -> subprocess.Popen:
-    """Another process holding a run folder, as a running `mcad <command>` does."""
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from mcad.runs import run_folder_lock\n"
-        f"with run_folder_lock({str(folder)!r}, {command!r}):\n"
-        "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    return holder
+from cli_helpers import fake_command, hold_lock, run_cli
 
 
 @pytest.fixture

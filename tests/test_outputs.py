@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -44,12 +42,10 @@ def test_a_symlink_is_refused_unless_asked_to_follow(tmp_path, monkeypatch):
 
 
 def test_one_writer_per_folder_names_the_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from mcad.io import folder_lock\n"
-        f"with folder_lock({str(tmp_path)!r}, 'student'):\n"
-        "    print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    from cli_helpers import hold_lock
+
+    holder = hold_lock(tmp_path, "student")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(FolderBusy, match=rf"mcad student \(pid {holder.pid}\) is writing this folder"):
             with folder_lock(tmp_path, "student"):
                 pass
