@@ -78,3 +78,19 @@ def teachers(synth_root, tmp_path_factory):
     assert main([f"data={synth_root}", f"out={out}", "dual.steps=2", "fusion.steps=2", "dual.batch_size=16",
                  "fusion.batch_size=8", "threads=1", "eval.rerank_k=4"]) == 0
     return out
+
+
+@pytest.fixture(autouse=True)
+def _faiss_threads_restored():
+    """faiss's OpenMP thread count is process-global and the on-device runner's scorer sets it (one
+    thread: a phone's search is single-query) when a test runs it in process; exact search over
+    near-tied embeddings (a 2-step teacher's) ranks ties by the threads' rounding, so the next test
+    would see other candidate lists. Each test gets the count it started with."""
+    try:
+        import faiss
+    except ImportError:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    yield
+    faiss.omp_set_num_threads(before)

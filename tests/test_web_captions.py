@@ -107,7 +107,7 @@ def test_cli_web_options(tmp_path, capsys):
         main([f"out={out}", "web_wrong=0.1"])
     with pytest.raises(ValueError, match=r"templates=default \(asked heldout\)"):
         main([f"out={out}", "templates=heldout"])
-    for bad, msg in (("web_partial=1.5", "share in"), ("templates=other", "expected one of default, heldout")):
+    for bad, msg in (("web_partial=1.5", "web_partial=1.5: must be between 0 and 1"), ("templates=other", "expected one of default, heldout")):
         with pytest.raises(ValueError, match=msg):
             main([f"out={tmp_path / 'x'}", "n_distill=4", bad, "progress=false"])
     with pytest.raises(ValueError, match="more than all captions"):
