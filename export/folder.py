@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 
 from mcad.artifacts import MANIFEST
+from mcad.io import LOCK_NAME as LOCK
 
 log = logging.getLogger("mcad.export")
 
 RETIRED = ".manifest.previous.json"  # the previous export's record while a re-export runs
+PENDING = ".export.pending.json"     # a first export's planned files, written before any of them
 
 
 def recorded(out: Path) -> set[str] | None:
@@ -53,7 +55,9 @@ def claim(out: Path, planned: set[str]) -> set[str]:
     prev = recorded(out)
     if prev is not None:
         return prev
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in planned and not _temp(p.name))
+    ours = pending(out)  # a killed first export's files are named in its pending record, a user's are not
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in ours and p.name not in (PENDING, LOCK) and not _temp(p.name))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ValueError(f"out={out}: holds files mcad export did not write ({shown}) and no export manifest; "
@@ -61,8 +65,23 @@ def claim(out: Path, planned: set[str]) -> set[str]:
     return set()
 
 
-def begin(out: Path) -> list[Path]:
-    """Make `out` (returns the folders made, innermost first) and move a previous manifest aside."""
+def pending(out: Path) -> set[str]:
+    """The file names a first export in `out` planned (its pending record), or none."""
+    from mcad.io import read_json
+
+    try:
+        names = read_json(out / PENDING)
+    except (FileNotFoundError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str) and Path(n).name == n} if isinstance(names, list) else set()
+
+
+def begin(out: Path, planned: set[str] = frozenset()) -> list[Path]:
+    """Make `out` (returns the folders made, innermost first) and move a previous manifest aside; a
+    first export (no manifest) records the files it plans before writing any, so that a killed one's
+    leftovers can be told from a user's own files."""
+    from mcad.io import write_json
+
     made = []
     p = Path(out)
     while not p.exists():
@@ -71,6 +90,8 @@ def begin(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
         os.replace(out / MANIFEST, out / RETIRED)
+    elif not (out / RETIRED).is_file():
+        write_json(out / PENDING, sorted(set(planned) | pending(out)))
     return made
 
 
@@ -82,6 +103,7 @@ def commit(out: Path, manifest: dict, previous: set[str]) -> None:
     write_json(out / MANIFEST, manifest)
     clean(out, previous, recorded(out) or set())
     (out / RETIRED).unlink(missing_ok=True)
+    (out / PENDING).unlink(missing_ok=True)
 
 
 def abandon(out: Path, made: list[Path], planned: set[str]) -> None:
@@ -90,7 +112,7 @@ def abandon(out: Path, made: list[Path], planned: set[str]) -> None:
     if not made:
         return
     for p in out.iterdir() if out.is_dir() else ():
-        if p.is_file() and (p.name in planned or _temp(p.name)):
+        if p.is_file() and (p.name in planned or p.name in (PENDING, LOCK) or _temp(p.name)):
             p.unlink(missing_ok=True)
     for d in made:
         try:

@@ -146,7 +146,7 @@ class Exporter:
         The manifest is written last, when every file it lists is in place: a re-export first takes
         the previous one away (readers refuse the folder until the new one is there)."""
         self.calibrate()  # before the folder is touched: a data set that cannot be used leaves nothing
-        made = folder.begin(self.out)
+        made = folder.begin(self.out, self.planned_files())
         try:
             self.build()
             if self.tokenizer is not None:

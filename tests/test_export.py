@@ -478,6 +478,14 @@ def test_out_folder_is_the_tools_own(trained_run, synth_root, tmp_path, capsys):
     assert "holds files mcad export did not write (holiday.onnx, notes.txt) and no export manifest" in err[0]
     assert sorted(p.name for p in user.iterdir()) == ["holiday.onnx", "notes.txt"]
     assert (user / "holiday.onnx").read_bytes() == b"not the tool's"
+    # a folder holding only the user's own file under a name this export would write: refused too (only
+    # a killed first export's files, named in its pending record, are taken)
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "text_encoder.fp32.onnx").write_bytes(b"the user's own model")
+    code, err = _cli([*fp32, f"out={own}"], capsys)
+    assert code == 1 and len(err) == 1 and "text_encoder.fp32.onnx" in err[0], err
+    assert (own / "text_encoder.fp32.onnx").read_bytes() == b"the user's own model"
 
     out = tmp_path / "exp"
     opts = dict(target="cpu", backends=("onnx",), precision="fp32", parity=False, calib=4, out=out)
