@@ -33,7 +33,7 @@ from mcad.export.check import Heldout, judge, run_artifacts
 from mcad.export.encoders import Towers
 from mcad.export.manifest import manifest, write_golden
 from mcad.export.options import Options
-from mcad.io import atomic_path, sha256_file
+from mcad.io import atomic_path, folder_lock, sha256_file
 
 log = logging.getLogger("mcad.export")
 
@@ -148,15 +148,16 @@ class Exporter:
         self.calibrate()  # before the folder is touched: a data set that cannot be used leaves nothing
         made = folder.begin(self.out, self.planned_files())
         try:
-            self.build()
-            if self.tokenizer is not None:
-                with atomic_path(self.out / "tokenizer.json") as tmp:
-                    shutil.copyfile(self.run / "tokenizer.json", tmp)
-            golden = write_golden(self.job, self.held, self.tokenizer).name if self.held is not None else None
-            parity = self.check() if self.opts.parity else None
-            record = manifest(self.job, self.run, self.student_sha, self.record, parity, golden,
-                              tokenizer=self.tokenizer is not None).to_json()
-            folder.commit(self.out, record, self.previous)
+            with folder_lock(self.out, "export", remove=True):  # one writer per export folder
+                self.build()
+                if self.tokenizer is not None:
+                    with atomic_path(self.out / "tokenizer.json") as tmp:
+                        shutil.copyfile(self.run / "tokenizer.json", tmp)
+                golden = write_golden(self.job, self.held, self.tokenizer).name if self.held is not None else None
+                parity = self.check() if self.opts.parity else None
+                record = manifest(self.job, self.run, self.student_sha, self.record, parity, golden,
+                                  tokenizer=self.tokenizer is not None).to_json()
+                folder.commit(self.out, record, self.previous)
         except BaseException:
             folder.abandon(self.out, made, self.planned_files())
             raise

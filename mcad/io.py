@@ -267,7 +267,7 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, command: str, remove: bool = False) -> Iterator[Path]:
     """One writer per folder: an exclusive flock on `<folder>/.lock` for the block, which records the
     holder's pid and command so that a refused writer can name it. The kernel drops the lock when the
     holder dies, so a killed run never leaves its folder locked."""
@@ -291,6 +291,8 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
         finally:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
+                if remove:  # a folder whose every file is recorded (an export's) keeps no lock file
+                    os.unlink(lock)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
