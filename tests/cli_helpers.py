@@ -2,6 +2,7 @@
 brings a fault from deep inside a command to the top-level handler."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import types
@@ -34,3 +35,14 @@ def hold_lock(folder: Path, command: str) -> subprocess.Popen:
         "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+@contextlib.contextmanager
+def held_lock(folder: Path, command: str):
+    """hold_lock for the block: the holder (its Popen) is killed when the block ends."""
+    holder = hold_lock(folder, command)
+    try:
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_helpers import fake_command, hold_lock, run_cli
+from cli_helpers import fake_command, held_lock, run_cli
 
 
 @pytest.fixture
@@ -49,12 +49,8 @@ def test_json_to_a_fifo_a_symlink_or_a_device_is_refused_before_any_work(tmp_pat
 # -- one writer per run folder ---------------------------------------------------------------------------
 def test_a_second_teachers_run_into_the_same_folder_is_refused(synth_root, tmp_path, capsys):
     out = tmp_path / "teachers"
-    holder = hold_lock(out, "teachers")
-    try:
+    with held_lock(out, "teachers") as holder:
         code, err, _ = run_cli(["teachers", f"data={synth_root}", f"out={out}", "dual.steps=2", "fusion.steps=2"], capsys)
-    finally:
-        holder.kill()
-        holder.wait()
     assert code == 1 and err == [f"mcad teachers: error: {out}: mcad teachers (pid {holder.pid}) is writing this "
                                  f"folder; wait for it to end or give another folder (one writer per folder)"], err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written beside the holder's lock
@@ -62,13 +58,10 @@ def test_a_second_teachers_run_into_the_same_folder_is_refused(synth_root, tmp_p
 
 def test_a_second_student_run_into_the_same_folder_is_refused(synth_root, tmp_path, capsys):
     run = tmp_path / "runs" / "x"
-    holder = hold_lock(run, "student")
-    try:  # refused before the teachers are looked for (there are none: a run that got further fails on them)
+    # refused before the teachers are looked for (there are none: a run that got further fails on them)
+    with held_lock(run, "student") as holder:
         code, err, _ = run_cli(["student", f"data={synth_root}", f"teachers={tmp_path / 'no-teachers'}",
                                 f"out={tmp_path / 'runs'}", "name=x", "steps=2"], capsys)
-    finally:
-        holder.kill()
-        holder.wait()
     assert code == 1 and len(err) == 1 and f"mcad student (pid {holder.pid}) is writing this folder" in err[0], err
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
 
@@ -77,8 +70,7 @@ def test_the_other_ranks_of_a_torchrun_job_write_under_rank_0s_lock(tmp_path, mo
     from mcad.io import FolderBusy
     from mcad.runs import run_folder_lock
 
-    holder = hold_lock(tmp_path, "student")  # rank 0 of the job
-    try:
+    with held_lock(tmp_path, "student") as holder:  # rank 0 of the job
         monkeypatch.setenv("RANK", "1")
         with run_folder_lock(tmp_path, "student"):
             pass
@@ -86,9 +78,6 @@ def test_the_other_ranks_of_a_torchrun_job_write_under_rank_0s_lock(tmp_path, mo
         with pytest.raises(FolderBusy, match=f"pid {holder.pid}"):
             with run_folder_lock(tmp_path, "student"):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.parametrize("name, why", [("../../x", "leaves out="), ("", "empty"), ("/tmp/x", "leaves out=")])

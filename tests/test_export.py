@@ -502,19 +502,15 @@ def test_out_folder_is_the_tools_own(trained_run, synth_root, tmp_path, capsys):
 def test_one_export_at_a_time_per_folder(trained_run, synth_root, tmp_path, capsys):
     """A second export into a folder another one is writing is refused in one line naming the holder;
     a finished export leaves no lock file (its folder holds only what its manifest records)."""
-    from cli_helpers import hold_lock
+    from cli_helpers import held_lock
 
     out = tmp_path / "exp"
     out.mkdir()
     fp32 = ["target=cpu", f"run={trained_run}", f"data={synth_root}", "backends=onnx", "roles=text",
             "precision=fp32", "parity=false", "calib=4", "progress=false", f"out={out}"]
-    holder = hold_lock(out, "export")
-    try:
+    with held_lock(out, "export") as holder:
         code, err = _cli(fp32, capsys)
         assert code == 1 and len(err) == 1 and f"(pid {holder.pid}) is writing this folder" in err[0], err
-    finally:
-        holder.kill()
-        holder.wait()
     code, err = _cli(fp32, capsys)
     assert code == 0, err
     assert not (out / ".lock").exists() and not (out / ".export.pending.json").exists()

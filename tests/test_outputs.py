@@ -42,15 +42,11 @@ def test_a_symlink_is_refused_unless_asked_to_follow(tmp_path, monkeypatch):
 
 
 def test_one_writer_per_folder_names_the_holder(tmp_path):
-    from cli_helpers import hold_lock
+    from cli_helpers import held_lock
 
-    holder = hold_lock(tmp_path, "student")
-    try:
+    with held_lock(tmp_path, "student") as holder:
         with pytest.raises(FolderBusy, match=rf"mcad student \(pid {holder.pid}\) is writing this folder"):
             with folder_lock(tmp_path, "student"):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
     with folder_lock(tmp_path, "student"):  # a killed holder leaves the folder free
         pass
