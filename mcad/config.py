@@ -100,7 +100,43 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None, *,
     for k, v in (extra or {}).items():
         cfg.setdefault(k, v)
     check_ranges(cfg, where=str(resolve_config_path(name_or_path)))
-    return apply_overrides(cfg, overrides or [], open_keys=open_keys, shorthands=shorthands)
+    items = expand_shorthands(overrides or [], shorthands)
+    out = apply_overrides(cfg, items, open_keys=open_keys, types=nullable_types(name_or_path, cfg))
+    given = {item.partition("=")[0].strip() for item in items}
+    if "data.format" in given and isinstance(cfg.get("data"), dict) and isinstance(out.get("data"), dict):
+        from mcad.data.spec import rebase  # the recipe's data keys of another format go with it
+
+        out["data"] = rebase(cfg["data"], out["data"], {k.split(".", 1)[1] for k in given if k.startswith("data.")})
+    return out
+
+
+def nullable_types(name_or_path: str | Path, cfg: dict) -> dict[str, Any]:
+    """{dotted key: Optional[type]} of the keys a recipe of the base chain leaves null (student.yaml's
+    `data.json: null`) and a recipe above it sets: `key=null` (or `key=`) unsets them again."""
+    out: dict[str, Any] = {}
+    path, seen = resolve_config_path(name_or_path), set()
+    while path.resolve() not in seen:  # read_yaml has read (and checked) the chain already
+        seen.add(path.resolve())
+        raw = yaml.safe_load(path.read_text()) or {}
+        for key in _null_keys(raw):
+            value = get(cfg, key)
+            if value is not None and not isinstance(value, dict):
+                out[key] = typing.Optional[type_of(value)]
+        if raw.get("base") is None:
+            break
+        sibling = path.parent / f"{raw['base']}.yaml"
+        path = sibling if sibling.is_file() else resolve_config_path(raw["base"])
+    return out
+
+
+def _null_keys(cfg: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out += _null_keys(v, f"{prefix}{k}.")
+        elif v is None:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def load_command_config(argv: list[str], default_recipe: str, **kw) -> dict:

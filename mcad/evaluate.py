@@ -1,4 +1,7 @@
-"""`mcad eval CHECKPOINT`: retrieval metrics of a dual model, and re-ranking by a fusion model."""
+"""`mcad eval CHECKPOINT`: retrieval metrics of a dual model, and re-ranking by a fusion model.
+
+The output names the split evaluated, its file(s) and size; `json=` records them under "data" beside
+the rows. A CSV or shard path given once for every split is evaluated only with `split=` named."""
 from __future__ import annotations
 
 import json
@@ -87,6 +90,7 @@ def eval_options() -> dict:
             "k": 16, "tokenizer": None, "json": None, "device": "auto", "workers": None}
 
 
+DATA_RECORD = "data"  # the json's entry saying what was evaluated (mcad.data.spec.split_record); the others are rows
 EVAL_TYPES = {"tokenizer": str, "json": str, "workers": int}  # paths: kept as text
 USAGE = ("usage: mcad eval CHECKPOINT | dual.source=hf-clip dual.path=FOLDER  [fusion=FUSION.safetensors | "
          "fusion.source=hf-blip-itm fusion.path=FOLDER] [data=data/synth | data.format=... data.json=...] "
@@ -177,7 +181,7 @@ def check_k(kv: dict, given: dict, reranks: bool) -> int:
 
 def main(argv: list[str]) -> int:
     from mcad.accelerator import place, resolve_device
-    from mcad.data.spec import open_split, parse as parse_data
+    from mcad.data.spec import check_eval_split, open_split, parse as parse_data, split_line, split_record
     from mcad.teacher_spec import load_one, parse
 
     ckpt, kv, given = parse_args(argv)
@@ -185,6 +189,7 @@ def main(argv: list[str]) -> int:
         check_writable(Path(kv["json"]), "json")
     device = resolve_device(kv["device"])
     data = parse_data(kv["data"])
+    check_eval_split(data, kv["split"], "split", named="split" in given)
     name, dual, tok, own_fusion = load_evaluated(ckpt, kv)
     fspec = parse("fusion", kv["fusion"])
     fusion, ftok, f_name = own_fusion, None, name
@@ -195,14 +200,16 @@ def main(argv: list[str]) -> int:
     pixels, corpus = open_split(data, kv["split"], view_of(dual), kv["workers"], split_key="split")
     ids = tok.encode_batch(corpus.captions)
     metrics, sim = evaluate_dual(place(dual, device), pixels, ids, corpus.caption_to_image)
-    rows = {name: metrics}
+    rows = {name if name != DATA_RECORD else f"{name} (model)": metrics}
     f_ids = (ftok or tok).encode_batch(corpus.captions) if ftok is not None else ids
     if fusion is not None:
         rows[f"{f_name} re-rank top-{k}"] = evaluate_rerank(place(fusion, device), pixels, f_ids,
                                                            corpus.caption_to_image, sim, k)
+    record = split_record(corpus, data)
+    print(split_line(record))
     print(recall_table(rows))
     if kv["json"]:
         from mcad.io import write_json
 
-        write_json(kv["json"], rows)
+        write_json(kv["json"], {**rows, DATA_RECORD: record})
     return 0

@@ -129,6 +129,26 @@ def parse(spec: Any, where: str = "data") -> DataSpec:
     return DataSpec(fmt, args)
 
 
+def rebase(recipe: Mapping, data: dict, given: set[str]) -> dict:
+    """The `data:` mapping of a recipe whose format the command line changed (`flickr30k
+    data.format=csv data.csv=...`): the recipe's keys that place its own files (SPLIT_KEYS) or that
+    the new format does not read are dropped, logged; keys in `given` (set on the command line) stay,
+    so one the new format does not read is still refused by `parse`."""
+    def norm(fmt: Any) -> str:
+        return ALIASES.get(fmt or "synth", fmt or "synth")
+
+    new = norm(data.get("format"))
+    if new == norm(recipe.get("format")) or new not in FORMATS:
+        return data
+    reads = {*FORMATS[new]["required"], *FORMATS[new]["optional"]}
+    dropped = [k for k, v in recipe.items() if k != "format" and k not in given and v is not None
+               and data.get(k) == v and (k in SPLIT_KEYS or k not in reads)]
+    if dropped:
+        log.info("data.format=%s: the recipe's %s (data.format=%s) left out; give them again to keep them",
+                 new, ", ".join(f"data.{k}={_text(recipe[k])}" for k in dropped), norm(recipe.get("format")))
+    return {**data, **dict.fromkeys(dropped)}
+
+
 def per_split(spec: DataSpec, key: str, split: str, default: Any = None) -> Any:
     """A value given per split (`{train: a.csv, test: b.csv}`) -> the one for `split`."""
     value = spec.get(key, default)
@@ -138,6 +158,36 @@ def per_split(spec: DataSpec, key: str, split: str, default: Any = None) -> Any:
                              f"add it: data.{key}={{{', '.join(f'{s}: ...' for s in [*value, split])}}}")
         return value[split]
     return value
+
+
+def single_file(spec: DataSpec) -> tuple[str, str] | None:
+    """(key, path) of a CSV or shard path given once for every split (`data=train.csv`), else None:
+    Karpathy and synthetic files hold their splits, and a per-split mapping names each split's file."""
+    key = {"csv": "csv", "wds": "shards"}.get(spec.format)
+    value = spec.get(key) if key else None
+    return None if value is None or isinstance(value, Mapping) else (key, str(value))
+
+
+def check_eval_split(spec: Any, split: str, split_key: str, named: bool) -> None:
+    """An evaluation over one file that serves every split would score whatever rows it holds
+    (often the training rows) as `split`: refused unless the command line names the split."""
+    one = single_file(parse(spec))
+    if one is not None and not named:
+        key, path = one
+        raise ValueError(f"data.{key}={path}: one file serves every split, so evaluating it as split {split!r} may "
+                         f"score training rows; give each split its own file (data.{key}={{train: ..., {split}: ...}}) "
+                         f"or say which split this file is ({split_key}={split})")
+
+
+def split_record(corpus, spec: Any) -> dict:
+    """What an evaluation read, for its output and records: the split, its file(s), its size."""
+    return {"split": corpus.split, "source": corpus.report.source, "images": corpus.n_images,
+            "captions": corpus.n_captions, "data": parse(spec).describe()}
+
+
+def split_line(record: dict) -> str:
+    return (f"split {record['split']}: {record['source']} ({record['images']} images, "
+            f"{record['captions']} captions)")
 
 
 def synth_json(root: str | Path) -> Path:
