@@ -3,11 +3,13 @@
 exits 0. (Types and unknown keys are the parser's, `mcad.config`; this is about ranges.)"""
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 from mcad.config import get
 
 _MISSING = object()
+log = logging.getLogger("mcad.config")
 
 
 def integer(value: Any, key: str, minimum: int, where: str = "") -> int:
@@ -30,6 +32,20 @@ def require_counts(cfg: Mapping, minimums: Mapping[str, int], where: str = "") -
         value = get(dict(cfg), key, _MISSING)
         if value is not _MISSING and value is not None:
             integer(value, key, minimum, where)
+    for key in minimums:
+        if key.rsplit(".", 1)[-1] == "warmup":
+            warn_warmup(cfg, key)
+
+
+def warn_warmup(cfg: Mapping, key: str = "warmup") -> None:
+    """One warning when a run's warmup is not below its steps: the learning rate would still be
+    rising at the last step and never decay (the cosine schedule starts after the warmup)."""
+    steps_key = key[: -len("warmup")] + "steps"
+    warmup, steps = get(dict(cfg), key), get(dict(cfg), steps_key)
+    if isinstance(warmup, int) and isinstance(steps, int) and steps >= 1 and warmup >= steps:
+        log.warning("%s=%d is not below %s=%d: the learning rate is still warming up at the last step and never "
+                    "decays; set %s below %s (e.g. %s=%d)", key, warmup, steps_key, steps, key, steps_key, key,
+                    max(0, steps // 10))
 
 
 # The counts of each command's recipe (dotted keys) and the least value that means something.

@@ -113,3 +113,23 @@ def test_eval_names_its_split_source_and_size(tiny_run, split_csvs, synth_root, 
     # the synthetic set's own Karpathy file holds its splits: no split needs naming
     code, err, out = run_cli(["eval", str(tiny_run), f"data={synth_root}", "split=val", "workers=0"], capsys)
     assert code == 0 and f"split val: {synth_root / 'dataset_synth.json'} (40 images," in out, (err, out)
+
+
+# -- a warmup longer than the run warns --------------------------------------------------------------
+def test_warmup_not_below_steps_warns_once_naming_both_keys(caplog):
+    from mcad.checks import STUDENT, TEACHERS, require_counts
+
+    with caplog.at_level(logging.WARNING, logger="mcad.config"):
+        require_counts(recipe(["flickr30k", "steps=20"]), STUDENT)
+    said = [r.getMessage() for r in caplog.records if r.name == "mcad.config"]
+    assert said == ["warmup=300 is not below steps=20: the learning rate is still warming up at the last step and "
+                    "never decays; set warmup below steps (e.g. warmup=2)"], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mcad.config"):
+        require_counts(recipe(["flickr30k", "steps=301"]), STUDENT)
+        require_counts(recipe([], "teachers"), TEACHERS)
+    assert not [r for r in caplog.records if r.name == "mcad.config"]
+    with caplog.at_level(logging.WARNING, logger="mcad.config"):
+        require_counts(recipe(["fusion.steps=5", "fusion.warmup=5"], "teachers"), TEACHERS)
+    said = [r.getMessage() for r in caplog.records if r.name == "mcad.config"]
+    assert len(said) == 1 and said[0].startswith("fusion.warmup=5 is not below fusion.steps=5:"), said
