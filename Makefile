@@ -44,7 +44,11 @@ teachers: $(TEACHERS)/metrics.json
 # Also remade when a teacher file is newer than the cache (copied in, retrained): `mcad student`
 # refuses a cache whose recorded teacher hashes differ from the files
 $(TEACHERS)/cache/manifest.json: $(TEACHERS)/metrics.json $(wildcard $(TEACHERS)/dual.safetensors $(TEACHERS)/fusion.safetensors $(TEACHERS)/tokenizer.json)
+ifeq ($(NPROC),1)
 	$(MCAD) cache data=$(DATA) teachers=$(TEACHERS)
+else
+	.venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mcad.cli cache data=$(DATA) teachers=$(TEACHERS)
+endif
 cache: $(TEACHERS)/cache/manifest.json
 
 # The embedded default (student, and student-mobile: the mobile-size student on the same teachers)

@@ -269,7 +269,9 @@ class TeacherCache:
 
 
 def main(argv: list[str]) -> int:
-    from mcad import teacher_spec
+    """`mcad cache`; under torchrun (NPROC=n) every process takes its share of the work (build_cache,
+    distill.unpaired.compute_tables) and rank 0 alone holds the folder's lock and writes its log."""
+    from mcad import distributed, teacher_spec
     from mcad.accelerator import resolve_device
     from mcad.checks import CACHE, require_counts
     from mcad.data import spec as data_spec
@@ -277,37 +279,46 @@ def main(argv: list[str]) -> int:
     from mcad.distill.teachers import add_file_log
     from mcad.distill.unpaired import build_unpaired
     from mcad.preprocess import view_of
+    from mcad.runs import run_folder_lock
 
     # the student recipe (data, teachers, neighbours, cache, device, unpaired) + the shard size, which only the cache reads
     cfg = load_command_config(argv, "student", extra={"cache_shard_images": 2048}, shorthands=teacher_spec.shorthands())
     require_counts(cfg, CACHE)
     un = parse_unpaired(cfg.get("unpaired"))
-    torch.set_num_threads(int(cfg.get("threads", 2)))
     data, device = data_spec.parse(cfg["data"]), resolve_device(cfg.get("device"))
     out = teacher_spec.cache_dir(cfg)
-    add_file_log(out / "cache.log")
-    tset = teacher_spec.load_teachers(cfg, device)
-    pixels = corpus = None
-    if un.paired:
-        pixels, corpus = build_paired(cfg, tset, data, out)
-    if un.on:
-        build_unpaired(cfg, un, tset, out / "unpaired", view_of(tset.dual), pixels,
-                       corpus.captions if corpus is not None else None)
-    print(f"teacher cache: {out}")
+    with run_folder_lock(out, "cache"):  # one writer per cache folder (rank 0 under torchrun)
+        _, world = distributed.init(device)
+        device = distributed.local_device(device)
+        torch.set_num_threads(max(1, int(cfg.get("threads", 2)) // world))
+        if distributed.is_main():
+            add_file_log(out / "cache.log")
+        tset = teacher_spec.load_teachers(cfg, device)
+        pixels = corpus = None
+        if un.paired:
+            pixels, corpus = build_paired(cfg, tset, data, out)
+        if un.on:
+            build_unpaired(cfg, un, tset, out / "unpaired", view_of(tset.dual), pixels,
+                           corpus.captions if corpus is not None else None)
+    if distributed.is_main():
+        print(f"teacher cache: {out}")
     return 0
 
 
 def build_paired(cfg: dict, tset, data, out: Path):
     """The cache over the recipe's training split; (its images, its corpus)."""
-    from mcad import teacher_spec
+    from mcad import distributed, teacher_spec
+    from mcad.distill.cache_build import encode_images_sharded
     from mcad.data import spec as data_spec
     from mcad.preprocess import view_of
 
     dual, fusion, tok = tset.dual, tset.fusion, tset.tokenizer
     pixels, corpus = data_spec.open_split(data, cfg.get("train_split", "train"), view_of(dual), cfg.get("workers"))
     ids = tok.encode_batch(corpus.captions)
-    emb = encode_images(dual, pixels)
-    lists = candidate_lists(nearest_neighbours(emb, int(cfg["neighbours"]), keys=image_keys(corpus)))
+    emb = encode_images_sharded(dual, pixels)  # every process gets all rows; rank 0 finds the neighbours
+    lists = distributed.broadcast_object(candidate_lists(nearest_neighbours(emb, int(cfg["neighbours"]),
+                                                                            keys=image_keys(corpus)))
+                                         if distributed.is_main() else None)
     src = {"teachers": tset.hashes, "data": data.describe(), "data_key": pixels.key(corpus.captions),
            "neighbours": int(cfg["neighbours"])}
     if not teacher_spec.is_default(cfg):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mcad import distributed
 from mcad.evaluate import encode_images, encode_texts
 from mcad.io import atomic_path, read_json, sha256_file, write_manifest
 
@@ -102,51 +103,88 @@ def build_cache(dual, fusion, pixels, ids: np.ndarray, image_captions: list[list
     `on_shard(i)` is called after shard i is recorded (progress hooks, tests); `image_emb`: the dual
     teacher's image embeddings where the caller has them already (the neighbours were found with them).
     `fused=False` leaves F's fused features out (h, h_img, h_txt: only λ > 0 reads them); the manifest
-    says so (`fused_features`), and a run that needs them refuses the cache (TeacherCache.check_fused)."""
+    says so (`fused_features`), and a run that needs them refuses the cache (TeacherCache.check_fused).
+
+    Under torchrun every process calls it: each encodes its whole batches of images and captions with
+    D (gathered), and the shards after the resumed ones are dealt round-robin, one a process per round,
+    each written by the process that computed it; rank 0 alone records each round in partial.json and
+    writes the manifest. A shard's work is the one-process build's, so its file is the same bytes."""
     from mcad.data.stream import as_images
-    from mcad.io import write_json
     from mcad.preprocess import view_of
 
     dual.eval()
     fusion.eval()
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     images = as_images(pixels)
     caps = caption_table(image_captions)
     N, k = len(caps), lists.shape[1]
     key = build_key(config, shard_images, tau_f, k, fused)
-    previous = _recorded_files(out)
-    done = _resumable(out, key)
-    (out / "manifest.json").unlink(missing_ok=True)
-    if done:
-        log.info("cache: resuming after %d of %d shards (%s)", len(done), -(-N // shard_images), out / PARTIAL)
+    previous = _recorded_files(out) if main else set()
+    done = distributed.broadcast_object(_resumable(out, key) if main else None)
+    if main:
+        (out / "manifest.json").unlink(missing_ok=True)
+        if done:
+            log.info("cache: resuming after %d of %d shards (%s)", len(done), -(-N // shard_images), out / PARTIAL)
+        log.info("cache: dual-teacher embeddings of %d images and %d captions", N, len(ids))
     t0 = time.time()
-    log.info("cache: dual-teacher embeddings of %d images and %d captions", N, len(ids))
-    v_all = image_emb if image_emb is not None else encode_images(dual, images)
-    t_all = encode_texts(dual, ids)
+    v_all = image_emb if image_emb is not None else encode_images_sharded(dual, images)
+    t_all = encode_texts_sharded(dual, ids)
     f_images = images.as_view(view_of(fusion))
     f_ids = ids if fusion_ids is None else fusion_ids
     shards, n_pairs = list(done), sum(int(sh.get("pairs", 0)) for sh in done)
     bar = tqdm(total=N, initial=min(N, len(done) * shard_images), desc="teacher cache", unit="img",
-               disable=not progress)
-    for s in range(len(done) * shard_images, N, shard_images):
-        e = min(N, s + shard_images)
-        tensors, pairs = shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_f, pair_batch,
-                                       fused)
-        name = f"shard-{len(shards):05d}.safetensors"
-        from safetensors.torch import save_file
+               disable=not (progress and main))
+    n_shards, rank, world = -(-N // shard_images), distributed.rank(), distributed.world_size()
+    wrote = 0
+    for first in range(len(done), n_shards, world):  # a round: shard first + r to process r
+        i = first + rank
+        mine = None
+        if i < n_shards:
+            s, e = i * shard_images, min(N, (i + 1) * shard_images)
+            tensors, pairs = shard_tensors(fusion, f_images, f_ids, caps, lists, s, e, v_all, t_all, tau_f,
+                                           pair_batch, fused)
+            mine = _write_shard(out, f"shard-{i:05d}.safetensors", tensors, s, e, pairs)
+            wrote += 1
+        new = [sh for sh in distributed.all_gather_objects(mine) if sh is not None]
+        shards += new
+        n_pairs += sum(sh["pairs"] for sh in new)
+        if main:
+            _record_round(out, key, shards, new, bar, n_pairs, on_shard)
+    bar.close()
+    if world > 1:
+        log.info("cache: process %d of %d wrote %d of %d shards", rank, world, wrote, n_shards)
+    if main:
+        _finish(out, config, shards, previous, N, ids, k, n_pairs, time.time() - t0, fused, tau_f, key)
+    distributed.barrier()
+    return out
 
-        with atomic_path(out / name) as tmp:
-            save_file(tensors, str(tmp))
-        n_pairs += pairs
-        shards.append({"file": name, "images": [s, e], "bytes": (out / name).stat().st_size,
-                       "sha256": sha256_file(out / name), "pairs": int(pairs)})
-        write_json(out / PARTIAL, {"key": key, "shards": shards})
-        bar.update(e - s)
+
+def _write_shard(out: Path, name: str, tensors: dict, s: int, e: int, pairs: int) -> dict:
+    """One shard's file (atomically) and its record."""
+    from safetensors.torch import save_file
+
+    with atomic_path(out / name) as tmp:
+        save_file(tensors, str(tmp))
+    return {"file": name, "images": [s, e], "bytes": (out / name).stat().st_size,
+            "sha256": sha256_file(out / name), "pairs": int(pairs)}
+
+
+def _record_round(out: Path, key: str, shards: list[dict], new: list[dict], bar, n_pairs: int, on_shard) -> None:
+    """partial.json after a round's shards are written; the progress bar and hook."""
+    from mcad.io import write_json
+
+    write_json(out / PARTIAL, {"key": key, "shards": shards})
+    for n, sh in enumerate(new):
+        bar.update(sh["images"][1] - sh["images"][0])
         bar.set_postfix(pairs=n_pairs)
         if on_shard is not None:
-            on_shard(len(shards) - 1)
-    bar.close()
-    secs = time.time() - t0
+            on_shard(len(shards) - len(new) + n)
+
+
+def _finish(out: Path, config, shards, previous, N, ids, k, n_pairs, secs, fused, tau_f, key) -> None:
+    """The manifest, then partial.json and the shards of a bigger earlier build go."""
     log.info("cache: %d images, %d fusion pairs, %.1f s", N, n_pairs, secs)
     write_manifest(out / "manifest.json", kind="teacher-cache", config=config or {},
                    files=[out / sh["file"] for sh in shards], format=FORMAT,
@@ -156,7 +194,38 @@ def build_cache(dual, fusion, pixels, ids: np.ndarray, image_captions: list[list
     (out / PARTIAL).unlink(missing_ok=True)
     for stale in sorted(previous - {sh["file"] for sh in shards}):  # shards of a bigger earlier build
         (out / stale).unlink(missing_ok=True)
-    return out
+
+
+@torch.no_grad()
+def encode_images_sharded(model, images) -> torch.Tensor:
+    """mcad.evaluate.encode_images of `images`, batch for batch: under torchrun each process encodes
+    its whole batches (distributed.chunk_range) and every process gets all rows."""
+    if distributed.world_size() == 1:
+        return encode_images(model, images)
+    from mcad.accelerator import autocast, model_device
+    from mcad.data.stream import as_images, image_batch
+    from mcad.preprocess import model_input, view_of
+
+    model.eval()
+    dev, bs = model_device(model), image_batch(int(model.image_size))
+    view = as_images(images).as_view(view_of(model))
+    s, e = distributed.chunk_range(len(view), bs)
+    local = torch.zeros(0, int(model.embed_dim))
+    if e > s:
+        with autocast(dev):
+            local = torch.cat([model.encode_image(model_input(model, px).to(dev)).float().cpu()
+                               for px in view.batches(np.arange(j, min(e, j + bs)) for j in range(s, e, bs))])
+    return distributed.all_gather_rows(local)
+
+
+@torch.no_grad()
+def encode_texts_sharded(model, ids: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
+    """mcad.evaluate.encode_texts of `ids`, batch for batch, each process encoding its whole batches."""
+    if distributed.world_size() == 1:
+        return encode_texts(model, ids, batch_size)
+    s, e = distributed.chunk_range(len(ids), batch_size)
+    local = encode_texts(model, ids[s:e], batch_size) if e > s else torch.zeros(0, int(model.embed_dim))
+    return distributed.all_gather_rows(local)
 
 
 def _recorded_files(out: Path) -> set[str]:

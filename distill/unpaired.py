@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcad.evaluate import encode_images, encode_texts
+from mcad import distributed
 from mcad.io import atomic_path, read_json, sha256_file, write_manifest
 
 log = logging.getLogger("mcad.cache")
@@ -99,27 +99,26 @@ def compute_tables(dual, fusion, images, ids: np.ndarray, f_ids: np.ndarray | No
                    pair_batch: int = 1024) -> UnpairedTables:
     """The teachers over unpaired `images` (mcad.data.stream.Images at D's view) and texts (`ids`:
     D's token ids; `f_ids`: F's, None where F reads D's). `with_f=False` leaves F out (its logits come
-    back as zeros: a dual-KD run never reads them); `fused` adds h_img/h_txt at `tau_f`."""
-    from mcad.distill.cache_build import fuse_pairs
-    from mcad.distill.losses import candidate_mix
-    from mcad.preprocess import view_of
+    back as zeros: a dual-KD run never reads them); `fused` adds h_img/h_txt at `tau_f`. F runs over
+    the candidate pairs a chunk of `chunk_images` images at a time.
 
-    v, t = encode_images(dual, images), encode_texts(dual, ids)
-    i2t, t2i = cross_top_k(v, t, k), cross_top_k(t, v, k)
+    Under torchrun every process calls it and gets the whole tables: each encodes its whole batches
+    of images and texts with D, rank 0 finds the candidates, and the chunks of F's pairs are dealt
+    round-robin; each chunk's work is the one-process run's, so the tables are the same numbers."""
+    from mcad.distill.cache_build import encode_images_sharded, encode_texts_sharded
+    from mcad.distill.losses import candidate_mix
+
+    v, t = encode_images_sharded(dual, images), encode_texts_sharded(dual, ids)
+    i2t, t2i = distributed.broadcast_object((cross_top_k(v, t, k), cross_top_k(t, v, k)) if distributed.is_main()
+                                            else None)
     n_img, n_txt = len(v), len(t)
     out = UnpairedTables(v, t, i2t, t2i, torch.zeros(i2t.shape), torch.zeros(t2i.shape))
     if not with_f:
         return out
     ui, uc, inverse = candidate_pairs(i2t, t2i, n_txt)
-    f_images, f_ids = images.as_view(view_of(fusion)), ids if f_ids is None else f_ids
-    starts = np.searchsorted(ui, np.arange(0, n_img + chunk_images, chunk_images))
-    hs, ms = [], []
     log.info("unpaired: F over %d candidate pairs of %d images and %d texts", len(ui), n_img, n_txt)
-    for s, e in zip(starts[:-1], starts[1:]):  # a chunk of images at a time: their tokens, then their pairs
-        if e > s:
-            h, m = fuse_pairs(fusion, f_images, f_ids, ui[s:e], uc[s:e], pair_batch, fused)
-            hs.append(h)
-            ms.append(m)
+    hs, ms = _fuse_chunks(fusion, images, ids if f_ids is None else f_ids, ui, uc, n_img, chunk_images, pair_batch,
+                          fused)
     m = torch.cat(ms)[torch.as_tensor(inverse)]
     n1 = i2t.size
     out.m_i2t, out.m_t2i = m[:n1].view(i2t.shape), m[n1:].view(t2i.shape)
@@ -129,6 +128,24 @@ def compute_tables(dual, fusion, images, ids: np.ndarray, f_ids: np.ndarray | No
         out.h_img = candidate_mix(h[:n1].view(*i2t.shape, W), out.m_i2t, torch.ones(i2t.shape, dtype=torch.bool), tau_f)
         out.h_txt = candidate_mix(h[n1:].view(*t2i.shape, W), out.m_t2i, torch.ones(t2i.shape, dtype=torch.bool), tau_f)
     return out
+
+
+def _fuse_chunks(fusion, images, f_ids: np.ndarray, ui: np.ndarray, uc: np.ndarray, n_img: int, chunk_images: int,
+                 pair_batch: int, fused: bool) -> tuple[list, list]:
+    """F's (h or None, m) of the pairs (ui, uc) (sorted by image), one entry per chunk of images that has
+    pairs, in order: a chunk's image tokens, then its pairs (cache_build.fuse_pairs). Under torchrun chunk
+    j is computed by process j % world and every process gets every chunk."""
+    from mcad.distill.cache_build import fuse_pairs
+    from mcad.preprocess import view_of
+
+    f_images = images.as_view(view_of(fusion))
+    starts = np.searchsorted(ui, np.arange(0, n_img + chunk_images, chunk_images))
+    spans = [(s, e) for s, e in zip(starts[:-1], starts[1:]) if e > s]
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = {j: fuse_pairs(fusion, f_images, f_ids, ui[s:e], uc[s:e], pair_batch, fused)
+            for j, (s, e) in enumerate(spans) if j % world == rank}
+    done = {j: hm for part in distributed.all_gather_objects(mine) for j, hm in part.items()}
+    return [done[j][0] for j in range(len(spans))], [done[j][1] for j in range(len(spans))]
 
 
 def batch_outputs(tables: UnpairedTables, img: np.ndarray, txt: np.ndarray) -> CrossOutputs:
@@ -260,6 +277,7 @@ def _pools(cfg: dict, un, tset, view, paired_images=None, paired_captions=None, 
     unpaired sources, the paired train split's images or captions standing in for one not given."""
     from mcad.data.unpaired import load_unpaired_texts, open_unpaired_images, texts_key
 
+    progress = progress and distributed.is_main()  # one bar under torchrun
     images = open_unpaired_images(un.images, view, cfg.get("workers"), progress) if un.images is not None \
         else paired_images
     texts = load_unpaired_texts(un.texts) if un.texts is not None else list(paired_captions)
@@ -288,14 +306,29 @@ def setup_unpaired(cfg: dict, un, tset, view, root: Path, with_f: bool, fused: b
         log.info("unpaired: teachers from the cache %s", root)
         record["teacher_outputs"] = f"cache {root}"
     batches = UnpairedBatches(tables.i2t, tables.t2i, int(cfg["batch_size"]), int(cfg["seed"]))
+    check_split(batches, int(cfg["batch_size"]), distributed.world_size())
     return UnpairedData(images, ids, tables, batches, key, record)
+
+
+def check_split(batches: UnpairedBatches, batch_size: int, world: int) -> None:
+    """Under torchrun each process encodes its slice of every unpaired batch (as of the paired ones):
+    a batch of fewer images or texts than batch_size (all there are) must split evenly too."""
+    if batches.b_img % world or batches.b_txt % world:
+        fit = min(batches.n_img, batches.n_txt) // world * world
+        raise ValueError(f"unpaired: batches of {batches.b_img} images and {batches.b_txt} texts (batch_size="
+                         f"{batch_size} or all there are) do not split over {world} processes: give batch_size a "
+                         f"multiple of {world}" + (f" of at most {fit}" if fit < batch_size else ""))
 
 
 def build_unpaired(cfg: dict, un, tset, out: Path, view, paired_images=None, paired_captions=None,
                    progress: bool = True) -> Path:
     """`mcad cache` over the unpaired data: every table (F's logits always, its fused features with
-    λ > 0) to `out`."""
+    λ > 0) to `out`; F's pairs a chunk of `cache_shard_images` images at a time (the paired shards' size)."""
     images, texts, ids, f_ids, key, record = _pools(cfg, un, tset, view, paired_images, paired_captions, progress)
     tau_f, fused = float(cfg["loss"]["tau_f"]), float(cfg["loss"]["lam"]) > 0
-    tables = compute_tables(tset.dual, tset.fusion, images, ids, f_ids, un.k, tau_f, True, fused)
-    return write_tables(out, tables, key, {"teachers": tset.hashes, **record}, tau_f)
+    tables = compute_tables(tset.dual, tset.fusion, images, ids, f_ids, un.k, tau_f, True, fused,
+                            chunk_images=int(cfg.get("cache_shard_images", 2048)))
+    if distributed.is_main():  # one writer (every process has the tables)
+        write_tables(out, tables, key, {"teachers": tset.hashes, **record}, tau_f)
+    distributed.barrier()
+    return out

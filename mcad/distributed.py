@@ -60,3 +60,63 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# -- sharded work without gradients (`mcad cache`, the unpaired tables) ----------------------------------
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def chunk_range(n: int, chunk: int) -> tuple[int, int]:
+    """This process's contiguous rows [start, stop) of n rows cut into chunks of `chunk` rows (the last
+    shorter): whole chunks only, as evenly as they go. Every chunk is the one a single process would
+    take, so per-chunk results (a batch's embeddings) are the ones it would compute."""
+    chunks = -(-int(n) // int(chunk))
+    r, w = rank(), world_size()
+    return min(n, (r * chunks // w) * chunk), min(n, ((r + 1) * chunks // w) * chunk)
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors live: this process's GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of `x` (any number each, the same trailing shape and dtype) concatenated in
+    rank order, on the CPU, no gradient."""
+    if not dist.is_initialized():
+        return x
+    dev = _comm_device()
+    n = torch.tensor([len(x)], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=dev)
+    pad[:len(x)] = x.detach().to(dev)
+    parts = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:s].cpu() for p, s in zip(parts, sizes)])
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's picklable `obj`, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Process `src`'s picklable `obj` on every process (what the others pass is ignored)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

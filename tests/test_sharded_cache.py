@@ -1,0 +1,100 @@
+"""`mcad cache` under torchrun (2 gloo processes) writes the cache one process writes: the same shard
+files and unpaired tables byte for byte, the same manifests but for their time fields, and a build
+killed part-way resumes from its partial.json under the other process count."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SHARD = 16  # 240 training images: 15 shards; 30 unpaired images: 2 chunks of F's pairs
+VOLATILE = {"created", "seconds"}  # the manifest's clock fields: when, and how long, a build took
+
+
+@pytest.fixture(scope="module")
+def sources(synth_root, tmp_path_factory):
+    """30 photos (the test split's images) and 50 queries (the val split's captions)."""
+    from mcad.data.karpathy import load_karpathy
+
+    root = tmp_path_factory.mktemp("sharded-sources")
+    photos = root / "photos"
+    photos.mkdir()
+    for n, src in enumerate(load_karpathy(synth_root / "dataset_synth.json", split="test").image_paths[:30]):
+        shutil.copy(src, photos / f"p{n:03d}.png")
+    queries = root / "queries.txt"
+    texts = load_karpathy(synth_root / "dataset_synth.json", split="val").captions[:50]
+    queries.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return photos, queries
+
+
+def _cache(nproc: int, out: Path, args: list[str]) -> str:
+    """Run `mcad cache` into `out` with `nproc` processes (one thread each); its stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "mcad.cli"] if nproc == 1 else \
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}", "-m", "mcad.cli"]
+    done = subprocess.run([*launch, "cache", f"cache={out}", f"threads={nproc}", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file the cache holds (not its lock or log), by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in (".lock", "cache.log")}
+
+
+def _manifest(raw: bytes) -> dict:
+    return {k: v for k, v in json.loads(raw).items() if k not in VOLATILE}
+
+
+def _assert_same_cache(one: Path, two: Path) -> None:
+    a, b = _files(one), _files(two)
+    assert sorted(a) == sorted(b)
+    assert sum(n.endswith(".safetensors") for n in a) == 240 // SHARD + 1  # the shards and the unpaired tables
+    for name in a:
+        if name.endswith("manifest.json"):
+            assert _manifest(a[name]) == _manifest(b[name]), name
+        else:
+            assert a[name] == b[name], f"{name} differs"
+
+
+def test_two_processes_write_the_one_process_cache(teachers, synth_root, sources, tmp_path):
+    photos, queries = sources
+    args = [f"data={synth_root}", f"teachers={teachers}", f"cache_shard_images={SHARD}", "loss.lam=0.5",
+            f"unpaired.images={photos}", f"unpaired.texts={queries}", "unpaired.k=3"]
+    _cache(1, tmp_path / "one", args)
+    log = _cache(2, tmp_path / "two", args)
+    assert "process 0 of 2 wrote 8 of 15 shards" in log and "process 1 of 2 wrote 7 of 15 shards" in log
+    _assert_same_cache(tmp_path / "one", tmp_path / "two")
+    assert json.loads((tmp_path / "one" / "manifest.json").read_text())["fused_features"]
+
+    # a one-process build killed after 5 shards (partial.json records them), resumed by two processes
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "one", killed)
+    manifest = json.loads((killed / "manifest.json").read_text())
+    (killed / "manifest.json").unlink()
+    shutil.rmtree(killed / "unpaired")
+    for sh in manifest["shards"][5:]:
+        (killed / sh["file"]).unlink()
+    (killed / "partial.json").write_text(json.dumps({"key": manifest["build_key"], "shards": [
+        {**sh, "pairs": _pairs(killed / sh["file"])} for sh in manifest["shards"][:5]]}))
+    log = _cache(2, killed, args)
+    assert "resuming after 5 of 15 shards" in (killed / "cache.log").read_text()
+    assert "process 1 of 2 wrote 5 of 15 shards" in log
+    _assert_same_cache(tmp_path / "one", killed)
+
+
+def _pairs(shard: Path) -> int:
+    """The fusion pairs a shard holds logits of (as build_cache counts them: m_t2i's r = 0 is m_i2t's)."""
+    from safetensors.torch import load_file
+
+    d = load_file(str(shard))
+    return int((~d["m_i2t"].isnan()).sum() + (~d["m_t2i"][:, :, 1:].isnan()).sum())
