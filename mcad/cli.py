@@ -117,6 +117,117 @@ def error_line(e: BaseException) -> str | None:
     return None
 
 
+# -- what reaches the console ------------------------------------------------------------------------
+# Libraries log and warn as they load (torchao's extension probes, triton's absence, faiss's CPU
+# feature probes, torch's deprecations): a user's console shows mcad's own lines and any error; the
+# rest goes to the run's log (the root logger's other handlers, e.g. a run's train.log).
+OWN_LOGGERS = ("mcad", "root", "__main__")
+# Loggers of libraries that print through a handler of their own (torch's, made when torch is
+# imported) rather than the root's: filtered on the logger, as their handler may not exist yet.
+# A logger's filter sees only the records made on that very logger, so the known ones are named; the
+# handler torch makes is filtered too once torch is loaded (LIBRARY_HANDLERS).
+OWN_HANDLER_LOGGERS = ("torch.utils._pytree",)
+LIBRARY_HANDLERS = ("torch",)  # loggers whose own console handlers get the filter once the library is loaded
+
+
+def is_own_logger(name: str) -> bool:
+    return any(name == n or name.startswith(n + ".") for n in OWN_LOGGERS)
+
+
+class LibraryNoise(logging.Filter):
+    """Passes mcad's own records and any error; a library's warnings and info are kept from the
+    console. `forward`: for a library's own handler, whose records never reach the root: they are
+    handed to the root's non-console handlers (the run's log) instead."""
+
+    def __init__(self, forward: bool = False):
+        super().__init__()
+        self.forward = forward
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or is_own_logger(record.name):
+            return True
+        if self.forward:
+            for h in logging.getLogger().handlers:
+                if not is_console(h) and record.levelno >= h.level:
+                    h.handle(record)
+        return False
+
+
+def is_console(handler: logging.Handler) -> bool:
+    return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (sys.stderr, sys.stdout)
+
+
+def own_dirs() -> tuple[str, ...]:
+    """The folders of mcad's code (the package and its stages, which may live elsewhere: package-dir)."""
+    import importlib.util
+
+    import mcad
+
+    dirs = list(mcad.__path__)
+    for stage in ("distill", "export", "quantize", "device", "benchmarks", "search"):
+        spec = importlib.util.find_spec(f"mcad.{stage}")
+        dirs += list(spec.submodule_search_locations or []) if spec else []
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
+
+
+def route_warnings() -> None:
+    """Python warnings become log records: mcad's own under `mcad.warnings` (shown), a library's
+    under `py.warnings` (the run's log only)."""
+    import warnings
+
+    if getattr(warnings.showwarning, "_mcad", False):
+        return
+    mine = own_dirs()
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        own = os.path.realpath(str(filename)).startswith(mine)
+        text = warnings.formatwarning(message, category, filename, lineno, "").rstrip()  # one line: no source
+        logging.getLogger("mcad.warnings" if own else "py.warnings").warning("%s", text)
+
+    showwarning._mcad = True
+    warnings.showwarning = showwarning
+
+
+def quiet_libraries() -> None:
+    """The console handler(s) of the root logger keep library noise out; so do the loggers of
+    OWN_HANDLER_LOGGERS. Idempotent (tests call `main` many times in one process)."""
+    for h in logging.getLogger().handlers:
+        if is_console(h) and not any(isinstance(f, LibraryNoise) for f in h.filters):
+            h.addFilter(LibraryNoise())
+    for name in OWN_HANDLER_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, LibraryNoise) for f in lg.filters):
+            lg.addFilter(LibraryNoise(forward=True))
+    for name in LIBRARY_HANDLERS:
+        if name in sys.modules:
+            for h in logging.getLogger(name).handlers:
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                        and not any(isinstance(f, LibraryNoise) for f in h.filters):
+                    h.addFilter(LibraryNoise(forward=True))
+    route_warnings()
+
+
+# -- SIGTERM -------------------------------------------------------------------------------------------
+class Terminated(SystemExit):
+    """SIGTERM as an exception: the command's stack unwinds (DataLoader workers are shut down, files
+    closed, locks released) and the process exits 128 + SIGTERM."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(128 + signum)
+
+
+def exit_on_sigterm():
+    """Install the SIGTERM handler where it may be (the main thread, nobody else's handler there);
+    -> the previous handler to restore, or None."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -128,8 +239,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    quiet_libraries()
+    previous = exit_on_sigterm()
+    try:
+        return run(name, rest)
+    except Terminated as e:
+        print(f"mcad {name}: terminated (SIGTERM)", file=sys.stderr)
+        return int(e.code)
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run(name: str, rest: list[str]) -> int:
     try:
         module = importlib.import_module(COMMANDS[name][0])
+        quiet_libraries()  # the handlers its imports made (torch's)
         if any(a in HELP_FLAGS for a in rest):
             print(command_help(name, module))
             return 0

@@ -133,3 +133,129 @@ def test_warmup_not_below_steps_warns_once_naming_both_keys(caplog):
         require_counts(recipe(["fusion.steps=5", "fusion.warmup=5"], "teachers"), TEACHERS)
     said = [r.getMessage() for r in caplog.records if r.name == "mcad.config"]
     assert len(said) == 1 and said[0].startswith("fusion.warmup=5 is not below fusion.steps=5:"), said
+
+
+# -- DataLoader workers end with their parent -----------------------------------------------------------
+# A command (through mcad.cli) reading a tiny folder of images with one DataLoader worker built by
+# mcad.data.scan._map (every loader of mcad is), whose second item blocks: the worker is busy, so only
+# its tie to the parent (not torch's check between batches) can end it.
+BLOCKING_COMMAND = r"""
+import multiprocessing, sys, time, types
+import numpy as np
+from PIL import Image
+from mcad import cli
+from mcad.data.scan import _map
+
+folder = sys.argv[1]
+paths = []
+for i in range(4):
+    paths.append(f"{folder}/{i}.png")
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(paths[-1])
+
+class Files:
+    def __len__(self):
+        return len(paths)
+    def __getitem__(self, i):
+        if i >= 1:
+            time.sleep(120)
+        return np.asarray(Image.open(paths[i]))
+
+def main(argv):
+    it = _map(Files(), 1)
+    assert next(it).shape == (8, 8, 3)
+    print("workers", *[p.pid for p in multiprocessing.active_children()], flush=True)
+    next(it)
+    return 0
+
+sys.modules["blocking_command"] = types.SimpleNamespace(main=main, __doc__="")
+cli.COMMANDS["block"] = ("blocking_command", "")
+sys.exit(cli.main(["block"]))
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # an orphan's zombie awaits a reaper that may never come: it has ended
+
+
+def start_blocking(tmp_path) -> tuple[subprocess.Popen, list[int]]:
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_COMMAND, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    first = proc.stdout.readline().split()
+    assert first[:1] == ["workers"], (first, proc.stderr.read() if proc.poll() is not None else "")
+    workers = [int(p) for p in first[1:]]
+    assert len(workers) == 1 and alive(workers[0])
+    time.sleep(0.5)  # the worker is inside the second item
+    assert alive(workers[0])
+    return proc, workers
+
+
+def wait_gone(pids: list[int], seconds: float = 10.0) -> list[int]:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_busy_dataloader_worker_ends_with_its_parent(sig, tmp_path):
+    proc, workers = start_blocking(tmp_path)
+    try:
+        proc.send_signal(sig)
+        code = proc.wait(timeout=30)
+        assert wait_gone(workers) == [], f"worker {workers} outlived its parent (killed by {sig.name})"
+        if sig == signal.SIGTERM:  # a clean exit: one line, 128 + SIGTERM, no traceback
+            err = proc.stderr.read()
+            assert code == 128 + signal.SIGTERM and "mcad block: terminated (SIGTERM)" in err, err
+            assert "Traceback" not in err, err
+    finally:
+        for p in [proc.pid, *workers]:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        proc.wait()
+
+
+# -- library noise stays out of the console, and in the log ---------------------------------------------
+NOISY_COMMAND = r"""
+import sys, types, warnings
+from pathlib import Path
+from mcad import cli
+
+def main(argv):
+    from mcad.checks import STUDENT, require_counts
+    from mcad.config import load_command_config
+    from mcad.distill.teachers import add_file_log
+
+    add_file_log(Path(argv[0]))  # a run's log, as the training commands keep one
+    import faiss, torch, torchao  # noqa: F401  (they log and warn as they load)
+    import mcad.checks
+    warnings.warn_explicit("a library's own warning", UserWarning, torch.__file__, 1)
+    warnings.warn_explicit("an mcad warning", UserWarning, mcad.checks.__file__, 1)
+    require_counts(load_command_config(["flickr30k", "steps=20"], "student"), STUDENT)
+    return 0
+
+sys.modules["noisy_command"] = types.SimpleNamespace(main=main, __doc__="")
+cli.COMMANDS["noisy"] = ("noisy_command", "")
+sys.exit(cli.main(["noisy", sys.argv[1]]))
+"""
+NOISE = ("torchao", "faiss", "triton", "_pytree", "Enum subclass", "a library's own warning")
+
+
+def test_library_noise_goes_to_the_log_not_the_console(tmp_path):
+    log = tmp_path / "run.log"
+    proc = subprocess.run([sys.executable, "-c", NOISY_COMMAND, str(log)], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    kept = log.read_text()
+    # the libraries did speak (this environment's torchao, faiss and torch do): into the log
+    heard = [n for n in NOISE if n in kept]
+    assert "faiss" in heard and "a library's own warning" in heard and len(heard) >= 4, kept
+    assert [n for n in heard if n in proc.stderr] == [], proc.stderr
+    # mcad's own warnings still reach the console (and the log)
+    for own in ("warmup=300 is not below steps=20", "an mcad warning"):
+        assert own in proc.stderr and own in kept, proc.stderr

@@ -3,11 +3,15 @@
 read again only when it changes. mcad.data.stream serves the images the scan let through."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
 import logging
 import os
+import signal
+import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -147,10 +151,36 @@ def _map(ds, workers: int) -> Iterator:
     """ds[0], ds[1], ... in order, computed by `workers` DataLoader processes (0: here)."""
     if workers <= 0 or len(ds) < 2:
         return (ds[i] for i in range(len(ds)))
+    from functools import partial
+
     from torch.utils.data import DataLoader
 
     return iter(DataLoader(ds, batch_size=None, shuffle=False, num_workers=int(workers),
-                           collate_fn=_as_is, prefetch_factor=2, persistent_workers=False))
+                           collate_fn=_as_is, prefetch_factor=2, persistent_workers=False,
+                           worker_init_fn=partial(_end_with_parent, os.getpid(),
+                                                  threading.current_thread() is threading.main_thread())))
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _end_with_parent(parent: int, main_thread: bool, worker_id: int) -> None:
+    """DataLoader worker start: the worker ends when the process that made it does, even one killed
+    mid-batch (SIGKILL, OOM), instead of decoding on as an orphan holding its memory. Linux:
+    prctl(PR_SET_PDEATHSIG, SIGTERM), which fires when the forking *thread* ends, so only for loaders
+    made by the main thread; elsewhere torch's own check of the parent (between batches)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler, inherited through fork
+    if not (sys.platform.startswith("linux") and main_thread) or os.getppid() != parent:  # spawn, forkserver
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the line above took effect
+        os._exit(1)
 
 
 def _as_is(x):  # items cross from the workers as they are (numpy arrays stay numpy)
