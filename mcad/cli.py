@@ -4,7 +4,9 @@ Each command lives in its stage's module as `main(argv) -> int`; this file only 
 stage's dependencies (ExecuTorch, LiteRT, faiss...) are imported only when that command runs.
 Every failure a user can cause or meet (bad input, a full disk, a missing permission, a damaged
 file a library refuses) ends as one line on stderr and exit 1 (`MCAD_DEBUG=1` shows the traceback);
-only a bug in mcad itself still shows a traceback."""
+only a bug in mcad itself still shows a traceback. SIGTERM ends a command as cleanly as its end does
+(exit 143, one line). The console shows mcad's own log lines and any error; what libraries log and
+warn as they load goes only to the run's log."""
 from __future__ import annotations
 
 import errno

@@ -22,6 +22,8 @@ the key before any work. A top-level `name` (a run's folder below `out=`) may no
 
 A recipe may start from another: `base: student` at its top takes every key of student.yaml and
 sets only those it names, which must be keys of the base (a typo in a shipped recipe is an error).
+A key a recipe of the chain leaves null can be unset again (`data.json=null`); a `data.format` given
+on the command line leaves out the recipe's data keys of its own format (mcad.data.spec.rebase).
 """
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ mcad/configs/student.yaml and teachers.yaml, checked here):
 `data=PATH` is short for the format its path shows: a folder is a synthetic root, `*.json` a Karpathy
 file, `*.csv`/`*.tsv` a CSV, `*.tar` or a brace pattern webdataset shards. Karpathy files hold their
 splits; a CSV or shard path holds one split, so per split give a mapping
-(`data.csv={train: train.csv, test: test.csv}`); a single path serves every split asked for.
+(`data.csv={train: train.csv, test: test.csv}`); a single path serves every split asked for, except
+to an evaluation, which takes it only with the split named (`check_eval_split`). A recipe's data keys
+of another format than the one the command line gives are left out (`rebase`, from mcad.config).
 
 Loaders import lazily, so importing this module stays light (no torch, no webdataset).
 """
