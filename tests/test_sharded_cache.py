@@ -14,22 +14,23 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SHARD = 16  # 240 training images: 15 shards; 30 unpaired images: 2 chunks of F's pairs
+SHARD = 8  # the val split's 40 images: 5 shards; 30 unpaired images: 4 chunks of F's pairs
 VOLATILE = {"created", "seconds"}  # the manifest's clock fields: when, and how long, a build took
 
 
 @pytest.fixture(scope="module")
 def sources(synth_root, tmp_path_factory):
-    """30 photos (the test split's images) and 50 queries (the val split's captions)."""
+    """30 photos (the test split's first images) and 50 queries (captions of its later images)."""
     from mcad.data.karpathy import load_karpathy
 
     root = tmp_path_factory.mktemp("sharded-sources")
     photos = root / "photos"
     photos.mkdir()
-    for n, src in enumerate(load_karpathy(synth_root / "dataset_synth.json", split="test").image_paths[:30]):
+    test = load_karpathy(synth_root / "dataset_synth.json", split="test")
+    for n, src in enumerate(test.image_paths[:30]):
         shutil.copy(src, photos / f"p{n:03d}.png")
     queries = root / "queries.txt"
-    texts = load_karpathy(synth_root / "dataset_synth.json", split="val").captions[:50]
+    texts = [c for c, i in zip(test.captions, test.caption_to_image) if i >= 30][:50]
     queries.write_text("\n".join(texts) + "\n", encoding="utf-8")
     return photos, queries
 
@@ -58,7 +59,7 @@ def _manifest(raw: bytes) -> dict:
 def _assert_same_cache(one: Path, two: Path) -> None:
     a, b = _files(one), _files(two)
     assert sorted(a) == sorted(b)
-    assert sum(n.endswith(".safetensors") for n in a) == 240 // SHARD + 1  # the shards and the unpaired tables
+    assert sum(n.endswith(".safetensors") for n in a) == 40 // SHARD + 1  # the shards and the unpaired tables
     for name in a:
         if name.endswith("manifest.json"):
             assert _manifest(a[name]) == _manifest(b[name]), name
@@ -68,27 +69,27 @@ def _assert_same_cache(one: Path, two: Path) -> None:
 
 def test_two_processes_write_the_one_process_cache(teachers, synth_root, sources, tmp_path):
     photos, queries = sources
-    args = [f"data={synth_root}", f"teachers={teachers}", f"cache_shard_images={SHARD}", "loss.lam=0.5",
+    args = [f"data={synth_root}", f"teachers={teachers}", "train_split=val", f"cache_shard_images={SHARD}", "loss.lam=0.5",
             f"unpaired.images={photos}", f"unpaired.texts={queries}", "unpaired.k=3"]
     _cache(1, tmp_path / "one", args)
     log = _cache(2, tmp_path / "two", args)
-    assert "process 0 of 2 wrote 8 of 15 shards" in log and "process 1 of 2 wrote 7 of 15 shards" in log
+    assert "process 0 of 2 wrote 3 of 5 shards" in log and "process 1 of 2 wrote 2 of 5 shards" in log
     _assert_same_cache(tmp_path / "one", tmp_path / "two")
     assert json.loads((tmp_path / "one" / "manifest.json").read_text())["fused_features"]
 
-    # a one-process build killed after 5 shards (partial.json records them), resumed by two processes
+    # a one-process build killed after 2 shards (partial.json records them), resumed by two processes
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "one", killed)
     manifest = json.loads((killed / "manifest.json").read_text())
     (killed / "manifest.json").unlink()
     shutil.rmtree(killed / "unpaired")
-    for sh in manifest["shards"][5:]:
+    for sh in manifest["shards"][2:]:
         (killed / sh["file"]).unlink()
     (killed / "partial.json").write_text(json.dumps({"key": manifest["build_key"], "shards": [
-        {**sh, "pairs": _pairs(killed / sh["file"])} for sh in manifest["shards"][:5]]}))
+        {**sh, "pairs": _pairs(killed / sh["file"])} for sh in manifest["shards"][:2]]}))
     log = _cache(2, killed, args)
-    assert "resuming after 5 of 15 shards" in (killed / "cache.log").read_text()
-    assert "process 1 of 2 wrote 5 of 15 shards" in log
+    assert "resuming after 2 of 5 shards" in (killed / "cache.log").read_text()
+    assert "process 1 of 2 wrote 1 of 5 shards" in log
     _assert_same_cache(tmp_path / "one", killed)
 
 
