@@ -10,9 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow
 
 SHARD = 8  # the val split's 40 images: 5 shards; 30 unpaired images: 4 chunks of F's pairs
 VOLATILE = {"created", "seconds"}  # the manifest's clock fields: when, and how long, a build took
@@ -67,6 +66,7 @@ def _assert_same_cache(one: Path, two: Path) -> None:
             assert a[name] == b[name], f"{name} differs"
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_one_process_cache(teachers, synth_root, sources, tmp_path):
     photos, queries = sources
     args = [f"data={synth_root}", f"teachers={teachers}", "train_split=val", f"cache_shard_images={SHARD}", "loss.lam=0.5",
@@ -99,3 +99,18 @@ def _pairs(shard: Path) -> int:
 
     d = load_file(str(shard))
     return int((~d["m_i2t"].isnan()).sum() + (~d["m_t2i"][:, :, 1:].isnan()).sum())
+
+
+def test_unpaired_batches_that_cannot_split_over_the_processes_are_one_line():
+    """Each process encodes its slice of every unpaired batch: a batch of all 15 images (fewer than
+    batch_size) cannot split over 2 processes, and the run says so before any work."""
+    from mcad.distill.unpaired import UnpairedBatches, check_split
+
+    few = UnpairedBatches(np.zeros((15, 2), dtype=np.int64), np.zeros((40, 2), dtype=np.int64), 16, seed=0)
+    with pytest.raises(ValueError, match=r"^unpaired: batches of 15 images and 16 texts \(batch_size=16 or all there "
+                                         r"are\) do not split over 2 processes: give batch_size a multiple of 2 of at "
+                                         r"most 14$"):
+        check_split(few, 16, 2)
+    check_split(few, 16, 1)  # one process takes any batch
+    check_split(UnpairedBatches(np.zeros((30, 2), dtype=np.int64), np.zeros((40, 2), dtype=np.int64), 16, 0), 16, 2)
+    assert [len(x) for x in few(0)] == [15, 16]
