@@ -114,3 +114,17 @@ def test_unpaired_batches_that_cannot_split_over_the_processes_are_one_line():
     check_split(few, 16, 1)  # one process takes any batch
     check_split(UnpairedBatches(np.zeros((30, 2), dtype=np.int64), np.zeros((40, 2), dtype=np.int64), 16, 0), 16, 2)
     assert [len(x) for x in few(0)] == [15, 16]
+
+
+def test_a_second_cache_into_the_same_folder_is_refused(synth_root, tmp_path, capsys):
+    """One writer per cache folder (under torchrun rank 0 holds it): refused in one line before any
+    teacher is looked for (there are none here: a build that got further fails on them)."""
+    from cli_helpers import held_lock, run_cli
+
+    out = tmp_path / "cache"
+    with held_lock(out, "cache") as holder:
+        code, err, _ = run_cli(["cache", f"data={synth_root}", f"teachers={tmp_path / 'no-teachers'}", f"cache={out}"],
+                               capsys)
+    assert code == 1 and err == [f"mcad cache: error: {out}: mcad cache (pid {holder.pid}) is writing this folder; "
+                                 f"wait for it to end or give another folder (one writer per folder)"], err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
