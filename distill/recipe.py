@@ -9,7 +9,8 @@ recipe: `StudentRecipe.setup`, `.train`, `.evaluate_and_save`.
   the fusion adapters); the student and its trainer.
 - train: L_clip + α L_dist + β L_feat on confuser batches.
 - evaluate_and_save: the test split, and the run folder (student.safetensors + config,
-  tokenizer.json, metrics.json, train.log, report.md, manifest.json).
+  tokenizer.json, metrics.json, train.log, report.md, manifest.json; a CLIPModel student also as
+  student-hf/, the folder `transformers.CLIPModel.from_pretrained` loads with no mcad code).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from mcad.data.stream import StepFeed
 from mcad.data.unpaired import UNPAIRED_DEFAULTS, parse_unpaired
 from mcad.distill.cache import TeacherCache, TeacherOutputs, candidate_lists, dual_neighbours
 from mcad.distill.fused import fused_on, setup_fused
+from mcad.distill.inherit import inherit_student, student_overrides
 from mcad.distill.losses import (FUSED, WITHIN, clip_loss, distribution_loss, feature_loss, mcad_targets,
                                  modified_features, single_teacher_loss)
 from mcad.distill.sampling import ConfuserBatches, caption_choice
@@ -42,7 +44,8 @@ from mcad.distill.trainer import Trainer
 from mcad.evaluate import evaluate_dual, image_keys
 from mcad.io import atomic_write_text, write_json, write_manifest
 from mcad.models.checkpoint import save_model
-from mcad.models.registry import count_params, create_model, student_overrides
+from mcad.models.clip_student import HF_FOLDER, save_run_hf
+from mcad.models.registry import count_params, create_model
 from mcad.preprocess import model_input, view_of
 from mcad.retrieval import recall_table
 from mcad.runs import run_dir, run_folder_lock
@@ -165,7 +168,8 @@ class StudentRecipe:
         self.run.mkdir(parents=True, exist_ok=True)
         add_file_log(self.run / "train.log")
         self.tset = load_teachers(cfg, self.device)
-        self.student_over = student_overrides(cfg["model"], self.tset.dual, self.tset.tokenizer)  # said before any work
+        self.student_over = student_overrides(cfg["model"], self.tset.dual, self.tset.tokenizer,  # said before any work
+                                              init=cfg.get("init", "scratch"))
         self.view = view_of(self.tset.dual)  # the student sees images as its dual teacher does (size, resize rule)
         self.pixels = self.corpus = None
         if self.paired:
@@ -222,8 +226,6 @@ class StudentRecipe:
         cfg, device, dual = self.cfg, self.device, self.tset.dual
         torch.manual_seed(self.seed)  # inherit: what has no counterpart in the teacher starts as scratch would
         if cfg.get("init", "scratch") == "inherit":
-            from mcad.distill.inherit import inherit_student
-
             self.student = inherit_student(cfg["model"], dual, towers=tuple(cfg["inherit"]["towers"]),
                                            overrides=self.student_over).to(device)
             log.info("student inherited from the dual teacher: %s", self.student.inheritance.get("towers"))
@@ -346,7 +348,7 @@ class StudentRecipe:
         return metrics
 
     def save(self, rows: dict, train_s: float) -> dict:
-        """student.safetensors, tokenizer.json, metrics.json, report.md, manifest.json."""
+        """student.safetensors, tokenizer.json, metrics.json, report.md, manifest.json (and student-hf/)."""
         cfg, tset, run, variant, student = self.cfg, self.tset, self.run, self.variant, self.student
         save_model(student, run / "student.safetensors", extra={"variant": variant, "seed": self.seed},
                    tokenizer=tset.tokenizer)
@@ -365,13 +367,16 @@ class StudentRecipe:
                    "teachers": tset.describe(), "data": self.data.describe(), "device": str(self.device),
                    "preprocess": pre, "config": cfg, **({"unpaired": self.unp.record} if self.unp else {})}
         write_json(run / "metrics.json", metrics)
+        hf_files = save_run_hf(student, run, tset.dual.name)  # a CLIPModel student: student-hf/ too
         atomic_write_text(run / "report.md", f"# {cfg['name']} ({variant}, seed {self.seed})\n\n{recall_table(rows)}\n\n"
                                              f"student {count_params(student):,} params; dual teacher "
                                              f"{count_params(tset.dual):,}\n")
         write_manifest(run / "manifest.json", kind="student-run", config=cfg,
-                       files=[run / "student.safetensors", run / "tokenizer.json", run / "metrics.json"],
+                       files=[run / "student.safetensors", run / "tokenizer.json", run / "metrics.json", *hf_files],
                        teachers={"specs": tset.describe(), "sha256": tset.hashes}, preprocess=pre,
-                       tokenizer={"file": "tokenizer.json", "kind": tset.tokenizer.kind, "of": tset.describe()["dual"]})
+                       tokenizer={"file": "tokenizer.json", "kind": tset.tokenizer.kind, "of": tset.describe()["dual"]},
+                       **({"student_hf": {"folder": HF_FOLDER, "loads_with": "transformers.CLIPModel.from_pretrained"}}
+                          if hf_files else {}))
         return metrics
 
 

@@ -39,6 +39,7 @@ STACKS = {"image": ("vision_model.", "vision_config", (("embeddings.class_embedd
                     ("pre_layrnorm", "post_layernorm"), "visual_projection.weight"),
           "text": ("text_model.", "text_config", (("embeddings.token_embedding.weight", 1),
                    ("embeddings.position_embedding.weight", 1)), ("final_layer_norm",), "text_projection.weight")}
+HF_FOLDER = "student-hf"  # a run's CLIPModel student as transformers' own folder (save_run_hf)
 SHAPE_KEYS = {"layers": "num_hidden_layers", "width": "hidden_size", "heads": "num_attention_heads",
               "mlp": "intermediate_size"}
 
@@ -254,18 +255,40 @@ def inherit_clip(teacher, student_cfg="clip", towers=("image", "text"), override
 # -- the folder transformers loads -----------------------------------------------------------------------
 def save_hf_folder(student: CLIPStudent, folder, tokenizer_from=None) -> Path:
     """`folder`: the student's save_pretrained files, its teacher's tokenizer files and image
-    processor config (`tokenizer_from`: the teacher's folder; default: the one it was cut from),
-    written beside and renamed into place."""
+    processor config (`tokenizer_from`: the teacher's folder; default: the one it was cut from).
+    Written into a temp folder beside it, every file synced, then renamed into place (a folder
+    already there is moved aside first and removed after), so `folder` is never half-written."""
     src = Path(tokenizer_from if tokenizer_from is not None else getattr(student, "teacher_folder", ""))
     check_tokenizer_files(src)
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = (folder.with_name(f".{folder.name}.{tag}-{os.getpid()}") for tag in ("tmp", "old"))
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
     student.hf.save_pretrained(str(tmp))
     for name in TOKENIZER_FILES + ("preprocessor_config.json",):
         if (src / name).exists():
             shutil.copyfile(src / name, tmp / name)
+    for f in tmp.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     if folder.exists():
-        shutil.rmtree(folder)
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def save_run_hf(student, run, teacher) -> list[Path]:
+    """A run's CLIPModel student (model=clip, cut from a transformers CLIPModel teacher) also as
+    <run>/student-hf/, for users who load it with transformers alone; `teacher`: the teacher's folder
+    or a repo id in the local HF cache (its tokenizer and image processor files go with it). The files
+    written, for the run's manifest; [] for any other student."""
+    if not isinstance(student, CLIPStudent):
+        return []
+    from mcad.models.hf_teachers import resolve_folder
+
+    folder = save_hf_folder(student, Path(run) / HF_FOLDER, tokenizer_from=resolve_folder(teacher, "hf-clip"))
+    return sorted(p for p in folder.iterdir() if p.is_file())
