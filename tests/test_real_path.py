@@ -229,7 +229,12 @@ def test_eval_reads_every_format_the_same(real, tmp_path):
     for fmt, args in specs.items():
         assert main(["eval", *teach, *args, f"json={tmp_path / fmt}.json"]) == 0
         tables[fmt] = json.loads((tmp_path / f"{fmt}.json").read_text())
+    # the "data" entry names each format's own source; the split, its size and every metric agree
+    data = {fmt: t.pop("data") for fmt, t in tables.items()}
     assert tables["karpathy"] == tables["csv"] and len(tables["karpathy"]) == 2  # dual + BLIP re-rank rows
+    for d in data.values():
+        assert d["split"] == "test" and d["images"] == data["karpathy"]["images"] > 0, data
+    assert data["karpathy"]["captions"] == data["csv"]["captions"] > 0, data
     kp, kc = spec.load_split({"format": "karpathy", "json": str(real["json"]), "image_root": str(real["images"])},
                              "test", CLIP_SIZE, progress=False)
     wp, wc = spec.load_split({"format": "wds", "shards": str(real["shards"]["test"])}, "test", CLIP_SIZE, progress=False)
