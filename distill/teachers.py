@@ -178,13 +178,14 @@ def train_fusion(cfg: dict, dual, pixels, ids, corpus, out: Path, seed: int, rec
 
 
 def main(argv: list[str]) -> int:
-    from mcad.data.spec import parse, shorthand
+    from mcad.data.spec import check_train_and_eval_files, parse, shorthand
 
     # keys checked against the recipe: a typo is an error; `data=PATH` is short for the data spec
     cfg = load_command_config(argv, "teachers", shorthands={"data": shorthand})
     require_counts(cfg, TEACHER_COUNTS)
     torch.set_num_threads(int(cfg.get("threads", 2)))
     data, out, seed = parse(cfg["data"]), Path(cfg["out"]), int(cfg["seed"])
+    check_train_and_eval_files(data, "test")  # before the run folder exists
     device = resolve_device(cfg.get("device"))
     with run_folder_lock(out, "teachers"):  # one writer: a second run into out= is refused, naming this one
         return train_teachers(cfg, data, out, seed, device)
@@ -194,6 +195,8 @@ def train_teachers(cfg: dict, data, out: Path, seed: int, device) -> int:
     """Both teachers into `out` (held by this process), then their test metrics."""
     add_file_log(out / "train.log")
     timings: dict[str, float] = {}
+
+    from mcad.data.spec import split_line, split_record
 
     t0 = time.time()
     dual_cfg = create_model(cfg["dual"]["model"]).config
@@ -240,8 +243,10 @@ def train_teachers(cfg: dict, data, out: Path, seed: int, device) -> int:
     timings["eval_s"] = time.time() - t0
     rows = {"dual teacher": d_metrics, f"fusion teacher (re-rank dual top-{k})": f_metrics}
     table = recall_table(rows)
+    evaluated = split_record(test_c, data)
+    print(split_line(evaluated))
     print(table)
-    metrics = {"test": rows, "params": {"dual": count_params(dual), "fusion": count_params(fusion)},
+    metrics = {"test": rows, "data": evaluated, "params": {"dual": count_params(dual), "fusion": count_params(fusion)},
                "timings_s": timings, "config": cfg,
                "fusion_beats_dual_r1": bool(f_metrics["t2i_r1"] > d_metrics["t2i_r1"] and f_metrics["i2t_r1"] > d_metrics["i2t_r1"])}
     write_json(out / "metrics.json", metrics)

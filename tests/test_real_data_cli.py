@@ -259,3 +259,16 @@ def test_library_noise_goes_to_the_log_not_the_console(tmp_path):
     # mcad's own warnings still reach the console (and the log)
     for own in ("warmup=300 is not below steps=20", "an mcad warning"):
         assert own in proc.stderr and own in kept, proc.stderr
+
+
+def test_teachers_refuse_one_file_for_train_and_test(tmp_path):
+    """`mcad teachers data=all.csv` would train on the rows it then reports as test metrics: refused
+    in one line naming the file and the per-split fix, before the run folder is made."""
+    from mcad.distill.teachers import main as teachers_main
+
+    csv = tmp_path / "all.csv"
+    csv.write_text("filepath,caption\na.png,a red circle\n")
+    out = tmp_path / "teachers"
+    with pytest.raises(ValueError, match=r"data\.csv=.*all\.csv: one file serves every split.*data\.csv=\{train"):
+        teachers_main([f"data={csv}", f"out={out}"])
+    assert not out.exists()

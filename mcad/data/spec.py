@@ -181,6 +181,16 @@ def check_eval_split(spec: Any, split: str, split_key: str, named: bool) -> None
                          f"or say which split this file is ({split_key}={split})")
 
 
+def check_train_and_eval_files(spec: Any, split: str) -> None:
+    """A command that trains on one split and evaluates on another must read two sets of rows: one
+    file given for every split would report its training rows as the `split` metrics."""
+    one = single_file(parse(spec))
+    if one is not None:
+        key, path = one
+        raise ValueError(f"data.{key}={path}: one file serves every split, so the {split} metrics would score the "
+                         f"training rows; give each split its own file (data.{key}={{train: ..., {split}: ...}})")
+
+
 def split_record(corpus, spec: Any) -> dict:
     """What an evaluation read, for its output and records: the split, its file(s), its size."""
     return {"split": corpus.split, "source": corpus.report.source, "images": corpus.n_images,
