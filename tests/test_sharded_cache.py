@@ -69,8 +69,8 @@ def _assert_same_cache(one: Path, two: Path) -> None:
 @pytest.mark.slow
 def test_two_processes_write_the_one_process_cache(teachers, synth_root, sources, tmp_path):
     photos, queries = sources
-    args = [f"data={synth_root}", f"teachers={teachers}", "train_split=val", f"cache_shard_images={SHARD}", "loss.lam=0.5",
-            f"unpaired.images={photos}", f"unpaired.texts={queries}", "unpaired.k=3"]
+    args = [f"data={synth_root}", f"teachers={teachers}", "train_split=val", f"cache_shard_images={SHARD}",
+            "loss.lam=0.5", f"unpaired.images={photos}", f"unpaired.texts={queries}", "unpaired.k=3"]
     _cache(1, tmp_path / "one", args)
     log = _cache(2, tmp_path / "two", args)
     assert "process 0 of 2 wrote 3 of 5 shards" in log and "process 1 of 2 wrote 2 of 5 shards" in log
