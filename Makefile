@@ -17,7 +17,7 @@ TEACHER_ARGS ?=
 .PHONY: install data teachers cache student ablation export bench gate search-bench report test test-fast lint clean help
 
 help:
-	@echo "make install | data | teachers | cache | student [CONFIG=... ARGS='k=v ...' NPROC=2] | ablation"
+	@echo "make install | data | teachers | cache [NPROC=2] | student [CONFIG=... ARGS='k=v ...' NPROC=2] | ablation"
 	@echo "make export TARGET=cpu|snapdragon|dimensity [RUN=runs/<name>] [STRICT=1] [HUB=1]"
 	@echo "make bench DEVICE=local|<adb-serial>|qaihub:<name> [RUN=...] | gate [RUN=...] | report | test | test-fast"
 
