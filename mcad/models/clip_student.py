@@ -265,7 +265,7 @@ def save_hf_folder(student: CLIPStudent, folder, tokenizer_from=None) -> Path:
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
     student.hf.save_pretrained(str(tmp))
-    for name in TOKENIZER_FILES + ("preprocessor_config.json",):
+    for name in TOKENIZER_FILES + ("preprocessor_config.json", "processor_config.json"):
         if (src / name).exists():
             shutil.copyfile(src / name, tmp / name)
     for f in tmp.iterdir():
