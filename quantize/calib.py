@@ -1,8 +1,11 @@
 """Calibration and held-out sets drawn from a data set (any format `data=` takes; the training split
-by default), preprocessed exactly as the model sees them: normalised pixels and token ids."""
+by default), preprocessed exactly as the model sees them: normalised pixels and token ids; and ONNX
+Runtime's histogram calibration over them, streamed (one sample's activations held at a time)."""
 from __future__ import annotations
 
 import logging
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +85,94 @@ def load_samples(model, tokenizer, data=None, n: int = 256, split: str = "train"
     where = spec.describe() if spec.format != "karpathy" else spec.get("json")
     log.info("%s: %d images, %d captions from split %s of %s", "samples", len(pixels), len(ids), split, where)
     return Samples(pixels, ids, np.asarray(c2i, dtype=np.int64), f"{where}:{split}")
+
+
+# -- ONNX Runtime's histogram calibration, streamed --------------------------------------------------
+# ORT's histogram calibrators (percentile, entropy, distribution) keep every calibrated tensor of every
+# sample until the last one is run, then bin them: at 224 px with a few hundred samples that is GBs.
+# The same histograms come from two passes that hold one sample at a time: the ranges first, then the
+# counts, binned over those ranges with the same bin count (np.histogram assigns each value from the
+# range and bin count alone, so summed counts equal the all-at-once ones and the ranges are exact).
+def streamed_collect(cal, data_reader) -> None:
+    """`collect_data` for an ORT HistogramCalibrater `cal`: leaves `cal.collector` as ORT's one-pass
+    collection would, from two passes over `data_reader` (which must `rewind`)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    if cal.collector is not None:
+        raise ValueError("streamed calibration collects once per calibrator (ORT's chunked collection is not streamed)")
+    names = [o.name for o in cal.infer_session.get_outputs()]
+    take = [(i, n) for i, n in enumerate(names) if n in cal.tensors_to_calibrate]
+    absolute = cal.method == "percentile" and cal.symmetric  # ORT bins |x| over [min |x|, max |x|]
+    stats: dict[str, list] = {}
+    for outs in _runs(cal, data_reader):
+        for i, name in take:
+            x = np.asarray(outs[i]).ravel()
+            if x.size == 0:
+                continue
+            s = [np.nanmin(x), np.nanmax(x)] + ([np.absolute(x).min(), np.absolute(x).max()] if absolute else [])
+            stats[name] = s if name not in stats else [min(stats[name][0], s[0]), max(stats[name][1], s[1]),
+                                                        *[f(a, b) for f, a, b in zip((min, max), stats[name][2:], s[2:])]]
+    if not stats:
+        raise ValueError("No data is collected.")
+    data_reader.rewind()
+    hists: dict[str, list] = {}
+    for outs in _runs(cal, data_reader):
+        for i, name in take:
+            if name not in stats:
+                continue
+            x = np.asarray(outs[i]).ravel()
+            rng = (stats[name][2], stats[name][3]) if absolute else _symmetric(stats[name], x.dtype)
+            h, edges = np.histogram(np.absolute(x) if absolute else x, bins=cal.num_bins, range=rng)
+            if name in hists:
+                hists[name][0] += h
+            else:
+                hists[name] = [h, edges, x.dtype]
+    collector = HistogramCollector(method=cal.method, symmetric=cal.symmetric, num_bins=cal.num_bins,
+                                   num_quantized_bins=cal.num_quantized_bins, percentile=cal.percentile,
+                                   scenario=cal.scenario)
+    for _, name in take:
+        if name in hists:
+            h, edges, dtype = hists[name]
+            lo, hi = stats[name][:2]
+            collector.histogram_dict[name] = ((h, edges.astype(dtype), lo, hi) if absolute
+                                              else (h, edges, lo, hi, _symmetric(stats[name], dtype)[1]))
+    cal.collector = collector
+
+
+def _runs(cal, data_reader):
+    """The calibrated model's outputs, one sample at a time."""
+    while True:
+        inputs = data_reader.get_next()
+        if not inputs:
+            return
+        yield cal.infer_session.run(None, inputs)
+
+
+def _symmetric(stat: list, dtype) -> tuple:
+    """ORT's (-t, t) histogram range of a tensor binned by value, t = max(|min|, |max|)."""
+    t = np.array(max(abs(stat[0]), abs(stat[1])), dtype=dtype)
+    return (-t, t)
+
+
+@contextmanager
+def streamed_onnx_calibration():
+    """While open, ORT's `quantize_static` calibrates its histogram methods with `streamed_collect`
+    (one sample's tensors held at a time; same ranges); MinMax already keeps only reductions."""
+    import importlib
+
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module `quantize_static` reads
+    create = ort_quantize.create_calibrator
+
+    def create_streamed(*args, **kwargs):
+        cal = create(*args, **kwargs)
+        if isinstance(cal, HistogramCalibrater):
+            cal.collect_data = types.MethodType(streamed_collect, cal)
+        return cal
+
+    ort_quantize.create_calibrator = create_streamed
+    try:
+        yield
+    finally:
+        ort_quantize.create_calibrator = create
