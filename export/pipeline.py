@@ -17,6 +17,7 @@ export.bound) or when asked for (any_gallery_search=1), full-integer TFLite's on
 """
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import time
@@ -130,7 +131,8 @@ class Exporter:
         for backend in tqdm(o.plan(), desc=f"export {o.target}", unit="backend", disable=not o.progress):
             t0 = time.perf_counter()
             module(backend).build(self.job)
-            log.info("%s: %s built in %.1f s", o.target, backend, time.perf_counter() - t0)
+            gc.collect()  # its quantized graphs and lowered programs hold reference cycles: free them before the next
+            log.info("%s: %s built in %.1f s (%s)", o.target, backend, time.perf_counter() - t0, rss())
 
     def check(self) -> dict:
         """Run every artifact in its runtime on the held-out data; the parity record, a verdict per artifact."""
@@ -138,7 +140,7 @@ class Exporter:
         run_artifacts(self.job.artifacts, self.held)
         bound = self.job.bound
         parity = judge(self.job.artifacts, self.held, bound.rows if bound is not None else None, self.job.simulated)
-        log.info("%s: parity checks in %.1f s", self.opts.target, time.perf_counter() - t0)
+        log.info("%s: parity checks in %.1f s (%s)", self.opts.target, time.perf_counter() - t0, rss())
         return parity
 
     def export(self) -> dict:
@@ -146,6 +148,7 @@ class Exporter:
         The manifest is written last, when every file it lists is in place: a re-export first takes
         the previous one away (readers refuse the folder until the new one is there)."""
         self.calibrate()  # before the folder is touched: a data set that cannot be used leaves nothing
+        log.info("%s: samples loaded (%s)", self.opts.target, rss())
         made = folder.begin(self.out, self.planned_files())
         try:
             with folder_lock(self.out, "export", remove=True):  # one writer per export folder
@@ -162,6 +165,20 @@ class Exporter:
             folder.abandon(self.out, made, self.planned_files())
             raise
         return record
+
+
+def rss() -> str:
+    """This process's resident memory now and at its peak (Linux's /proc; elsewhere the peak alone)."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        now, peak = (int(status[k].split()[0]) // 1024 for k in ("VmRSS", "VmHWM"))
+        return f"RSS {now} MB, peak {peak} MB"
+    except (OSError, KeyError, ValueError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KB elsewhere
+        return f"peak RSS {peak // (1 << 20 if sys.platform == 'darwin' else 1 << 10)} MB"
 
 
 def default_out(run: Path, opts: Options) -> Path:
