@@ -148,11 +148,18 @@ class LibraryNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR or is_own_logger(record.name):
             return True
-        if self.forward:
+        if self.forward and not getattr(record, "_mcad_forwarded", False):
+            # once per record: a root handler that is itself a library's (or filters like this one)
+            # would hand it back here without end
+            record._mcad_forwarded = True
             for h in logging.getLogger().handlers:
-                if not is_console(h) and record.levelno >= h.level:
+                if not is_console(h) and record.levelno >= h.level and not _forwards(h):
                     h.handle(record)
         return False
+
+
+def _forwards(handler: logging.Handler) -> bool:
+    return any(isinstance(f, LibraryNoise) and f.forward for f in handler.filters)
 
 
 def is_console(handler: logging.Handler) -> bool:

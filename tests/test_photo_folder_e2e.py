@@ -70,8 +70,9 @@ def teachers_and_unpaired(f: dict, out: Path) -> list[str]:
 
 def mcad(what: str, argv: list[str], cwd: Path, capsys=None, process: bool = False) -> str:
     """One command, checked for exit 0; its stdout. In this process (`mcad.cli.main`), or with
-    `process` in one of its own as a user types it (`python -m mcad.cli`: the export and the bench,
-    whose ONNX and onnxruntime state a long test process should not share). Wall times go to COSTS."""
+    `process` in one of its own as a user types it. The export and the bench run in this process after
+    the others on purpose: library log records forwarded to the run's log must not loop (they did).
+    Wall times go to COSTS."""
     t0 = time.time()
     if process:
         r = subprocess.run([sys.executable, "-m", "mcad.cli", *argv], capture_output=True, text=True, timeout=600,
@@ -160,13 +161,13 @@ torch.save({{"img": n(img, dim=-1), "txt": n(txt, dim=-1), "files": n(fimg, dim=
     # export for this machine, bench, then index the photo folder and search it with a query
     mcad("mcad export target=cpu (onnx fp32)", ["export", "target=cpu", f"run={run}", "backends=onnx", "precision=fp32",
                                                 "calib=8", "parity_images=4", "queries=2", "roles=text,image",
-                                                "progress=0"], tmp_path, process=True)
+                                                "progress=0"], tmp_path, process=False)
     exp = json.loads((run / "export" / "cpu" / "manifest.json").read_text())
     assert {a["role"] for a in exp["artifacts"]} == {"text", "image"} and exp["image_size"] == CLIP_SIZE
     assert all(a.get("parity_pass", True) for a in exp["artifacts"])
     mcad("mcad bench device=local", ["bench", "device=local", f"run={run}", "quick=1", "galleries=200", "threads=1",
                                      "peers=none", "mobile=0", "image=0", "target=cpu", f"out={tmp_path / 'bench'}",
-                                     "results=none"], tmp_path, process=True)
+                                     "results=none"], tmp_path, process=False)
     bench = json.loads(next((tmp_path / "bench").glob("*.json")).read_text())
     assert bench["errors"] == [] and {r["subject"] for r in bench["rows"]} == {"student"}
     enc = run / "export" / "cpu"

@@ -272,3 +272,31 @@ def test_teachers_refuse_one_file_for_train_and_test(tmp_path):
     with pytest.raises(ValueError, match=r"data\.csv=.*all\.csv: one file serves every split.*data\.csv=\{train"):
         teachers_main([f"data={csv}", f"out={out}"])
     assert not out.exists()
+
+
+def test_library_records_reach_the_log_once(tmp_path):
+    """A library's own handler forwards its records to the run's log; a root handler that forwards
+    too (a library's handler put on the root, or a log handler whose stream is no longer the console)
+    must not hand the record back: one line in the log, no recursion."""
+    import io
+
+    from mcad.cli import LibraryNoise
+
+    root, lib = logging.getLogger(), logging.getLogger("somelib.worker")
+    log_buf, loop_buf = io.StringIO(), io.StringIO()
+    run_log, looping = logging.StreamHandler(log_buf), logging.StreamHandler(loop_buf)
+    looping.addFilter(LibraryNoise(forward=True))
+    own = logging.StreamHandler(io.StringIO())
+    own.addFilter(LibraryNoise(forward=True))
+    lib.addHandler(own)
+    lib.propagate = False
+    for h in (run_log, looping):
+        root.addHandler(h)
+    try:
+        lib.warning("probe %d", 7)
+    finally:
+        for h in (run_log, looping):
+            root.removeHandler(h)
+        lib.removeHandler(own)
+        lib.propagate = True
+    assert log_buf.getvalue().count("probe 7") == 1 and loop_buf.getvalue() == ""
