@@ -136,6 +136,8 @@ class StudentRecipe:
         if not self.paired and fused_on(self.variant, self.weights["lam"]):
             raise ValueError(f"loss.lam={self.weights['lam']:g} with unpaired.paired=false: the fusion adapters are "
                              f"fitted on the train split's pairs; set loss.lam=0, or unpaired.paired=true")
+        if self.paired:  # the labelled pairs and the test split must be two sets of rows
+            data_spec.check_train_and_eval_files(cfg["data"], cfg["eval"]["split"])
         self.adapters = None  # the fusion adapters: only on the fused-feature path (λ > 0)
         self.unp = None  # the unpaired data (distill.unpaired.UnpairedData): only where `unpaired:` gives some
         self.cache, self.cache_dir = None, teacher_spec.cache_dir(cfg)
@@ -236,8 +238,10 @@ class StudentRecipe:
                                    "txt": nn.Linear(self.student.embed_dim, dual.embed_dim, bias=False)}).to(device)
         self.forward = self.student
         if self.world > 1:
+            # unpaired only: no label term, so logit_scale gets no gradient and DDP must not wait for it
             self.forward = torch.nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[device.index] if device.type == "cuda" else None)
+                self.student, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=not self.paired)
         recipe = {k: v for k, v in comparable(cfg).items() if k not in ("threads", "seeds", "variants", "results",
                                                                        "name", "out")}
         self.trainer = Trainer({"student": self.student, "proj": self.proj}, cfg,
@@ -342,7 +346,9 @@ class StudentRecipe:
         rows["dual teacher"] = known.get("dual teacher") or \
             evaluate_dual(tset.dual, self.test_px, self.test_ids, test_c.caption_to_image)[0]
         rows.update({name: r for name, r in known.items() if name.startswith("fusion")})
+        self.evaluated = data_spec.split_record(test_c, self.data)
         metrics = self.save(rows, train_s)
+        print(data_spec.split_line(self.evaluated))
         print(recall_table(rows))
         distributed.barrier()
         return metrics
@@ -364,10 +370,11 @@ class StudentRecipe:
                    "step_s": train_s / max(1, tr.steps - (tr.history[0]["step"] - 1 if tr.history else 0)),
                    "share_of_teacher_r1": {n: {d: rows["student"][f"{d}_r1"] / max(1e-9, r[f"{d}_r1"])
                                                for d in ("i2t", "t2i")} for n, r in rows.items() if n != "student"},
-                   "teachers": tset.describe(), "data": self.data.describe(), "device": str(self.device),
+                   "teachers": tset.describe(), "data": self.data.describe(), "evaluated": self.evaluated,
+                   "device": str(self.device),
                    "preprocess": pre, "config": cfg, **({"unpaired": self.unp.record} if self.unp else {})}
         write_json(run / "metrics.json", metrics)
-        hf_files = save_run_hf(student, run, tset.dual.name)  # a CLIPModel student: student-hf/ too
+        hf_files = save_run_hf(student, run, getattr(tset.dual, "name", None))  # a CLIPModel student: student-hf/ too
         atomic_write_text(run / "report.md", f"# {cfg['name']} ({variant}, seed {self.seed})\n\n{recall_table(rows)}\n\n"
                                              f"student {count_params(student):,} params; dual teacher "
                                              f"{count_params(tset.dual):,}\n")

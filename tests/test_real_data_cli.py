@@ -300,3 +300,16 @@ def test_library_records_reach_the_log_once(tmp_path):
         lib.removeHandler(own)
         lib.propagate = True
     assert log_buf.getvalue().count("probe 7") == 1 and loop_buf.getvalue() == ""
+
+
+def test_student_refuses_one_file_for_its_pairs_and_test(tmp_path):
+    """A student that trains on labelled pairs and reports test metrics from the same single file
+    would score its training rows: refused in one line before anything loads."""
+    from mcad.distill.recipe import StudentRecipe
+
+    csv = tmp_path / "all.csv"
+    csv.write_text("filepath,caption\na.png,a red circle\n")
+    cfg = load_command_config([f"data={csv}", f"out={tmp_path / 'runs'}"], "student",
+                              shorthands={"data": data_spec.shorthand})
+    with pytest.raises(ValueError, match=r"data\.csv=.*all\.csv: one file serves every split, so the test metrics"):
+        StudentRecipe(cfg, progress=False)
