@@ -159,6 +159,19 @@ class StudentRecipe:
             log.info("unpaired data: not read by variant=none (labels only)")
         self._student()
 
+    def _sync_batchnorm(self, device: torch.device) -> None:
+        """Each process normalises its slice of the global batch: with BatchNorm (conv students) the
+        N-process step equals the one-process step only if the statistics are synchronised, which
+        torch does on GPUs alone (SyncBatchNorm); on CPUs the statistics stay per process, said once."""
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules()):
+            return
+        if device.type == "cuda":
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        elif distributed.is_main():
+            log.warning("%s has BatchNorm and SyncBatchNorm needs GPUs: on CPU each of the %d processes normalises "
+                        "its own slice of the batch (not the one-process step; a ViT student, or one process, is)",
+                        self.cfg["model"], self.world)
+
     def _load_teachers_and_data(self) -> None:
         cfg, progress = self.cfg, self.progress
         self.data = data_spec.parse(cfg["data"])
@@ -238,6 +251,7 @@ class StudentRecipe:
                                    "txt": nn.Linear(self.student.embed_dim, dual.embed_dim, bias=False)}).to(device)
         self.forward = self.student
         if self.world > 1:
+            self._sync_batchnorm(device)
             # unpaired only: no label term, so logit_scale gets no gradient and DDP must not wait for it
             self.forward = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[device.index] if device.type == "cuda" else None,

@@ -1,7 +1,8 @@
 """Data parallel through torchrun (NCCL on GPUs, gloo on CPUs). Each process encodes its slice of the global batch;
 embeddings are gathered with gradient (open_clip's gather_with_grad), so the contrastive and
 distillation losses see the whole global batch, and DDP's gradient averaging then equals the
-single-process gradient of the global-batch loss.
+single-process gradient of the global-batch loss (for BatchNorm students only with synchronised
+statistics: SyncBatchNorm, GPUs only; distill.recipe converts them there).
 
 Work without gradients (`mcad cache`, the unpaired tables) is shared out instead: each process takes
 whole chunks of rows (`chunk_range`), the results are gathered (`all_gather_rows`,

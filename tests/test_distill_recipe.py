@@ -140,9 +140,11 @@ def test_variants_zero_the_weights_they_do_not_use():
     assert loss_weights("mcad", L) == {"alpha": 20, "beta": 1, "mu": 1, "lam": 0.5}
 
 
-def test_ddp_two_processes_match_one(teachers, synth_root, tmp_path):
+@pytest.mark.parametrize("data", ["paired", "unpaired-only"])
+def test_ddp_two_processes_match_one(data, teachers, synth_root, tmp_path):
     """torchrun with 2 gloo processes gives the same student as one process (ViT student: no
-    BatchNorm, whose per-process statistics would legitimately differ)."""
+    BatchNorm, whose per-process statistics differ on CPUs), on labelled pairs and on unpaired
+    images and texts alone (no label term: logit_scale gets no gradient, which DDP must allow)."""
     import os
     import subprocess
     import sys
@@ -154,6 +156,9 @@ def test_ddp_two_processes_match_one(teachers, synth_root, tmp_path):
 
     common = [f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "variant=dual", "steps=3",
               "batch_size=16", "threads=2", "warmup=1", "model=student-tiny-vit"]
+    if data == "unpaired-only":
+        common += [f"unpaired.images={synth_root}", f"unpaired.texts={synth_root}", "unpaired.paired=false",
+                   "loss.lam=0"]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "mcad.cli", "student", "name=one", *common], check=True, env=env,
@@ -182,3 +187,29 @@ def test_init_inherit_starts_from_the_dual_teacher(teachers, synth_root, tmp_pat
         two_steps("dual", teachers, synth_root, tmp_path / "x", "init=inherit")
     with pytest.raises(ValueError, match="init='bogus': expected one of scratch, inherit"):
         main([f"data={synth_root}", f"teachers={teachers}", f"out={tmp_path}", "init=bogus"])
+
+
+def test_conv_student_under_ddp_on_gpus_syncs_batchnorm():
+    """On GPUs a conv student's BatchNorm layers become SyncBatchNorm before DDP (N processes then
+    take the one-process step); the saved student is unchanged by it: same state_dict keys, same
+    eval outputs. On CPUs (no SyncBatchNorm there) the layers stay and one warning says so."""
+    import types
+
+    import torch
+
+    from mcad.distill.recipe import StudentRecipe
+    from mcad.models.registry import create_model
+
+    torch.manual_seed(0)
+    student = create_model("student-tiny").eval()
+    x = torch.randn(2, 3, student.image_size, student.image_size)
+    before_keys, before = set(student.state_dict()), student.encode_image(x)
+    fake = types.SimpleNamespace(student=student, cfg={"model": "student-tiny"}, world=2)
+    StudentRecipe._sync_batchnorm(fake, torch.device("cuda"))  # the conversion itself needs no GPU
+    kinds = {type(m) for m in fake.student.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    assert set(fake.student.state_dict()) == before_keys
+    torch.testing.assert_close(fake.student.encode_image(x), before, rtol=0, atol=0)
+    cpu = types.SimpleNamespace(student=create_model("student-tiny"), cfg={"model": "student-tiny"}, world=2)
+    StudentRecipe._sync_batchnorm(cpu, torch.device("cpu"))
+    assert torch.nn.SyncBatchNorm not in {type(m) for m in cpu.student.modules()}

@@ -313,3 +313,4 @@ def test_student_refuses_one_file_for_its_pairs_and_test(tmp_path):
                               shorthands={"data": data_spec.shorthand})
     with pytest.raises(ValueError, match=r"data\.csv=.*all\.csv: one file serves every split, so the test metrics"):
         StudentRecipe(cfg, progress=False)
+
