@@ -222,3 +222,26 @@ def test_load_mcad_teacher(tmp_path):
     with torch.no_grad():
         assert torch.equal(t.encode_text(ids), model.encode_text(ids))
     assert json.loads((tmp_path / "teacher.config.json").read_text())["type"] == "dual"
+
+
+def test_processor_saved_whole_is_read(tmp_path, clip_folder):
+    """A CLIP folder whose image settings live only in processor_config.json (what saving a whole
+    CLIPProcessor writes) gets its own size and mean/std, not the OpenAI defaults."""
+    import shutil
+
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from mcad.models.hf_teachers import load_teacher
+
+    folder = tmp_path / "clip-processor"
+    shutil.copytree(clip_folder, folder)
+    (folder / "preprocessor_config.json").unlink()
+    mean, std = [0.1, 0.2, 0.3], [0.6, 0.5, 0.4]
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                               image_mean=mean, image_std=std)
+    tok = transformers.CLIPTokenizerFast.from_pretrained(str(clip_folder), local_files_only=True)
+    transformers.CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(str(folder))
+    assert not (folder / "preprocessor_config.json").exists() and (folder / "processor_config.json").exists()
+    teacher = load_teacher({"source": "hf-clip", "path": str(folder)})
+    assert list(teacher.image_mean) == mean and list(teacher.image_std) == std
+    assert (teacher.image_size, teacher.resize_size) == (32, 40)

@@ -86,13 +86,21 @@ def check_class(folder: Path, source: str) -> None:
 
 
 def _read_preprocessor(folder: Path) -> dict:
-    f = folder / "preprocessor_config.json"
-    if not f.exists():
-        return {}
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e.msg})") from None
+    """The image processor's settings: preprocessor_config.json, or the `image_processor` entry of
+    processor_config.json (what saving a whole processor writes in newer transformers): without
+    either, the defaults apply."""
+    for name, entry in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        f = folder / name
+        if not f.exists():
+            continue
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e.msg})") from None
+        cfg = cfg.get(entry) if entry else cfg
+        if isinstance(cfg, dict):
+            return cfg
+    return {}
 
 
 def _size_value(v, key: str):
