@@ -25,7 +25,7 @@ help:
 .venv/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0          # CPU build first: anything else pulls CUDA torch
+	$(PY) -m pip install -q torch==2.13.0          # pinned torch first: a later package that excludes it would pull another (GBs); the wheel this index serves decides CPU or CUDA (docs/real-data.md)
 	$(PY) -m pip install -q -c requirements.lock -e ".[test]"
 	$(PY) -m pip check
 	touch $@
