@@ -245,6 +245,9 @@ def apply_overrides(cfg: dict, overrides: list[str], *, open_keys: Iterable[str]
         if not sep or not key:
             raise ConfigError(f"{item!r}: expected key=value")
         node, leaf, is_open = _locate(cfg, key, open_keys)
+        if key in NAME_OR_MAPPING and leaf in node:
+            node[leaf] = name_or_mapping(key, text)
+            continue
         if is_open and leaf not in node:
             node[leaf] = parse_value(text)
             continue
@@ -311,6 +314,22 @@ def unknown(key: str, valid: Iterable[str], what: str = "key") -> ConfigError:
 
 
 # -- values --------------------------------------------------------------------------------------------
+# keys that take a registry name or a whole mapping (`model=student-mobile`, or a model of its own:
+# `model={base: clip, text: {layers: 4}}`), on the command line as in a recipe
+NAME_OR_MAPPING = frozenset({"model"})
+
+
+def name_or_mapping(key: str, text: str) -> str | dict:
+    if not text.strip().startswith("{"):
+        if not text.strip():
+            raise ConfigError(f"{key}: expected a name or a mapping, got {text!r}")
+        return text.strip()
+    value = parse_value(text)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: {text!r} is not a YAML mapping (quote it whole: \"{key}={{a: 1, b: 2}}\")")
+    return value
+
+
 def parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)

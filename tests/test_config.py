@@ -218,3 +218,19 @@ def test_results_go_to_the_working_checkout_not_the_package(monkeypatch, tmp_pat
         assert str(path) == "benchmarks/results" and not str(path).startswith(package)
         assert (tmp_path / path).resolve() == (tmp_path / "benchmarks" / "results").resolve()
     assert str(parse_args(["results=elsewhere"]).results) == "elsewhere" and parse_args(["quick=1"]).results is None
+
+
+def test_model_takes_a_name_or_a_mapping_on_the_command_line(tmp_path):
+    """`model=` is a registry name or a whole shape: a YAML mapping on the command line as in a
+    recipe, and a name over a recipe's mapping; a mapping that does not parse is one line."""
+    from mcad.config import ConfigError, load_command_config
+
+    shape = "model={type: clip, text: {layers: 2, width: 64}, embed_dim: 32}"
+    cfg = load_command_config([shape], "student")
+    assert cfg["model"] == {"type": "clip", "text": {"layers": 2, "width": 64}, "embed_dim": 32}
+    assert load_command_config(["model=student-mobile"], "student")["model"] == "student-mobile"
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("base: student\nmodel: {type: clip, text: {layers: 2}}\n")
+    assert load_command_config([str(recipe), "model=student-tiny"], "student")["model"] == "student-tiny"
+    with pytest.raises(ConfigError, match=r"^model: '\{type: clip' is not a YAML mapping"):
+        load_command_config(["model={type: clip"], "student")
