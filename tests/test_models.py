@@ -90,6 +90,21 @@ def test_text_pooling_ignores_padding():
         assert torch.allclose(model.encode_text(ids)[0], model.encode_text(other)[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("name", [n for n in list_models() if not n.startswith("teacher-fusion")])
+def test_text_cut_to_the_query_length_is_the_full_context(name):
+    """Ids cut to any length that still holds the <eot> give the full context's embedding (causal
+    mask + eot pooling): what lets a query program be traced at the length its queries need."""
+    model = small(name).eval()
+    if not hasattr(model.text, "causal_bias"):
+        pytest.skip(f"{name}: not mcad's TextTower")
+    _, ids = inputs(model)
+    short = ids[[0, 2]]  # <eot> at 5 and 9
+    with torch.no_grad():
+        full = model.encode_text(short)
+        for n in (10, 16):
+            torch.testing.assert_close(model.encode_text(short[:, :n]), full, rtol=0, atol=1e-6)
+
+
 def test_student_is_a_tenth_of_the_dual_teacher():
     teacher = count_params(create_model("teacher-dual"))
     for name in ("student-tiny", "student-tiny-vit"):

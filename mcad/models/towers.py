@@ -91,6 +91,8 @@ class TextTower(nn.Module):
 
     Pooling multiplies by (ids == eot_id) and sums, which exports everywhere; the causal mask is a
     constant, so padding after <eot> never reaches the pooled feature and no padding mask is needed.
+    For the same reason ids cut to any length that still holds the <eot> give the same feature as
+    the full context: a query program may be traced at the length its queries need.
     """
 
     def __init__(self, vocab_size: int = 512, context_length: int = 24, width: int = 128,
@@ -107,9 +109,13 @@ class TextTower(nn.Module):
         self.register_buffer("causal_bias", causal.view(1, 1, context_length, context_length), persistent=False)
 
     def forward_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.tok(ids) + self.pos
+        n = ids.shape[1]  # the full context, or a prefix of it (static under export: a traced length)
+        pos, bias = self.pos, self.causal_bias
+        if n != self.context_length:  # the full context's graph stays what it was (no slice ops)
+            pos, bias = pos[:, :n], bias[:, :, :n, :n]
+        x = self.tok(ids) + pos
         for b in self.blocks:
-            x = b(x, bias=self.causal_bias)
+            x = b(x, bias=bias)
         return self.ln(x)
 
     def pool_tokens(self, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
