@@ -95,9 +95,13 @@ def load_samples(model, tokenizer, data=None, n: int = 256, split: str = "train"
 # range and bin count alone, so summed counts equal the all-at-once ones and the ranges are exact).
 def streamed_collect(cal, data_reader) -> None:
     """`collect_data` for an ORT HistogramCalibrater `cal`: leaves `cal.collector` as ORT's one-pass
-    collection would, from two passes over `data_reader` (which must `rewind`)."""
+    collection would, from two passes over `data_reader` (which must `rewind`). A tensor empty in
+    every sample gets no histogram (ORT would bin it over [0, 1])."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
+    if not hasattr(data_reader, "rewind"):
+        raise ValueError(f"{type(data_reader).__name__}: streamed calibration reads the samples twice: give the "
+                         "calibration reader a rewind() method")
     if cal.collector is not None:
         raise ValueError("streamed calibration collects once per calibrator (ORT's chunked collection is not streamed)")
     names = [o.name for o in cal.infer_session.get_outputs()]
@@ -110,8 +114,8 @@ def streamed_collect(cal, data_reader) -> None:
             if x.size == 0:
                 continue
             s = [np.nanmin(x), np.nanmax(x)] + ([np.absolute(x).min(), np.absolute(x).max()] if absolute else [])
-            stats[name] = s if name not in stats else [min(stats[name][0], s[0]), max(stats[name][1], s[1]),
-                                                        *[f(a, b) for f, a, b in zip((min, max), stats[name][2:], s[2:])]]
+            old = stats.get(name, s)  # [min, max(, min |x|, max |x|)]
+            stats[name] = [f(a, b) for f, a, b in zip((min, max, min, max), old, s)]
     if not stats:
         raise ValueError("No data is collected.")
     data_reader.rewind()

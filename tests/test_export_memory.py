@@ -16,7 +16,8 @@ N, WIDTH = 96, 4096  # samples; width of the hidden activations (16 KB each, thr
 class Core(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c = torch.nn.Linear(16, WIDTH), torch.nn.Linear(WIDTH, WIDTH // 8), torch.nn.Linear(WIDTH // 8, 8)
+        self.a, self.b = torch.nn.Linear(16, WIDTH), torch.nn.Linear(WIDTH, WIDTH // 8)
+        self.c = torch.nn.Linear(WIDTH // 8, 8)
 
     def forward(self, x):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)) * 1.5)))
