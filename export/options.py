@@ -28,7 +28,8 @@ class Options:
     parity: bool = True             # run every artifact in its runtime against the eager fp32 student
     parity_images: int = 0          # test-split images for parity (0: the whole split)
     queries: int = 16               # search-program queries compared with brute force
-    npu_activation_bits: int = 16   # full-integer TFLite: 16 (A16W8: NeuroPilot, QNN HTP) or 8 (A8W8: NNAPI-only NPUs)
+    # full-integer TFLite and QNN's image encoder: 16 (A16W8: NeuroPilot, QNN HTP) or 8 (A8W8: NNAPI-only NPUs)
+    npu_activation_bits: int = 16
     # a subset of the target's backends (the gate exports backends=xnnpack,tflite; the bench one
     # runtime per variant); None: the target's whole plan
     backends: tuple[str, ...] | None = None

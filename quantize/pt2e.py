@@ -50,7 +50,9 @@ DEFAULT_KEEP_FP32: dict[str, tuple[str, ...]] = {
     "qnn": ("softmax", "attention_matmul", "pool"), "tflite_full": ("softmax", "attention_matmul", "pool"),
     "mediatek": ("softmax", "attention_matmul"),
 }
-BACKENDS = ("xnnpack", "qnn", "litert")
+DEFAULT_KEEP_FP32["qnn16"] = DEFAULT_KEEP_FP32["qnn"]
+# qnn16: the QNN quantizer with 16-bit activations (A16W8), which HTP runs natively
+BACKENDS = ("xnnpack", "qnn", "qnn16", "litert")
 
 
 class Core(nn.Module):
@@ -294,13 +296,15 @@ def qnn_chipset(soc: str):
     return getattr(QcomChipset, name)
 
 
-def qnn_quantizer(soc: str = "SM8650"):
+def qnn_quantizer(soc: str = "SM8650", activation_bits: int = 8):
+    """HTP's quantizer: weights per-channel int8, activations 8-bit (A8W8) or 16-bit (A16W8)."""
     with qnn_import_guard():
         from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
         from executorch.backends.qualcomm.serialization.qc_schema import QnnExecuTorchBackendType
 
     q = QnnQuantizer(backend=QnnExecuTorchBackendType.kHtpBackend, soc_model=qnn_chipset(soc), strict=False)
-    q.set_default_quant_config(QuantDtype.use_8a8w, is_conv_per_channel=True, is_linear_per_channel=True)
+    dtype = QuantDtype.use_16a8w if activation_bits == 16 else QuantDtype.use_8a8w
+    q.set_default_quant_config(dtype, is_conv_per_channel=True, is_linear_per_channel=True)
     return q
 
 
@@ -309,8 +313,8 @@ def make_quantizer(backend: str, soc: str = "SM8650", recipe=None):
     (quantize.recipe; None: its defaults). QNN's are the HTP quantizer's own."""
     if backend == "xnnpack":
         return xnnpack_quantizer(recipe)
-    if backend == "qnn":
-        return qnn_quantizer(soc)
+    if backend in ("qnn", "qnn16"):
+        return qnn_quantizer(soc, 16 if backend == "qnn16" else 8)
     if backend == "litert":
         return litert_quantizer(recipe)
     raise ValueError(f"unknown PT2E quantizer backend {backend!r} ({', '.join(BACKENDS)})")
@@ -356,12 +360,15 @@ def quantize_core(encoder: nn.Module, calib, backend: str = "xnnpack", keep_fp32
                       leave=False):
             prepared(x)
         converted = convert_pt2e(prepared, fold_quantize=backend != "litert")
-    log.info("%s: PT2E %s int8, %d calibration samples, %d nodes kept float (%s)", desc, backend,
+    log.info("%s: PT2E %s, %d calibration samples, %d nodes kept float (%s)", desc, backend,
              len(calib), quantizer.wrapper.n_float, ",".join(quantizer.wrapper.keep) or "-")
     return converted, base
 
 
 def scheme(backend: str, keep_fp32: Sequence[str]) -> str:
     keep = ",".join(keep_fp32)
+    if backend == "qnn16":
+        return (f"A16W8 PT2E static (qnn quantizer): weights per-channel int8, activations 16-bit "
+                f"calibrated; float: l2-normalize{(',' + keep) if keep else ''}")
     return (f"int8 PT2E static ({backend} quantizer): weights per-channel symmetric int8, activations "
             f"int8 calibrated; float: l2-normalize{(',' + keep) if keep else ''}")

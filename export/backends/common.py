@@ -129,17 +129,18 @@ class Job:
             self.skip(module(backend).file_name(role, self), reason)
 
     # -- programs --------------------------------------------------------------------------------
-    def cores(self, quantizer: str) -> dict[str, tuple]:
+    def cores(self, quantizer: str, per_role: dict[str, str] | None = None) -> dict[str, tuple]:
         """{role: (core module, PT2E quantizer or None)} of the needed encoders: PT2E-quantized with
-        `quantizer` on the calibration samples, or float at precision=fp32."""
+        `quantizer` (or `per_role[role]`) on the calibration samples, or float at precision=fp32."""
         from mcad.quantize.pt2e import Core, quantize_core
 
         need = self.needed()
         if self.opts.precision == "fp32":
             return {r: (Core(self.encoders[r]).eval(), None) for r in need}
         calib = {"text": self.calib.ids, "image": self.calib.pixels}
-        return {r: quantize_core(self.encoders[r], calib[r], quantizer, self.opts.keep_fp32, soc=self.soc,
-                                 progress=self.opts.progress, desc=f"calibrate {quantizer} {r}")
+        q = {r: (per_role or {}).get(r, quantizer) for r in need}
+        return {r: quantize_core(self.encoders[r], calib[r], q[r], self.opts.keep_fp32, soc=self.soc,
+                                 progress=self.opts.progress, desc=f"calibrate {q[r]} {r}")
                 for r in need}
 
     def float_cores(self) -> dict[str, tuple]:

@@ -1,7 +1,9 @@
-"""ExecuTorch QNN for the Qualcomm HTP of a Snapdragon SoC (`soc=`): PT2E int8 through the QNN
-quantizer (A8W8), lowered to a .pte with the QNN SDK. The quantizer runs without the SDK: its eager
-(fake-quant) embeddings go into the parity record as what HTP int8 will do, even where the .pte
-cannot be made here."""
+"""ExecuTorch QNN for the Qualcomm HTP of a Snapdragon SoC (`soc=`): PT2E through the QNN
+quantizer, lowered to a .pte with the QNN SDK. The text encoder (and search program) is A8W8; the image encoder
+A16W8 (npu_activation_bits=8: A8W8), which HTP runs natively: with 8-bit activations its cosine to fp32 sits at the bar on real
+photos (benchmarks/results/quant_sensitivity.md), and images are encoded when indexed, not per query.
+The quantizer runs without the SDK: its eager (fake-quant) embeddings go into the parity record as
+what HTP will do, even where the .pte cannot be made here."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +43,14 @@ def lower(module, example, out_path: Path, soc: str) -> None:
         to_pte(edge, out_path, True)
 
 
+def quantizers(job: Job) -> dict[str, str]:
+    """Per role: A8W8 text (and search); the image encoder A16W8 unless npu_activation_bits=8."""
+    return {"text": "qnn", "search": "qnn", "image": "qnn16" if job.opts.npu_activation_bits == 16 else "qnn"}
+
+
 def build(job: Job) -> None:
-    cores = job.cores("qnn")
+    q = quantizers(job)
+    cores = job.cores("qnn", per_role={"image": q["image"]})
     progs = job.programs(cores)
     if job.opts.precision == "int8" and job.test is not None:
         x = {"text": torch.as_tensor(job.test.ids), "image": torch.as_tensor(job.test.pixels)}
@@ -54,5 +62,5 @@ def build(job: Job) -> None:
         return
     for role in job.roles:
         ex = job.example(role, FIXED_GALLERY)
-        job.write(role, "qnn", lambda p, m=progs[role], e=ex: lower(m, e, p, job.soc), job.pt2e_scheme("qnn"),
+        job.write(role, "qnn", lambda p, m=progs[role], e=ex: lower(m, e, p, job.soc), job.pt2e_scheme(q[role]),
                   soc=job.soc, gallery_rows=FIXED_GALLERY if role == "search" else None)
