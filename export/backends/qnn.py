@@ -1,9 +1,10 @@
 """ExecuTorch QNN for the Qualcomm HTP of a Snapdragon SoC (`soc=`): PT2E through the QNN
-quantizer, lowered to a .pte with the QNN SDK. The text encoder (and search program) is A8W8; the image encoder
-A16W8 (npu_activation_bits=8: A8W8), which HTP runs natively: with 8-bit activations its cosine to fp32 sits at the bar on real
-photos (benchmarks/results/quant_sensitivity.md), and images are encoded when indexed, not per query.
-The quantizer runs without the SDK: its eager (fake-quant) embeddings go into the parity record as
-what HTP will do, even where the .pte cannot be made here."""
+quantizer, lowered to a .pte with the QNN SDK. The text encoder (and search program) is A8W8;
+the image encoder A16W8 (npu_activation_bits=8: A8W8), which HTP runs natively: with 8-bit
+activations its cosine to fp32 sits at the bar on real photos
+(benchmarks/results/quant_sensitivity.md), and images are encoded when indexed, not per query.
+The quantizer runs without the SDK: its eager (fake-quant) embeddings go into the parity record
+as what HTP will do, even where the .pte cannot be made here."""
 from __future__ import annotations
 
 from pathlib import Path
