@@ -6,7 +6,8 @@ Every failure a user can cause or meet (bad input, a full disk, a missing permis
 file a library refuses) ends as one line on stderr and exit 1 (`MCAD_DEBUG=1` shows the traceback);
 only a bug in mcad itself still shows a traceback. SIGTERM ends a command as cleanly as its end does
 (exit 143, one line). The console shows mcad's own log lines and any error; what libraries log and
-warn as they load goes only to the run's log."""
+warn goes only to the logs: the run's (a run folder's train.log) and the command's own
+(<mcad cache>/logs/<command>.log, rewritten each run; the cache is $MCAD_CACHE_DIR or ~/.cache/mcad)."""
 from __future__ import annotations
 
 import errno
@@ -14,6 +15,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mcad.data.cli", "make the synthetic benchmark (or check a data set) and report its ceiling"),
@@ -122,7 +124,7 @@ def error_line(e: BaseException) -> str | None:
 # -- what reaches the console ------------------------------------------------------------------------
 # Libraries log and warn as they load (torchao's extension probes, triton's absence, faiss's CPU
 # feature probes, torch's deprecations): a user's console shows mcad's own lines and any error; the
-# rest goes to the run's log (the root logger's other handlers, e.g. a run's train.log).
+# rest goes to the logs (the root logger's other handlers: the command's log, a run's train.log).
 OWN_LOGGERS = ("mcad", "root", "__main__")
 # Loggers of libraries that print through a handler of their own (torch's, made when torch is
 # imported) rather than the root's: filtered on the logger, as their handler may not exist yet.
@@ -197,6 +199,30 @@ def route_warnings() -> None:
     warnings.showwarning = showwarning
 
 
+def command_log(name: str) -> Path | None:
+    """Every command's log, beside any run log: <mcad cache>/logs/<command>.log, rewritten by each
+    run, so what libraries log and warn is kept where a command has no run folder (export, bench,
+    index, search...). None where that path is not a regular file mcad may write (left alone)."""
+    from mcad.data.scan import mcad_cache_dir
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_mcad_command_log", False)]:
+        root.removeHandler(old)
+        old.close()
+    path = mcad_cache_dir() / "logs" / f"{name}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            return None
+        h = logging.FileHandler(path, mode="w", encoding="utf-8")
+    except OSError:
+        return None
+    h._mcad_command_log = True
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(h)
+    return path
+
+
 def quiet_libraries() -> None:
     """The console handler(s) of the root logger keep library noise out; so do the loggers of
     OWN_HANDLER_LOGGERS. Idempotent (tests call `main` many times in one process)."""
@@ -223,6 +249,9 @@ class Terminated(SystemExit):
 
 
 def _terminate(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM (a stuck unwind) ends the process at once
     raise Terminated(128 + signum)
 
 
@@ -232,7 +261,10 @@ def exit_on_sigterm():
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    # under torchrun a rank may sit in a collective, where Python handlers never run: torchrun's own
+    # SIGTERM must end it as the default does
+    elsewhere = threading.current_thread() is not threading.main_thread()
+    if elsewhere or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
     return signal.signal(signal.SIGTERM, _terminate)
 
@@ -248,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    command_log(name)
     quiet_libraries()
     previous = exit_on_sigterm()
     try:

@@ -314,3 +314,18 @@ def test_student_refuses_one_file_for_its_pairs_and_test(tmp_path):
     with pytest.raises(ValueError, match=r"data\.csv=.*all\.csv: one file serves every split, so the test metrics"):
         StudentRecipe(cfg, progress=False)
 
+
+
+def test_commands_without_a_run_folder_keep_library_records_in_their_log(tmp_path, monkeypatch, capsys):
+    """A library's warning during a command with no run log (export, index, search...) is kept from
+    the console but written to the command's own log under the mcad cache, not dropped."""
+    from mcad.cli import main
+
+    monkeypatch.setenv("MCAD_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["search", "--help"]) == 0
+    logging.getLogger("somelib.loader").warning("probe %s", "kept")
+    capsys.readouterr()
+    log = tmp_path / "cache" / "logs" / "search.log"
+    assert "somelib.loader: probe kept" in log.read_text()
+    logging.getLogger("somelib.loader").warning("second probe")
+    assert "second probe" not in capsys.readouterr().err
