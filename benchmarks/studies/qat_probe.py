@@ -7,7 +7,7 @@ QAT here: BatchNorm folded into the convs, prepare_qat_pt2e with the XNNPACK qua
 (fake quant, moving-average min/max activation observers), the observers fed the calibration set in
 batches of 16, then STEPS Adam steps (batch 16, mirrored half the time) on 1 - cos(int8-simulated,
 fp32) over the calibration images; STEPS=0 converts right after the observers' pass."""
-import copy, sys, time, json
+import copy, sys, time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ from mcad.quantize import pt2e
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
+if len(sys.argv) != 6:
+    sys.exit("usage: python benchmarks/studies/qat_probe.py RUN DATA_JSON STEPS LR OUT.json")
 RUN, DATA, OUT = sys.argv[1], sys.argv[2], sys.argv[5]
 model, tok = load_student(RUN)
 inp = Inputs(model, tok, DATA, calib=256)
@@ -62,9 +64,6 @@ with torch.no_grad():  # observers see the calibration set first (the PTQ ranges
     for s in range(0, len(calib), 16):
         prepared(calib[s:s + 16])
 ref_core = pt2e.Core(enc).eval()
-with torch.no_grad():
-    target = torch.cat([ref_core(calib[s:s+64]) for s in range(0, len(calib), 64)])
-    target = nn.functional.normalize(target, dim=-1)
 opt = torch.optim.Adam([p for p in prepared.parameters() if p.requires_grad], lr=lr)
 g = torch.Generator().manual_seed(0)
 t0 = time.time()
@@ -86,4 +85,5 @@ move_exported_model_to_eval(prepared)
 converted = convert_pt2e(prepared)
 res["qat"] = cos(converted); res["qat_cfg"] = {"steps": steps, "lr": lr}
 print("qat", res["qat"], flush=True)
-json.dump(res, open(OUT, "w"))
+from mcad.io import write_json  # noqa: E402
+write_json(OUT, res)
