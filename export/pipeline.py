@@ -111,6 +111,7 @@ class Exporter:
         from mcad.quantize.calib import load_samples
 
         o, job = self.opts, self.job
+        self.warn_same_rows()
         job.calib = self.given_calib if self.given_calib is not None else \
             load_samples(job.towers, self.tokenizer, self.data, n=o.calib, split="train", seed=o.seed)
         if "search" in o.roles:  # a calibration gallery for quantizers that see the whole search program
@@ -120,6 +121,20 @@ class Exporter:
         job.test = load_samples(job.towers, self.tokenizer, self.data, n=o.parity_images, split="test",
                                 seed=o.seed, captions_per_image=0)
         self.held = Heldout.of(job.test, job.encoders, o.queries, "search" in o.roles)
+
+    def warn_same_rows(self) -> None:
+        """One CSV or shard path serves every split: the calibration (train) and the parity check
+        (test) read the same rows, so the parity figures are optimistic; said once, with the fix."""
+        from mcad.data import spec as data_spec
+
+        if self.given_calib is not None or self.data is None:
+            return
+        one = data_spec.single_file(data_spec.parse(self.data))
+        if one is not None:
+            key, path = one
+            log.warning("data.%s=%s: one file serves every split, so the int8 calibration and the parity check "
+                        "read the same rows (the parity figures are optimistic); give per-split files "
+                        "(ARGS=\"data.%s={train: ..., test: ...}\") or another set (ARGS=\"data=...\")", key, path, key)
 
     def build(self) -> None:
         """Each backend of the plan writes its artifacts (or says why it cannot here)."""

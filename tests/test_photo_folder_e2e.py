@@ -90,7 +90,7 @@ def mcad(what: str, argv: list[str], cwd: Path, capsys=None, process: bool = Fal
     return out
 
 
-def test_photo_folder_and_queries_to_search(files, tmp_path, capsys):
+def test_photo_folder_and_queries_to_search(files, tmp_path, capsys, caplog):
     """No training caption at all: the photos and the queries alone (unpaired.paired=false)."""
     from mcad.runs import load_student
 
@@ -162,6 +162,8 @@ torch.save({{"img": n(img, dim=-1), "txt": n(txt, dim=-1), "files": n(fimg, dim=
     mcad("mcad export target=cpu (onnx fp32)", ["export", "target=cpu", f"run={run}", "backends=onnx", "precision=fp32",
                                                 "calib=8", "parity_images=4", "queries=2", "roles=text,image",
                                                 "progress=0"], tmp_path, process=False)
+    # the run's one captioned CSV serves calibration and parity alike: said, with the fix
+    assert "one file serves every split, so the int8 calibration and the parity check" in caplog.text
     exp = json.loads((run / "export" / "cpu" / "manifest.json").read_text())
     assert {a["role"] for a in exp["artifacts"]} == {"text", "image"} and exp["image_size"] == CLIP_SIZE
     assert all(a.get("parity_pass", True) for a in exp["artifacts"])
