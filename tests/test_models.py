@@ -103,6 +103,8 @@ def test_text_cut_to_the_query_length_is_the_full_context(name):
         full = model.encode_text(short)
         for n in (10, 16):
             torch.testing.assert_close(model.encode_text(short[:, :n]), full, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match=r"cut to 8 of \d+ positions lose a row's <eot>"):
+            model.encode_text(short[:, :8])  # the second row's <eot> is at 9
 
 
 def test_student_is_a_tenth_of_the_dual_teacher():

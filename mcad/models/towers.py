@@ -113,6 +113,11 @@ class TextTower(nn.Module):
         pos, bias = self.pos, self.causal_bias
         if n != self.context_length:  # the full context's graph stays what it was (no slice ops)
             pos, bias = pos[:, :n], bias[:, :, :n, :n]
+            if not (torch.compiler.is_exporting() or torch.compiler.is_compiling()) \
+                    and not bool((ids == self.eot_id).any(dim=1).all()):
+                # cut before its <eot>, a row would pool to nothing: a caller's bug, not a zero vector
+                raise ValueError(f"text ids cut to {n} of {self.context_length} positions lose a row's <eot>: "
+                                 f"cut at the longest query's length or more")
         x = self.tok(ids) + pos
         for b in self.blocks:
             x = b(x, bias=bias)
