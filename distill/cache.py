@@ -276,7 +276,7 @@ def main(argv: list[str]) -> int:
     from mcad.checks import CACHE, require_counts
     from mcad.data import spec as data_spec
     from mcad.data.unpaired import parse_unpaired
-    from mcad.distill.teachers import add_file_log
+    from mcad.logs import add_file_log
     from mcad.distill.unpaired import build_unpaired
     from mcad.preprocess import view_of
     from mcad.runs import run_folder_lock

@@ -38,7 +38,7 @@ from mcad.distill.losses import (FUSED, WITHIN, clip_loss, distribution_loss, fe
                                  modified_features, single_teacher_loss)
 from mcad.distill.sampling import ConfuserBatches, caption_choice
 from mcad.distill.teacher_outputs import Teachers, on_device
-from mcad.distill.teachers import add_file_log
+from mcad.logs import add_file_log
 from mcad.distill.unpaired import UnpairedImagesOf, setup_unpaired
 from mcad.distill.trainer import Trainer
 from mcad.evaluate import evaluate_dual, image_keys

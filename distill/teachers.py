@@ -27,27 +27,13 @@ from mcad.distill.losses import candidates_with_positive, clip_loss, itm_listwis
 from mcad.models.checkpoint import check_tokenizer, load_model, read_metadata, save_model
 from mcad.models.registry import count_params, create_model, with_tokenizer
 from mcad.retrieval import recall_table
+from mcad.logs import add_file_log
 from mcad.runs import run_folder_lock
 from mcad.distill.sampling import ConfuserBatches, RandomBatches, caption_choice, nearest_neighbours
 from mcad.tokenizer import Tokenizer, train_bpe
 from mcad.distill.trainer import Trainer, recipe_diff
 
 log = logging.getLogger("mcad.distill.teachers")
-
-
-def add_file_log(path: Path) -> None:
-    """Send the log to `path` from now on. A process writes one run at a time (the ablation runs
-    twelve in a row): the previous run's file stops receiving, or every log would hold the later runs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_mcad_run_log", False)]:
-        root.removeHandler(old)
-        old.close()
-    h = logging.FileHandler(path)
-    h._mcad_run_log = True
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(h)
-    logging.getLogger().setLevel(logging.INFO)
 
 
 def load_split(data, split: str, size: int):

@@ -204,22 +204,16 @@ def command_log(name: str) -> Path | None:
     run, so what libraries log and warn is kept where a command has no run folder (export, bench,
     index, search...). None where that path is not a regular file mcad may write (left alone)."""
     from mcad.data.scan import mcad_cache_dir
+    from mcad.logs import attach_log
 
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_mcad_command_log", False)]:
-        root.removeHandler(old)
-        old.close()
     path = mcad_cache_dir() / "logs" / f"{name}.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink() or (path.exists() and not path.is_file()):
             return None
-        h = logging.FileHandler(path, mode="w", encoding="utf-8")
+        attach_log(path, "command", mode="w")
     except OSError:
         return None
-    h._mcad_command_log = True
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(h)
     return path
 
 
