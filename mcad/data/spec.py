@@ -173,22 +173,23 @@ def single_file(spec: DataSpec) -> tuple[str, str] | None:
 def check_eval_split(spec: Any, split: str, split_key: str, named: bool) -> None:
     """An evaluation over one file that serves every split would score whatever rows it holds
     (often the training rows) as `split`: refused unless the command line names the split."""
-    one = single_file(parse(spec))
-    if one is not None and not named:
-        key, path = one
-        raise ValueError(f"data.{key}={path}: one file serves every split, so evaluating it as split {split!r} may "
-                         f"score training rows; give each split its own file (data.{key}={{train: ..., {split}: ...}}) "
-                         f"or say which split this file is ({split_key}={split})")
+    if not named:
+        _refuse_one_file(spec, split, f"evaluating it as split {split!r} may score training rows",
+                         f" or say which split this file is ({split_key}={split})")
 
 
 def check_train_and_eval_files(spec: Any, split: str) -> None:
     """A command that trains on one split and evaluates on another must read two sets of rows: one
     file given for every split would report its training rows as the `split` metrics."""
+    _refuse_one_file(spec, split, f"the {split} metrics would score the training rows")
+
+
+def _refuse_one_file(spec: Any, split: str, why: str, alternative: str = "") -> None:
     one = single_file(parse(spec))
     if one is not None:
         key, path = one
-        raise ValueError(f"data.{key}={path}: one file serves every split, so the {split} metrics would score the "
-                         f"training rows; give each split its own file (data.{key}={{train: ..., {split}: ...}})")
+        raise ValueError(f"data.{key}={path}: one file serves every split, so {why}; give each split its own file "
+                         f"(data.{key}={{train: ..., {split}: ...}}){alternative}")
 
 
 def split_record(corpus, spec: Any) -> dict:
