@@ -124,9 +124,12 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: dict[str, 
             import contextlib
             import io
 
+            from mcad.quantize.calib import streamed_onnx_calibration
+
             reader.rewind()
-            # ORT's histogram calibrators print their settings to stdout: keep the CLI's output to our lines
-            with contextlib.redirect_stdout(io.StringIO()):
+            # ORT's histogram calibrators print their settings to stdout: keep the CLI's output to our lines;
+            # they hold one sample's activations at a time (the same ranges as ORT's one pass over all)
+            with contextlib.redirect_stdout(io.StringIO()), streamed_onnx_calibration():
                 quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 op_types_to_quantize=list(OPS_TO_QUANTIZE), nodes_to_exclude=exclude,

@@ -31,7 +31,6 @@ def scheme(job: Job, method: str) -> str:
 
 def build(job: Job) -> None:
     from mcad.export.builders import build_onnx
-    from mcad.quantize.calib import streamed_onnx_calibration
     from mcad.quantize.onnx_quant import quantize_onnx
 
     progs = job.programs(job.float_cores(), scan="columns")  # the gallery input is [D, N]: see SCANS
@@ -47,8 +46,7 @@ def build(job: Job) -> None:
             fp = p.with_name(p.name + ".fp32.onnx")
             try:
                 build_onnx(progs[role], ex, fp, INPUT_NAMES[role], OUTPUT_NAMES[role], dynamic_shapes=dyn)
-                with streamed_onnx_calibration():  # one sample's activations at a time, the same ranges
-                    used.update(quantize_onnx(fp, p, _calibration(job, role), job.opts.keep_fp32, method=CALIBRATION))
+                used.update(quantize_onnx(fp, p, _calibration(job, role), job.opts.keep_fp32, method=CALIBRATION))
             finally:
                 if fp.exists():
                     fp.unlink()
