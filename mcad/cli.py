@@ -204,17 +204,14 @@ def command_log(name: str) -> Path | None:
     run, so what libraries log and warn is kept where a command has no run folder (export, bench,
     index, search...). None where that path is not a regular file mcad may write (left alone)."""
     from mcad.data.scan import mcad_cache_dir
+    from mcad.io import OutputRefused
     from mcad.logs import attach_log
 
     path = mcad_cache_dir() / "logs" / f"{name}.log"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            return None
-        attach_log(path, "command", mode="w")
-    except OSError:
+        return Path(attach_log(path, "command", mode="w").baseFilename)
+    except (OSError, OutputRefused):  # not a regular file there: left alone
         return None
-    return path
 
 
 def quiet_libraries() -> None:

@@ -12,7 +12,11 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def attach_log(path: Path, kind: str, mode: str = "a") -> logging.Handler:
     """The root logger's handler of `kind` now writes to `path` (the previous one of that kind is
-    closed); the root logs INFO and above."""
+    closed); the root logs INFO and above. A path that is not a regular file (a symlink, FIFO,
+    folder...) is refused as every output is (mcad.io.output_target), before anything is closed."""
+    from mcad.io import output_target
+
+    path = output_target(path)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_mcad_log_kind", None) == kind]:
         root.removeHandler(old)

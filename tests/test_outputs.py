@@ -50,3 +50,27 @@ def test_one_writer_per_folder_names_the_holder(tmp_path):
                 pass
     with folder_lock(tmp_path, "student"):  # a killed holder leaves the folder free
         pass
+
+
+def test_log_files_are_regular_files_the_tool_owns(tmp_path, monkeypatch):
+    """A run's log planted as a symlink is refused in one line (not followed, the target untouched);
+    the command log at such a path is left alone and the command goes on without it."""
+    import logging
+
+    from mcad.cli import command_log
+    from mcad.io import OutputRefused
+    from mcad.logs import add_file_log
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("user's\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").symlink_to(target)
+    with pytest.raises(OutputRefused, match=r"train\.log: is a symlink"):
+        add_file_log(run / "train.log")
+    monkeypatch.setenv("MCAD_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "logs").mkdir(parents=True)
+    (tmp_path / "cache" / "logs" / "search.log").symlink_to(target)
+    assert command_log("search") is None
+    logging.getLogger("somelib").warning("not into the user's file")
+    assert target.read_text() == "user's\n"
